@@ -1,0 +1,46 @@
+# cityseg: every target sets itself up (.venv + pip install -e .[dev]) on first use.
+#   make run [EXP=experiments/baseline.yaml] [SET="trainer.epochs=3 loss.pos_weight=8"]
+#   make test | test-slow | lint | ui | validate | schema
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXP    ?= experiments/quickstart.yaml
+SET    ?=
+PORT   ?= 5000
+
+.PHONY: setup run test test-slow lint format ui validate schema
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes. torch is never pinned: torchvision picks its torch.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/cityseg run $(EXP) $(foreach s,$(SET),--set $(s))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check cityseg tests
+
+format: $(STAMP)
+	$(BIN)/ruff format cityseg tests
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+validate: $(STAMP)
+	$(BIN)/cityseg validate experiments/*.yaml
+
+schema: $(STAMP)
+	$(BIN)/cityseg schema

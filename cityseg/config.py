@@ -1,0 +1,290 @@
+"""The experiment file: Pydantic models, loading (base inheritance, --set overrides), errors.
+
+`load_experiment(path, overrides)` reads YAML, merges `base:` files, applies overrides and
+validates everything before anything else happens. Every problem becomes one ConfigError that
+names the file and the dotted path of each bad field, with a suggestion where one is close.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Importing the component packages fills the registries that the unions below are made of.
+from cityseg import data, losses, models, optim  # noqa: F401
+from cityseg.errors import ConfigError
+from cityseg.registry import (
+    AUGMENTATIONS,
+    DATASETS,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    Registry,
+    suggest,
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainerConfig(Section):
+    """How to train."""
+
+    epochs: int = Field(15, ge=1, description="passes over the training set")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware has native bf16 (CUDA, recent CPUs), else fp32")
+    channels_last: bool = Field(True, description="NHWC memory layout, faster convolutions on GPUs and CPUs")
+    grad_clip_norm: float = Field(0.0, ge=0.0, description="clip the gradient norm to this; 0 disables")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="foreground where sigmoid(logit) > threshold")
+    monitor: Literal["val/dice", "val/iou", "val/loss"] = Field(
+        "val/dice", description="metric that decides the best checkpoint (loss: lower is better)")
+
+
+class TrackingConfig(Section):
+    """Where and how the run is recorded."""
+
+    experiment: str = Field("cityseg", min_length=1, description="MLflow experiment name")
+    dir: Path = Field(Path("runs"), description="root of all outputs: mlflow.db, artifacts/, checkpoints/")
+    num_samples: int = Field(4, ge=0, description="validation images in the per-epoch sample panel")
+
+
+def _default(registry: Registry, name: str) -> Any:
+    return Field(default_factory=lambda: registry.get(name).params(name=name),
+                 description=f"{registry.kind}: one of {', '.join(registry.names())}")
+
+
+class Experiment(Section):
+    """One experiment file, fully resolved."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.-]+$", description="run name (letters, digits, _ . -)")
+    seed: int = Field(42, description="seed of every random number generator")
+    data: DATASETS.union() = Field(description=f"dataset: one of {', '.join(DATASETS.names())}")
+    augment: list[AUGMENTATIONS.union()] = Field(
+        [], description="training augmentations, applied in order to image and mask together")
+    model: MODELS.union() = _default(MODELS, "unet")
+    loss: LOSSES.union() = _default(LOSSES, "weighted_bce")
+    optimizer: OPTIMIZERS.union() = _default(OPTIMIZERS, "adamw")
+    scheduler: SCHEDULERS.union() = _default(SCHEDULERS, "cosine")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description=TrainerConfig.__doc__)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description=TrackingConfig.__doc__)
+
+    @model_validator(mode="after")
+    def _image_size_fits_model(self) -> Experiment:
+        divisor = self.model.input_divisor
+        if any(side % divisor for side in self.data.image_size):
+            raise ValueError(f"data.image_size {list(self.data.image_size)} must be divisible by "
+                             f"2**model.depth = {divisor}")
+        return self
+
+
+REGISTRY_FIELDS = {"data": DATASETS, "augment": AUGMENTATIONS, "model": MODELS,
+                   "loss": LOSSES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, *, included_by: Path | None = None) -> dict:
+    what = f"base file (included by {included_by})" if included_by else "experiment file"
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML error: {err}") from None
+    if content is None:
+        raise ConfigError(f"{path}: file is empty; an experiment needs at least `name` and `data`")
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, "
+                          f"got a {type(content).__name__}")
+    return content
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key; any other value (lists included) replaces the base value."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping with its `base:` chain merged under it (paths relative to the file)."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
+        raise ConfigError(f"{path}: `base` inheritance forms a cycle: {cycle}")
+    content = _read_yaml(path, included_by=_chain[-1] if _chain else None)
+    base = content.pop("base", None)
+    if base is None:
+        return content
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path to a YAML file, got {base!r}")
+    return deep_merge(load_raw(path.parent / base, (*_chain, resolved)), content)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], c) with c parsed as a YAML scalar or flow collection."""
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[\w-]+(\.[\w-]+)*", key):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. trainer.epochs=3")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set each dotted key (list items by index: augment.0.p=1) after merging, before validation."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = raw
+        for depth, key in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"--set {text}: {'.'.join(keys[:depth])} has {len(node)} "
+                                      f"items; {key!r} is not an index of it")
+                node = node[int(key)]
+            else:
+                if not isinstance(node.get(key, {}), (dict, list)):
+                    raise ConfigError(f"--set {text}: {'.'.join(keys[:depth + 1])} is a value, "
+                                      f"not a section")
+                node = node.setdefault(key, {})
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {text}: {last!r} is not an index of a {len(node)}-item list")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read, merge, override and validate an experiment; raises ConfigError on any problem."""
+    raw = apply_overrides(load_raw(Path(path)), overrides)
+    return validate(raw, source=str(path))
+
+
+def validate(raw: dict, *, source: str) -> Experiment:
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as err:
+        lines = [format_error(e, raw) for e in err.errors()]
+        count = f"{len(lines)} error{'s' if len(lines) > 1 else ''}"
+        raise ConfigError(f"{source}: {count}\n  " + "\n  ".join(lines)) from None
+
+
+def to_yaml(experiment: Experiment) -> str:
+    """The fully resolved experiment as YAML; loading it again gives the same experiment."""
+    return yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists stay whole ('[1, 2]'), augment items by index."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        return flatten({str(i): v for i, v in enumerate(tree)}, prefix)
+    return {prefix[:-1]: str(tree)}
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def _clean_loc(loc: tuple, raw: Any) -> list[str | int]:
+    """Drop the union tags Pydantic inserts into locations ('loss', 'dice', 'smooth')."""
+    path, node = [], raw
+    for part in loc:
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if in_dict or in_list:
+            node = node[part]
+        elif isinstance(node, dict) and node.get("name") == part:
+            continue  # a discriminator tag, not a key of the file
+        else:
+            node = None
+        path.append(part)
+    return path
+
+
+def _model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
+    """The BaseModel class that validates `node` under `annotation` (unions resolved by name)."""
+    if get_origin(annotation) is Annotated:
+        return _model_of(get_args(annotation)[0], node)
+    if get_origin(annotation) is Union:
+        tag = node.get("name") if isinstance(node, dict) else None
+        for member in get_args(annotation):
+            if _model_of(member, node) and member.model_fields.get("name") and \
+                    get_args(member.model_fields["name"].annotation) == (tag,):
+                return member
+        return None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _keys_at(path: list, raw: Any) -> list[str]:
+    """The valid keys of the section at `path`, for 'did you mean' suggestions."""
+    annotation, node = Experiment, raw
+    for part in path:
+        if isinstance(part, int):
+            annotation = get_args(annotation)[0]
+        else:
+            cls = _model_of(annotation, node)
+            if cls is None or part not in cls.model_fields:
+                return []
+            annotation = cls.model_fields[part].annotation
+        node = node[part] if isinstance(node, (dict, list)) else None
+    cls = _model_of(annotation, node)
+    return list(cls.model_fields) if cls else []
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_error(error: dict, raw: dict) -> str:
+    """One line: the dotted path, what is wrong, what was given and what would be valid."""
+    path = _clean_loc(error["loc"], raw)
+    dotted = ".".join(str(p) for p in path) or "(top level)"
+    kind, field = error["type"], path[0] if path else None
+    registry = REGISTRY_FIELDS.get(field) if isinstance(field, str) else None
+    if kind == "extra_forbidden":
+        valid = _keys_at(path[:-1], raw)
+        return (f"{dotted}: unknown key{suggest(str(path[-1]), valid)}; "
+                f"valid keys here: {', '.join(valid)}")
+    if registry and (kind == "union_tag_invalid" or (kind == "literal_error" and path[-1] == "name")):
+        tag = error["ctx"]["tag"] if kind == "union_tag_invalid" else error["input"]
+        where = dotted if path[-1] == "name" else f"{dotted}.name"
+        return (f"{where}: unknown {registry.kind} {tag!r}{suggest(str(tag), registry.names())}; "
+                f"valid names: {', '.join(registry.names())}")
+    if registry and kind == "union_tag_not_found":
+        return f"{dotted}.name: missing; choose one of {', '.join(registry.names())}"
+    if kind == "missing":
+        return f"{dotted}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error" and not path:
+        return message
+    return f"{dotted}: {message} (got {_short(error['input'])})"

@@ -1,0 +1,1 @@
+"""Engine: the trainer loop, the runner that wires config to components, the display."""

@@ -1,0 +1,61 @@
+"""Segmentation metrics from a confusion matrix accumulated over a whole dataset.
+
+The matrix lives on the model's device and is updated with one bincount per batch; nothing
+is copied to the host until `compute()`, once per epoch. Scores are dataset-level: pixel
+counts are summed over every validation image first, then turned into ratios (not a mean of
+per-batch or per-image scores).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ConfusionMatrix:
+    """counts[t, p] = number of valid pixels with ground truth t and prediction p."""
+
+    def __init__(self, num_classes: int, *, ignore_index: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of predicted and true labels (same shape; target may hold ignore_index)."""
+        valid = target != self.ignore_index
+        index = target[valid].long() * self.num_classes + pred[valid].long()
+        self.counts += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+
+def binary_predictions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, 1, H, W) logits -> (B, H, W) {0, 1}: foreground where sigmoid(logit) > threshold."""
+    return (torch.sigmoid(logits[:, 0].float()) > threshold).long()
+
+
+def _ratio(num: int, den: int, *, empty: float) -> float:
+    return num / den if den else empty
+
+
+def binary_scores(counts: torch.Tensor) -> dict[str, float]:
+    """Foreground dice, iou, precision, recall and pixel accuracy from a 2x2 confusion matrix.
+
+    A ratio whose denominator is zero means that class was absent where it is counted: with
+    no foreground in ground truth or prediction, dice/iou/precision/recall are 1.0 (nothing
+    to find, nothing wrongly found); otherwise a zero denominator gives 0.0.
+    """
+    (tn, fp), (fn, tp) = counts.tolist()  # one device->host copy
+    no_foreground = tp + fp + fn == 0
+    empty = 1.0 if no_foreground else 0.0
+    scores = {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, empty=empty),
+        "iou": _ratio(tp, tp + fp + fn, empty=empty),
+        "precision": _ratio(tp, tp + fp, empty=empty),
+        "recall": _ratio(tp, tp + fn, empty=empty),
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn, empty=1.0),
+    }
+    assert not any(math.isnan(v) for v in scores.values()), scores
+    return scores

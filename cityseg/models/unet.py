@@ -1,0 +1,125 @@
+"""U-Net (Ronneberger et al., 2015) with the parts of milesial/Pytorch-UNet.
+
+depth=4, base_channels=64, batch norm, transposed convolutions, 3 in and 2 out is the classic
+31,037,698-parameter network.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from cityseg.registry import MODELS, BuildContext, Params
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+    return nn.Identity()
+
+
+class DoubleConv(nn.Module):
+    """(conv 3x3 -> norm -> ReLU) x 2."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, norm: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        bias = norm == "none"  # a norm layer's shift makes the conv bias redundant
+        self.block = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias), _norm(norm, out_ch), nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=bias), _norm(norm, out_ch), nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Down(nn.Module):
+    """Max-pool by 2, then DoubleConv."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, norm: str, dropout: float) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(2)
+        self.conv = DoubleConv(in_ch, out_ch, norm=norm, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class Up(nn.Module):
+    """Upsample by 2, concatenate the skip connection, then DoubleConv."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, *, norm: str, upsample: str) -> None:
+        super().__init__()
+        if upsample == "transpose":
+            self.up = nn.ConvTranspose2d(in_ch, in_ch // 2, kernel_size=2, stride=2)
+            up_ch = in_ch // 2
+        else:
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            up_ch = in_ch
+        self.conv = DoubleConv(up_ch + skip_ch, out_ch, norm=norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)  # (B, C', 2h, 2w)
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """Encoder of `depth` Down stages, decoder of `depth` Up stages with skip connections."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, depth: int, base_channels: int,
+                 norm: str, upsample: str, dropout: float) -> None:
+        super().__init__()
+        widths = [base_channels * 2**i for i in range(depth + 1)]  # e.g. 64, 128, 256, 512, 1024
+        self.depth = depth
+        self.inc = DoubleConv(in_channels, widths[0], norm=norm)
+        # dropout only in the two deepest stages, where it regularises without starving the skips
+        self.downs = nn.ModuleList(
+            Down(widths[i], widths[i + 1], norm=norm, dropout=dropout if i >= depth - 2 else 0.0)
+            for i in range(depth)
+        )
+        self.ups = nn.ModuleList(
+            Up(widths[i + 1], widths[i], widths[i], norm=norm, upsample=upsample)
+            for i in reversed(range(depth))
+        )
+        self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = 2**self.depth
+        if x.shape[-2] % stride or x.shape[-1] % stride:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by 2**depth = {stride}")
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)  # (B, out_channels, H, W) logits
+
+
+class UNetParams(Params):
+    """U-Net options."""
+
+    depth: int = Field(4, ge=1, le=7, description="number of down-sampling stages; image sides must divide by 2**depth")
+    base_channels: int = Field(32, ge=1, description="channels of the first stage, doubled at each down stage")
+    norm: Literal["batch", "group", "none"] = Field("batch", description="normalisation after each convolution")
+    upsample: Literal["transpose", "bilinear"] = Field("transpose", description="decoder upsampling: learned (transposed conv) or bilinear")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="channel dropout in the two deepest encoder stages")
+    in_channels: int = Field(3, ge=1, description="input image channels")
+
+    @property
+    def input_divisor(self) -> int:
+        """Image height and width must be multiples of this."""
+        return 2**self.depth
+
+
+@MODELS.register("unet", params=UNetParams)
+def unet(p: UNetParams, ctx: BuildContext) -> UNet:
+    """U-Net with configurable depth, width, normalisation and upsampling."""
+    return UNet(in_channels=p.in_channels, out_channels=ctx.out_channels, depth=p.depth,
+                base_channels=p.base_channels, norm=p.norm, upsample=p.upsample, dropout=p.dropout)

@@ -1,0 +1,86 @@
+"""End to end: the real quickstart experiment, shrunk, tracked in a temporary MLflow store."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cityseg.config import load_experiment
+from cityseg.engine import runner
+from cityseg.engine.trainer import Trainer
+from cityseg.tracking import tracking_uri
+from tests.conftest import QUICKSTART, tiny_overrides
+
+EPOCH_METRICS = ["train/loss", "val/loss", "val/dice", "val/iou", "val/precision", "val/recall",
+                 "lr", "throughput/img_s"]
+
+
+def only_run(runs: Path):
+    client = MlflowClient(tracking_uri=tracking_uri(runs))
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    return client, run
+
+
+def artifact_paths(client, run_id, path=None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_tiny_run_tracks_params_metrics_panels_and_checkpoints(tiny_experiment, tmp_path):
+    result = runner.run(tiny_experiment)
+    client, run = only_run(tmp_path / "runs")
+
+    assert run.info.status == "FINISHED" and run.info.run_id == result.run_id
+    assert run.data.params["model.depth"] == "2"
+    assert run.data.params["data.image_size"] == "[32, 64]"
+    assert run.data.params["loss.pos_weight"] == str(tiny_experiment.loss.pos_weight)
+    assert run.data.tags["device"] == "cpu" and "git_commit" in run.data.tags
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    assert 0.0 <= run.data.metrics["val/dice"] <= 1.0
+    assert run.data.metrics["val/dice"] == pytest.approx(result.metrics["val/dice"])
+
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert {"config.yaml", "samples/epoch_001.png", "samples/epoch_002.png",
+            "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
+
+    config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    again = tmp_path / "again.yaml"
+    again.write_text(config_text)
+    assert load_experiment(again) == tiny_experiment
+
+    checkpoint = torch.load(result.checkpoints["last"], weights_only=True)
+    assert checkpoint["epoch"] == 2
+    assert checkpoint["config"] == tiny_experiment.model_dump(mode="json")
+    assert set(checkpoint["model"]) and "optimizer" in checkpoint
+
+
+def test_run_that_raises_ends_failed_and_keeps_its_checkpoint(tmp_path, monkeypatch):
+    exp = load_experiment(QUICKSTART, tiny_overrides(tmp_path, epochs=3))
+    calls = {"n": 0}
+    original = Trainer.validate
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom in epoch 2")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "validate", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run(exp)
+    client, run = only_run(tmp_path / "runs")
+    assert run.info.status == "FAILED"
+    assert "checkpoints/last.pt" in artifact_paths(client, run.info.run_id)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/dice")] == [1]
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    a = runner.run(load_experiment(QUICKSTART, tiny_overrides(tmp_path / "a", epochs=1)))
+    b = runner.run(load_experiment(QUICKSTART, tiny_overrides(tmp_path / "b", epochs=1)))
+    assert a.metrics["train/loss"] == pytest.approx(b.metrics["train/loss"], rel=1e-5)
+    assert a.metrics["val/dice"] == pytest.approx(b.metrics["val/dice"], rel=1e-5)

@@ -1,0 +1,170 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cityseg.config import Experiment, apply_overrides, flatten, load_experiment, to_yaml, validate
+from cityseg.errors import ConfigError
+from tests.conftest import EXPERIMENTS, QUICKSTART
+
+MINIMAL = {"name": "t", "data": {"name": "synthetic", "image_size": [32, 64]}}
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def with_(**sections) -> dict:
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    raw.update(sections)
+    return raw
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_validates_and_round_trips(path, tmp_path):
+    exp = load_experiment(path)
+    again = load_experiment(write(tmp_path, to_yaml(exp)))
+    assert again == exp
+
+
+def test_defaults_fill_omitted_sections():
+    exp = validate(MINIMAL, source="x")
+    assert exp.model.name == "unet" and exp.loss.name == "weighted_bce" and exp.trainer.epochs == 15
+
+
+def test_misspelled_key_names_the_path_and_suggests():
+    with pytest.raises(ConfigError, match=r"model\.base_chanels: unknown key \(did you mean base_channels\?\)"):
+        validate(with_(model={"name": "unet", "base_chanels": 8}), source="x")
+
+
+def test_misspelled_top_level_section():
+    with pytest.raises(ConfigError, match=r"trainr: unknown key \(did you mean trainer\?\)"):
+        validate(with_(trainr={"epochs": 1}), source="x")
+
+
+def test_wrong_type_names_the_field_and_value():
+    with pytest.raises(ConfigError, match=r"trainer\.epochs: .*integer.*'three'"):
+        validate(with_(trainer={"epochs": "three"}), source="x")
+
+
+@pytest.mark.parametrize("section,bad,expected", [
+    ("trainer", {"epochs": -1}, r"trainer\.epochs: .*greater than or equal to 1"),
+    ("optimizer", {"name": "adamw", "lr": 0}, r"optimizer\.lr: .*greater than 0"),
+    ("augment", [{"name": "hflip", "p": 1.5}], r"augment\.0\.p: .*less than or equal to 1"),
+])
+def test_out_of_range_values(section, bad, expected):
+    with pytest.raises(ConfigError, match=expected):
+        validate(with_(**{section: bad}), source="x")
+
+
+def test_image_size_must_divide_by_two_to_the_depth():
+    raw = with_(model={"name": "unet", "depth": 4})
+    raw["data"]["image_size"] = [40, 64]
+    with pytest.raises(ConfigError, match=r"data\.image_size \[40, 64\] must be divisible by 2\*\*model\.depth = 16"):
+        validate(raw, source="x")
+
+
+def test_unknown_component_lists_valid_names_and_closest():
+    with pytest.raises(ConfigError, match=r"loss\.name: unknown loss 'dise' \(did you mean dice\?\); valid names: bce_dice, dice, weighted_bce"):
+        validate(with_(loss={"name": "dise"}), source="x")
+
+
+def test_unknown_key_inside_a_component_uses_that_components_keys():
+    with pytest.raises(ConfigError, match=r"loss\.smoth: unknown key \(did you mean smooth\?\)"):
+        validate(with_(loss={"name": "dice", "smoth": 1.0}), source="x")
+
+
+def test_several_errors_are_reported_together(tmp_path):
+    path = write(tmp_path, "name: t\ndata: {name: synthetic}\ntrainer: {epochs: 0, devise: cpu}\n")
+    with pytest.raises(ConfigError, match=r"2 errors") as info:
+        load_experiment(path)
+    assert "trainer.epochs" in str(info.value) and "trainer.devise" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_yaml_syntax_error_reports_line_and_column(tmp_path):
+    path = write(tmp_path, "name: t\ndata: {name: synthetic\ntrainer: 1\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: YAML syntax error at line \d+, column \d+"):
+        load_experiment(path)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "file is empty"),
+    ("- a\n- b\n", "top level must be a mapping"),
+])
+def test_empty_file_and_non_mapping(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: experiment file not found"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_base_inheritance_deep_merges_and_lists_replace(tmp_path):
+    write(tmp_path, "name: parent\nseed: 1\ndata: {name: synthetic, image_size: [32, 64], batch_size: 4}\n"
+                    "augment: [{name: hflip}, {name: rotate}]\n", "parent.yaml")
+    (tmp_path / "sub").mkdir()
+    child = write(tmp_path, "base: ../parent.yaml\nname: child\ndata: {batch_size: 2}\n"
+                            "augment: [{name: color_jitter}]\n", "sub/child.yaml")
+    exp = load_experiment(child)
+    assert (exp.name, exp.seed, exp.data.batch_size, exp.data.image_size) == ("child", 1, 2, (32, 64))
+    assert [a.name for a in exp.augment] == ["color_jitter"]
+
+
+def test_base_cycle_names_the_chain(tmp_path):
+    write(tmp_path, "base: b.yaml\nname: a\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\nname: b\n", "b.yaml")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_experiment(tmp_path / "a.yaml")
+
+
+def test_missing_base_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"gone\.yaml: base file \(included by .*exp\.yaml\) not found"):
+        load_experiment(write(tmp_path, "base: gone.yaml\nname: t\n"))
+
+
+def test_overrides_parse_yaml_values():
+    exp = load_experiment(QUICKSTART, ["trainer.epochs=3", "data.image_size=[64,128]",
+                                       "loss.pos_weight=8", "augment.0.p=1.0"])
+    assert exp.trainer.epochs == 3 and exp.data.image_size == (64, 128)
+    assert exp.loss.pos_weight == 8.0 and exp.augment[0].p == 1.0
+
+
+def test_override_of_unknown_key_is_an_error():
+    with pytest.raises(ConfigError, match=r"trainer\.epochz: unknown key \(did you mean epochs\?\)"):
+        load_experiment(QUICKSTART, ["trainer.epochz=3"])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("trainer.epochs", "expected KEY=VALUE"),
+    ("name.x=1", "name is a value, not a section"),
+    ("augment.9.p=1", "is not an index"),
+])
+def test_malformed_overrides(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        apply_overrides({"name": "t", "augment": [{"name": "hflip"}]}, [override])
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(load_experiment(QUICKSTART).model_dump(mode="json"))
+    assert flat["model.depth"] == "3"
+    assert flat["data.image_size"] == "[96, 192]"
+    assert flat["augment.0.name"] == "hflip"
+
+
+def test_every_field_has_a_description():
+    schema = Experiment.model_json_schema()
+    defs = schema["$defs"]
+
+    def described(prop: dict) -> bool:  # a $ref inherits the description of the class it names
+        ref = prop.get("$ref", "").removeprefix("#/$defs/")
+        return bool(prop.get("description") or (ref and defs[ref].get("description")))
+
+    missing = [f"{model}.{field}" for model, spec in defs.items()
+               for field, prop in spec.get("properties", {}).items() if not described(prop)]
+    missing += [f for f, prop in schema["properties"].items() if not described(prop)]
+    assert not missing
