@@ -56,3 +56,13 @@ def test_schema_and_list(capsys):
     assert '"base_channels"' in capsys.readouterr().out
     assert main(["list"]) == 0
     assert "weighted_bce" in capsys.readouterr().out
+
+
+def test_readme_documents_every_registered_component():
+    from cityseg.config import REGISTRY_FIELDS
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [f"{field}: {name}" for field, registry in REGISTRY_FIELDS.items()
+               for name in registry.names() if f"`{name}`" not in readme]
+    assert not missing, f"README's Components table lacks {missing}"

@@ -62,7 +62,7 @@ class RichDisplay:
             self.progress = None
         table = Table(show_header=epoch == 1, box=None, pad_edge=False, collapse_padding=True,
                       header_style="bold")
-        table.add_column("epoch", width=2 * len(str(self._epochs)) + 2, justify="right", no_wrap=True)
+        table.add_column("epoch", width=max(6, 2 * len(str(self._epochs)) + 2), justify="right", no_wrap=True)
         for header, _ in SUMMARY.values():
             table.add_column(header, width=7, justify="right", no_wrap=True)
         cells = [format(metrics[key], fmt) for key, (_, fmt) in SUMMARY.items()]
