@@ -42,5 +42,6 @@ ui: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/cityseg validate experiments/*.yaml
 
+# experiment.schema.json is committed (editors read it); a test fails when it is stale.
 schema: $(STAMP)
-	$(BIN)/cityseg schema
+	$(BIN)/cityseg schema > experiment.schema.json

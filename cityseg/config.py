@@ -151,10 +151,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+def _switch_component(section: dict, registry: Registry, new_name: Any) -> None:
+    """Switching a component's `name` keeps only the keys the new component accepts.
+
+    Like choosing another config group in Hydra: `--set loss.name=dice` on a weighted_bce
+    section drops pos_weight instead of failing on it; an unknown name is left for validation.
+    """
+    if new_name == section.get("name") or not isinstance(new_name, str) or new_name not in registry:
+        return
+    accepted = registry.get(new_name).params.model_fields
+    for key in [k for k in section if k not in accepted]:
+        del section[key]
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Set each dotted key (list items by index: augment.0.p=1) after merging, before validation."""
     for text in overrides:
         keys, value = parse_override(text)
+        registry = REGISTRY_FIELDS.get(keys[0])
+        is_component = keys[-1] == "name" and len(keys) == (3 if keys[0] == "augment" else 2)
         node: Any = raw
         for depth, key in enumerate(keys[:-1]):
             if isinstance(node, list):
@@ -173,6 +188,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 raise ConfigError(f"--set {text}: {last!r} is not an index of a {len(node)}-item list")
             node[int(last)] = value
         else:
+            if registry is not None and is_component:
+                _switch_component(node, registry, value)
             node[last] = value
     return raw
 
@@ -280,8 +297,9 @@ def format_error(error: dict, raw: dict) -> str:
         where = dotted if path[-1] == "name" else f"{dotted}.name"
         return (f"{where}: unknown {registry.kind} {tag!r}{suggest(str(tag), registry.names())}; "
                 f"valid names: {', '.join(registry.names())}")
-    if registry and kind == "union_tag_not_found":
-        return f"{dotted}.name: missing; choose one of {', '.join(registry.names())}"
+    if registry and (kind == "union_tag_not_found" or (kind == "missing" and path[-1] == "name")):
+        where = dotted if path[-1] == "name" else f"{dotted}.name"
+        return f"{where}: missing; choose one of {', '.join(registry.names())}"
     if kind == "missing":
         return f"{dotted}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")

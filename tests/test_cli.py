@@ -18,14 +18,43 @@ def test_validate_bad_file_exits_2_naming_file_and_field(tmp_path, capsys):
     assert str(bad) in err and "model.dept: unknown key (did you mean depth?)" in err
 
 
-def test_cli_errors_have_no_traceback(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: t\ndata: {name: synthetic}\nloss: {name: focal_typo}\n")
-    proc = subprocess.run([sys.executable, "-m", "cityseg.cli", "validate", str(bad)],
-                          capture_output=True, text=True)
+OK = "name: t\ndata: {name: synthetic, image_size: [32, 64]}\n"
+BAD_FILES = {  # file name -> (content, expected message)
+    "key.yaml": (OK + "model: {name: unet, base_chanels: 8}\n", "model.base_chanels: unknown key (did you mean base_channels?)"),
+    "type.yaml": (OK + "trainer: {epochs: three}\n", "trainer.epochs: Input should be a valid integer"),
+    "range.yaml": (OK + "optimizer: {lr: -1}\n", "optimizer.lr: Input should be greater than 0"),
+    "depth.yaml": (OK + "model: {name: unet, depth: 6}\n", "must be divisible by 2**model.depth = 64"),
+    "component.yaml": (OK + "loss: {name: focal_typo}\n", "loss.name: unknown loss 'focal_typo'"),
+    "syntax.yaml": ("name: t\ndata: [unclosed\n", "YAML syntax error at line 3, column 1"),
+    "empty.yaml": ("", "file is empty"),
+    "list.yaml": ("- 1\n", "top level must be a mapping"),
+    "noname.yaml": (OK + "loss: {pos_weight: 2}\n", "loss.name: missing; choose one of bce_dice, dice, weighted_bce"),
+    "base.yaml": ("base: nowhere.yaml\n" + OK, "nowhere.yaml: base file (included by"),
+}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cityseg.cli", *args], capture_output=True, text=True)
+
+
+def test_every_config_error_kind_exits_2_without_traceback(tmp_path):
+    paths = []
+    for name, (content, _) in BAD_FILES.items():
+        (tmp_path / name).write_text(content)
+        paths.append(str(tmp_path / name))
+    proc = cli("validate", *paths, str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "loss.name: unknown loss 'focal_typo'" in proc.stderr
+    for name, (_, expected) in BAD_FILES.items():
+        assert str(tmp_path / name) in proc.stderr and expected in proc.stderr, name
+    assert "missing.yaml: experiment file not found" in proc.stderr
+
+
+def test_bad_override_exits_2_without_traceback(tmp_path):
+    proc = cli("run", str(QUICKSTART), "--set", "trainer.epochz=1", "--set", f"tracking.dir={tmp_path}/r")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "trainer.epochz: unknown key (did you mean epochs?)" in proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_with_invalid_config_writes_nothing(tmp_path, capsys):

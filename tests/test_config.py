@@ -168,3 +168,26 @@ def test_every_field_has_a_description():
                for field, prop in spec.get("properties", {}).items() if not described(prop)]
     missing += [f for f, prop in schema["properties"].items() if not described(prop)]
     assert not missing
+
+
+def test_switching_a_component_keeps_only_keys_the_new_one_accepts():
+    exp = load_experiment(QUICKSTART, ["loss.name=dice"])  # quickstart's loss has pos_weight
+    assert exp.loss.name == "dice" and exp.loss.smooth == 1.0
+    exp = load_experiment(QUICKSTART, ["loss.name=bce_dice", "loss.dice_weight=0.5"])
+    assert exp.loss.pos_weight == 2.0 and exp.loss.dice_weight == 0.5  # shared key kept
+    exp = load_experiment(QUICKSTART, ["augment.1.name=hflip"])
+    assert exp.augment[1].name == "hflip"
+
+
+def test_switching_to_an_unknown_component_is_still_an_error():
+    with pytest.raises(ConfigError, match=r"loss\.name: unknown loss 'dicee' \(did you mean dice\?\)"):
+        load_experiment(QUICKSTART, ["loss.name=dicee"])
+
+
+def test_committed_json_schema_is_current():
+    import json
+
+    from tests.conftest import REPO
+
+    committed = json.loads((REPO / "experiment.schema.json").read_text())
+    assert committed == Experiment.model_json_schema(), "stale: run `make schema` and commit it"

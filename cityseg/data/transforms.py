@@ -1,0 +1,93 @@
+"""Augmentations, applied jointly to image and mask with torchvision.transforms.v2.
+
+Images are `tv_tensors.Image` (uint8, C x H x W) and masks `tv_tensors.Mask` (uint8, H x W),
+so geometric transforms move both the same way, masks are resampled with nearest neighbour,
+photometric transforms leave masks alone, and pixels a transform invents in the mask (the
+corners of a rotation) get the ignore index rather than a made-up class.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.registry import AUGMENTATIONS, BuildContext, Params
+
+
+class HFlipParams(Params):
+    """Mirror left-right."""
+
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability of flipping a sample")
+
+
+@AUGMENTATIONS.register("hflip", params=HFlipParams)
+def hflip(p: HFlipParams, ctx: BuildContext) -> v2.Transform:
+    """Random horizontal flip of image and mask."""
+    return v2.RandomHorizontalFlip(p=p.p)
+
+
+class RotateParams(Params):
+    """Rotate by a random angle; uncovered mask pixels become ignore."""
+
+    degrees: float = Field(10.0, ge=0.0, le=180.0, description="maximum absolute angle in degrees")
+    p: float = Field(1.0, ge=0.0, le=1.0, description="probability of rotating a sample")
+
+
+@AUGMENTATIONS.register("rotate", params=RotateParams)
+def rotate(p: RotateParams, ctx: BuildContext) -> v2.Transform:
+    """Random rotation in [-degrees, degrees]; bilinear for images, nearest for masks."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+    rotation = v2.RandomRotation(p.degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)
+    return v2.RandomApply([rotation], p=p.p)
+
+
+class ColorJitterParams(Params):
+    """Random brightness, contrast, saturation and hue (image only)."""
+
+    brightness: float = Field(0.2, ge=0.0, description="factor drawn from [1-b, 1+b]")
+    contrast: float = Field(0.2, ge=0.0, description="factor drawn from [1-c, 1+c]")
+    saturation: float = Field(0.2, ge=0.0, description="factor drawn from [1-s, 1+s]")
+    hue: float = Field(0.0, ge=0.0, le=0.5, description="shift drawn from [-h, h]")
+    p: float = Field(1.0, ge=0.0, le=1.0, description="probability of jittering a sample")
+
+
+@AUGMENTATIONS.register("color_jitter", params=ColorJitterParams)
+def color_jitter(p: ColorJitterParams, ctx: BuildContext) -> v2.Transform:
+    """Photometric jitter; masks pass through unchanged."""
+    jitter = v2.ColorJitter(brightness=p.brightness, contrast=p.contrast,
+                            saturation=p.saturation, hue=p.hue)
+    return v2.RandomApply([jitter], p=p.p)
+
+
+class RandomResizedCropParams(Params):
+    """Crop a random area and aspect ratio, resized back to data.image_size."""
+
+    scale: tuple[float, float] = Field((0.5, 1.0), description="range of the crop's area fraction")
+    ratio: tuple[float, float] = Field((1.5, 2.5), description="range of the crop's width/height")
+    p: float = Field(1.0, ge=0.0, le=1.0, description="probability of cropping a sample")
+
+    @model_validator(mode="after")
+    def _ordered_ranges(self) -> RandomResizedCropParams:
+        for field in ("scale", "ratio"):
+            lo, hi = getattr(self, field)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{field} must satisfy 0 < low <= high, got {(lo, hi)}")
+        if self.scale[1] > 1:
+            raise ValueError(f"scale must be within (0, 1], got {self.scale}")
+        return self
+
+
+@AUGMENTATIONS.register("random_resized_crop", params=RandomResizedCropParams)
+def random_resized_crop(p: RandomResizedCropParams, ctx: BuildContext) -> v2.Transform:
+    """Random crop of image and mask, resized to the experiment's image size."""
+    crop = v2.RandomResizedCrop(ctx.image_size, scale=p.scale, ratio=p.ratio, antialias=True)
+    return v2.RandomApply([crop], p=p.p)
+
+
+def build_augmentations(params: list[Params], ctx: BuildContext) -> v2.Transform | None:
+    """The experiment's augment list as one joint transform, or None when it is empty."""
+    if not params:
+        return None
+    return v2.Compose([AUGMENTATIONS.build(p, ctx) for p in params])
