@@ -1,6 +1,6 @@
 # cityseg: every target sets itself up (.venv + pip install -e .[dev]) on first use.
 #   make run [EXP=experiments/baseline.yaml] [SET="trainer.epochs=3 loss.pos_weight=8"]
-#   make test | test-slow | lint | ui | validate | schema
+#   make test | test-slow | lint | ui | validate | schema | bench
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +10,7 @@ EXP    ?= experiments/quickstart.yaml
 SET    ?=
 PORT   ?= 5000
 
-.PHONY: setup run test test-slow lint format ui validate schema
+.PHONY: setup run test test-slow lint format ui validate schema bench
 
 setup: $(STAMP)
 
@@ -45,3 +45,8 @@ validate: $(STAMP)
 # experiment.schema.json is committed (editors read it); a test fails when it is stale.
 schema: $(STAMP)
 	$(BIN)/cityseg schema > experiment.schema.json
+
+# Figures, not asserts. BENCH_ARGS="--cityscapes ../shared/data/cityscapes-mini" adds real PNGs.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m cityseg.bench $(BENCH_ARGS)

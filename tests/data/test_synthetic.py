@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from cityseg.data.cityscapes import LABELS, official_samples
 from cityseg.data.datasets import SegmentationDataset, task_lut
@@ -37,7 +38,9 @@ def test_loader_reads_what_the_generator_writes(tmp_path):
     lut = task_lut_default()
     dataset = SegmentationDataset(train, size=(32, 64), lut=lut, transform=None)
     for i, sample in enumerate(train):
-        _, ids = render_scene(np.random.default_rng([5, 0, i]), 32, 64)
+        photo, ids = render_scene(np.random.default_rng([5, 0, i]), 32, 64)
+        assert np.array_equal(np.asarray(Image.open(sample.mask)), ids)  # lossless PNG ids
+        assert np.array_equal(np.asarray(Image.open(sample.image)), photo)
         image, mask = dataset[i]
         assert image.shape == (3, 32, 64) and mask.shape == (32, 64)
         assert np.array_equal(mask.numpy(), lut[ids])
