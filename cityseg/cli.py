@@ -1,4 +1,4 @@
-"""Command line: `cityseg run|validate|show|schema|list`.
+"""Command line: `cityseg run|validate|show|schema|list|data`.
 
 The only place that prints user errors and chooses exit codes: 0 success, 2 bad input
 (config, data, command line), 1 a run that failed while training.
@@ -10,9 +10,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
+from cityseg.data.layouts import LAYOUTS
+from cityseg.data.synthetic import MASK_ENCODINGS
 from cityseg.errors import CitysegError
 
 EXIT_USAGE = 2
@@ -35,6 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print the fully resolved experiment as YAML")
     p.add_argument("experiment")
     _add_overrides(p)
+    p = sub.add_parser("data", help="inspect or generate datasets")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="report layout, counts, class frequencies and broken samples")
+    p.add_argument("root", type=Path)
+    p.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS))
+    p.add_argument("--splits", nargs="+", default=["train", "val"])
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = one per core, up to 8)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = data.add_parser("synth", help="write synthetic streets in any Cityscapes layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--layout", default="official", choices=LAYOUTS)
+    p.add_argument("--mask", default="ids", choices=MASK_ENCODINGS, help="mask encoding (pairs: always color)")
+    p.add_argument("--bgr", action="store_true", help="swap red and blue in colour masks")
+    p.add_argument("--jpeg", type=int, default=0, metavar="QUALITY", help="save JPEG instead of PNG (folders, pairs)")
+    p.add_argument("--num-train", type=int, default=16)
+    p.add_argument("--num-val", type=int, default=4)
+    p.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
+    p.add_argument("--seed", type=int, default=0)
     sub.add_parser("schema", help="print the JSON Schema of experiment files")
     sub.add_parser("list", help="list the registered components")
     return parser
@@ -54,7 +76,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     except FloatingPointError as err:
         out.print(f"[red]run failed:[/] {err}")
         return 1
-    out.print(f"best {exp.trainer.monitor} = {result.best_score:.4f} at epoch {result.best_epoch}; "
+    out.print(f"best {exp.monitor} = {result.best_score:.4f} at epoch {result.best_epoch}; "
               f"run {result.run_id} in MLflow experiment '{exp.tracking.experiment}'")
     out.print(f"checkpoints: {result.checkpoints['best'].parent}   browse: make ui")
     return 0
@@ -98,7 +120,57 @@ def cmd_list(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "show": cmd_show,
+def _print_report(report: dict, out: Console) -> None:
+    enc = report["mask_encoding"]
+    out.print(f"root: {report['root']}\nlayout: {report['layout']} ({report['layout_how']})")
+    out.print(f"mask encoding: {enc['kind']}" + (f", channel order {enc['channel_order']}" if enc["kind"] == "color" else "")
+              + f" ({enc['how']})")
+    table = Table("split", "images", "image sizes", "foreground", box=None)
+    for split, info in report["splits"].items():
+        sizes = ", ".join(f"{size} ({n})" for size, n in info["image_sizes"].items())
+        table.add_row(split, str(info["images"]), sizes, f"{info['foreground_fraction']:.2%}")
+    out.print(table)
+    first = next(iter(report["splits"]))
+    classes = Table("class", "pixels", title=f"class pixel frequencies ({first}, labelled pixels)", box=None)
+    for name, freq in sorted(report["class_frequencies"].items(), key=lambda kv: -kv[1]):
+        classes.add_row(name, f"{freq:.2%}")
+    out.print(classes)
+    out.print(f"ignored (void) pixels: {report['ignored_fraction']:.2%}")
+    out.print(f"foreground ({', '.join(report['foreground'])}): {report['foreground_fraction']:.2%} of "
+              f"labelled pixels; suggested loss.pos_weight (background/foreground): {report['suggested_pos_weight']}")
+    if report["broken"]:
+        out.print(f"[red]{len(report['broken'])} broken sample(s):[/]")
+        for item in report["broken"]:
+            out.print(f"  {item['path']}: {item['reason']}", markup=False)
+    else:
+        out.print("broken samples: none")
+
+
+def cmd_data(args: argparse.Namespace, out: Console) -> int:
+    if args.data_command == "synth":
+        from cityseg.data.synthetic import write_dataset
+
+        if args.out.exists() and any(args.out.iterdir()):
+            raise CitysegError(f"{args.out}: exists and is not empty; choose a new folder")
+        try:
+            write_dataset(args.out, num_train=args.num_train, num_val=args.num_val, size=tuple(args.size),
+                          seed=args.seed, layout=args.layout, mask=args.mask, bgr=args.bgr,
+                          jpeg_quality=args.jpeg)
+        except ValueError as err:
+            raise CitysegError(str(err)) from None
+        out.print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out} ({args.layout} layout)")
+        return 0
+    from cityseg.data.check import check_dataset
+
+    report = check_dataset(args.root, layout=args.layout, splits=tuple(args.splits), workers=args.workers)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report, out)
+    return EXIT_USAGE if report["broken"] else 0
+
+
+COMMANDS = {"run": cmd_run, "data": cmd_data, "validate": cmd_validate, "show": cmd_show,
             "schema": cmd_schema, "list": cmd_list}
 
 

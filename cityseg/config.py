@@ -44,8 +44,9 @@ class TrainerConfig(Section):
     channels_last: bool = Field(True, description="NHWC memory layout, faster convolutions on GPUs and CPUs")
     grad_clip_norm: float = Field(0.0, ge=0.0, description="clip the gradient norm to this; 0 disables")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="foreground where sigmoid(logit) > threshold")
-    monitor: Literal["val/dice", "val/iou", "val/loss"] = Field(
-        "val/dice", description="metric that decides the best checkpoint (loss: lower is better)")
+    monitor: Literal["auto", "val/dice", "val/iou", "val/miou", "val/loss"] = Field(
+        "auto", description="metric that decides the best checkpoint (loss: lower is better); "
+                            "auto: val/dice for binary, val/miou for multiclass")
 
 
 class TrackingConfig(Section):
@@ -83,6 +84,29 @@ class Experiment(Section):
             raise ValueError(f"data.image_size {list(self.data.image_size)} must be divisible by "
                              f"2**model.depth = {divisor}")
         return self
+
+    @model_validator(mode="after")
+    def _loss_and_monitor_fit_task(self) -> Experiment:
+        task = self.data.task
+        if task not in self.loss.tasks:
+            fitting = [n for n in LOSSES.names() if task in LOSSES.get(n).params.tasks]
+            raise ValueError(f"loss.name: {self.loss.name} is a loss for the {' or '.join(self.loss.tasks)} "
+                             f"task but data.task is {task}; use one of {', '.join(fitting)}")
+        allowed = MONITORS[task]
+        if self.trainer.monitor not in ("auto", *allowed):
+            raise ValueError(f"trainer.monitor: {self.trainer.monitor} is not computed for the {task} "
+                             f"task; use auto or one of {', '.join(allowed)}")
+        return self
+
+    @property
+    def monitor(self) -> str:
+        """The metric that picks the best checkpoint, with auto resolved for the task."""
+        if self.trainer.monitor != "auto":
+            return self.trainer.monitor
+        return MONITORS[self.data.task][0]
+
+
+MONITORS = {"binary": ("val/dice", "val/iou", "val/loss"), "multiclass": ("val/miou", "val/loss")}
 
 
 REGISTRY_FIELDS = {"data": DATASETS, "augment": AUGMENTATIONS, "model": MODELS,
@@ -136,7 +160,12 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
         return content
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a path to a YAML file, got {base!r}")
-    return deep_merge(load_raw(path.parent / base, (*_chain, resolved)), content)
+    inherited = load_raw(path.parent / base, (*_chain, resolved))
+    for key, registry in REGISTRY_FIELDS.items():  # a file naming another component switches it
+        section, new = inherited.get(key), content.get(key)
+        if isinstance(section, dict) and isinstance(new, dict) and "name" in new:
+            _switch_component(section, registry, new["name"])
+    return deep_merge(inherited, content)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -154,8 +183,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _switch_component(section: dict, registry: Registry, new_name: Any) -> None:
     """Switching a component's `name` keeps only the keys the new component accepts.
 
-    Like choosing another config group in Hydra: `--set loss.name=dice` on a weighted_bce
-    section drops pos_weight instead of failing on it; an unknown name is left for validation.
+    Like choosing another config group in Hydra: `--set loss.name=dice`, or a file whose base
+    has a weighted_bce loss saying `loss: {name: dice}`, drops pos_weight instead of failing on
+    it; an unknown name is left for validation.
     """
     if new_name == section.get("name") or not isinstance(new_name, str) or new_name not in registry:
         return
@@ -204,7 +234,13 @@ def validate(raw: dict, *, source: str) -> Experiment:
     try:
         return Experiment.model_validate(raw)
     except ValidationError as err:
-        lines = [format_error(e, raw) for e in err.errors()]
+        by_path: dict[str, list[str]] = {}  # a union field fails once per branch: one line
+        for error in err.errors():
+            path, _, message = format_error(error, raw).partition(": ")
+            if message not in by_path.setdefault(path, []):
+                by_path[path].append(message)
+        lines = [f"{path}: {'; or '.join(messages)}" if messages[0] else path
+                 for path, messages in by_path.items()]
         count = f"{len(lines)} error{'s' if len(lines) > 1 else ''}"
         raise ConfigError(f"{source}: {count}\n  " + "\n  ".join(lines)) from None
 
@@ -233,6 +269,8 @@ def _clean_loc(loc: tuple, raw: Any) -> list[str | int]:
     """Drop the union tags Pydantic inserts into locations ('loss', 'dice', 'smooth')."""
     path, node = [], raw
     for part in loc:
+        if node is not None and not isinstance(node, (dict, list)):
+            continue  # a union branch label ('float', "literal['auto']") under a plain value
         in_dict = isinstance(node, dict) and part in node
         in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
         if in_dict or in_list:

@@ -59,3 +59,37 @@ def binary_scores(counts: torch.Tensor) -> dict[str, float]:
     }
     assert not any(math.isnan(v) for v in scores.values()), scores
     return scores
+
+
+def multiclass_scores(counts: torch.Tensor, class_names: tuple[str, ...]) -> dict[str, float]:
+    """mIoU, pixel accuracy and per-class IoU from a C x C confusion matrix (Cityscapes definition).
+
+    IoU_c = tp_c / (tp_c + fp_c + fn_c) over the whole dataset. A class absent from both ground
+    truth and prediction has no IoU: it is left out of the mean and not reported.
+    """
+    m = counts.double().cpu()  # one device->host copy
+    tp = m.diag()
+    union = m.sum(0) + m.sum(1) - tp  # tp + fp + fn
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
+    total = m.sum().item()
+    scores = {"miou": iou[present].mean().item() if present.any() else 1.0,
+              "pixel_accuracy": tp.sum().item() / total if total else 1.0}
+    for name, value, here in zip(class_names, iou.tolist(), present.tolist(), strict=True):
+        if here:
+            scores[f"iou/{name.replace(' ', '_')}"] = value
+    return scores
+
+
+def predict(logits: torch.Tensor, *, task: str, threshold: float) -> torch.Tensor:
+    """(B, C, H, W) logits -> (B, H, W) class predictions for the task."""
+    if task == "binary":
+        return binary_predictions(logits, threshold)
+    return logits.argmax(dim=1)
+
+
+def scores(counts: torch.Tensor, *, task: str, class_names: tuple[str, ...]) -> dict[str, float]:
+    """The task's metrics (without the val/ prefix) from its confusion matrix."""
+    if task == "binary":
+        return binary_scores(counts)
+    return multiclass_scores(counts, class_names)

@@ -26,6 +26,7 @@ class Params(BaseModel):
 class BuildContext:
     """What a builder may know about the experiment besides its own params."""
 
+    task: str  # binary | multiclass
     out_channels: int  # 1 logit for binary, C logits for multiclass
     ignore_index: int
     image_size: tuple[int, int]  # (H, W) after resizing

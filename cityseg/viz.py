@@ -1,50 +1,83 @@
-"""Sample panels: Input | Ground truth | Prediction | Error, one row per validation image."""
+"""Pictures for MLflow: sample panels (Input | Ground truth | Prediction | Error) and a
+confusion-matrix image."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.data.cityscapes import IGNORE_INDEX, train_id_colors
 
 COLUMNS = ("Input", "Ground truth", "Prediction", "Error")
 IGNORED = (110, 110, 110)
-# Error colours: true positive white, false positive red, false negative blue, true negative black.
+# Binary error colours: true positive white, false positive red, false negative blue.
 TP, FP, FN = (255, 255, 255), (230, 40, 40), (40, 120, 255)
+WRONG = (230, 40, 40)  # multiclass: a wrong pixel
 MIN_HEIGHT = 128  # small training images are upscaled so the panel stays readable
 
 
-def _mask_rgb(mask: np.ndarray, ignore: np.ndarray) -> np.ndarray:
-    rgb = np.repeat((mask == 1)[..., None] * np.uint8(255), 3, axis=2)
-    rgb[ignore] = IGNORED
+def _labels_rgb(labels: np.ndarray, task: str) -> np.ndarray:
+    """Binary: foreground white on black; multiclass: Cityscapes colours; ignore grey."""
+    if task == "binary":
+        rgb = np.repeat((labels == 1)[..., None] * np.uint8(255), 3, axis=2)
+    else:
+        rgb = train_id_colors()[labels]
+    rgb[labels == IGNORE_INDEX] = IGNORED
     return rgb
 
 
-def _error_rgb(target: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def _error_rgb(target: np.ndarray, pred: np.ndarray, task: str) -> np.ndarray:
     rgb = np.zeros((*target.shape, 3), dtype=np.uint8)
-    rgb[(target == 1) & (pred == 1)] = TP
-    rgb[(target == 0) & (pred == 1)] = FP
-    rgb[(target == 1) & (pred == 0)] = FN
+    if task == "binary":
+        rgb[(target == 1) & (pred == 1)] = TP
+        rgb[(target == 0) & (pred == 1)] = FP
+        rgb[(target == 1) & (pred == 0)] = FN
+    else:
+        rgb[target != pred] = WRONG
     rgb[target == IGNORE_INDEX] = IGNORED
     return rgb
 
 
-def sample_panel(images: np.ndarray, targets: np.ndarray, preds: np.ndarray) -> np.ndarray:
-    """(N, 3, H, W) uint8 images, (N, H, W) targets and predictions -> one RGB panel (uint8)."""
-    rows = []
-    for image, target, pred in zip(images, targets, preds, strict=True):
-        ignore = target == IGNORE_INDEX
-        cells = [image.transpose(1, 2, 0), _mask_rgb(target, ignore),
-                 _mask_rgb(pred, np.zeros_like(ignore)), _error_rgb(target, pred)]
-        rows.append(np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    scale = max(1, -(-MIN_HEIGHT // images.shape[2]))
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+def _with_header(grid: Image.Image, titles: tuple[str, ...]) -> np.ndarray:
     header = Image.new("RGB", (grid.width, 18), (255, 255, 255))
-    draw, cell_width = ImageDraw.Draw(header), grid.width // len(COLUMNS)
-    for i, title in enumerate(COLUMNS):
+    draw, cell_width = ImageDraw.Draw(header), grid.width // len(titles)
+    for i, title in enumerate(titles):
         draw.text((i * cell_width + 6, 3), title, fill=(0, 0, 0))
     panel = Image.new("RGB", (grid.width, grid.height + header.height))
     panel.paste(header, (0, 0))
     panel.paste(grid, (0, header.height))
     return np.asarray(panel)
+
+
+def sample_panel(images: np.ndarray, targets: np.ndarray, preds: np.ndarray, *, task: str = "binary") -> np.ndarray:
+    """(N, 3, H, W) uint8 images, (N, H, W) targets and predictions -> one RGB panel (uint8)."""
+    rows = []
+    for image, target, pred in zip(images, targets, preds, strict=True):
+        cells = [image.transpose(1, 2, 0), _labels_rgb(target, task), _labels_rgb(pred, task),
+                 _error_rgb(target, pred, task)]
+        rows.append(np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, -(-MIN_HEIGHT // images.shape[2]))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return _with_header(grid, COLUMNS)
+
+
+def confusion_image(counts: np.ndarray, class_names: tuple[str, ...], cell: int = 28) -> np.ndarray:
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) as an RGB image."""
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n, margin = len(class_names), 110
+    image = Image.new("RGB", (margin + n * cell, margin + n * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i in range(n):
+        draw.text((4, margin + i * cell + cell // 3), class_names[i][:16], fill=(0, 0, 0))
+        for j in range(n):
+            shade = int(255 * (1 - rows[i, j]))
+            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1)
+            draw.rectangle(box, fill=(shade, shade, 255))
+            if rows[i, j] >= 0.005:
+                draw.text((box[0] + 2, box[1] + cell // 3), f"{rows[i, j] * 100:.0f}", fill=(0, 0, 0) if shade > 120 else (255, 255, 255))
+    for j in range(n):  # column labels, written vertically
+        label = Image.new("RGB", (margin - 4, cell), (255, 255, 255))
+        ImageDraw.Draw(label).text((2, cell // 3), class_names[j][:16], fill=(0, 0, 0))
+        image.paste(label.rotate(90, expand=True), (margin + j * cell, 2))
+    return np.asarray(image)

@@ -20,6 +20,7 @@ def tiny_overrides(tmp_path: Path, epochs: int = 2) -> list[str]:
         f"data.root={tmp_path / 'synthetic'}", "data.num_train=6", "data.num_val=3",
         "data.source_size=[64,128]", "data.image_size=[32,64]", "data.batch_size=3",
         "data.num_workers=0", "model.depth=2", "model.base_channels=4",
+        f"data.cache_dir={tmp_path / 'cache'}",
         f"trainer.epochs={epochs}", "trainer.device=cpu", f"tracking.dir={tmp_path / 'runs'}",
         "tracking.num_samples=2",
     ]

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 from cityseg.cli import main
+from cityseg.registry import LOSSES
 from tests.conftest import EXPERIMENTS, QUICKSTART
 
 
@@ -28,7 +29,7 @@ BAD_FILES = {  # file name -> (content, expected message)
     "syntax.yaml": ("name: t\ndata: [unclosed\n", "YAML syntax error at line 3, column 1"),
     "empty.yaml": ("", "file is empty"),
     "list.yaml": ("- 1\n", "top level must be a mapping"),
-    "noname.yaml": (OK + "loss: {pos_weight: 2}\n", "loss.name: missing; choose one of bce_dice, dice, weighted_bce"),
+    "noname.yaml": (OK + "loss: {pos_weight: 2}\n", "loss.name: missing; choose one of " + ", ".join(LOSSES.names())),
     "base.yaml": ("base: nowhere.yaml\n" + OK, "nowhere.yaml: base file (included by"),
 }
 

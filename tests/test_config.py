@@ -5,6 +5,7 @@ import yaml
 
 from cityseg.config import Experiment, apply_overrides, flatten, load_experiment, to_yaml, validate
 from cityseg.errors import ConfigError
+from cityseg.registry import LOSSES
 from tests.conftest import EXPERIMENTS, QUICKSTART
 
 MINIMAL = {"name": "t", "data": {"name": "synthetic", "image_size": [32, 64]}}
@@ -67,8 +68,23 @@ def test_image_size_must_divide_by_two_to_the_depth():
 
 
 def test_unknown_component_lists_valid_names_and_closest():
-    with pytest.raises(ConfigError, match=r"loss\.name: unknown loss 'dise' \(did you mean dice\?\); valid names: bce_dice, dice, weighted_bce"):
+    valid = ", ".join(LOSSES.names())
+    with pytest.raises(ConfigError, match=rf"loss\.name: unknown loss 'dise' \(did you mean dice\?\); valid names: {valid}$"):
         validate(with_(loss={"name": "dise"}), source="x")
+
+
+def test_loss_must_fit_the_task():
+    raw = with_(loss={"name": "weighted_bce"})
+    raw["data"]["task"] = "multiclass"
+    with pytest.raises(ConfigError, match=r"loss\.name: weighted_bce is a loss for the binary task but "
+                                          r"data\.task is multiclass; use one of cross_entropy"):
+        validate(raw, source="x")
+    raw["loss"] = {"name": "cross_entropy"}
+    raw["trainer"] = {"monitor": "val/dice"}
+    with pytest.raises(ConfigError, match=r"trainer\.monitor: val/dice is not computed for the multiclass task"):
+        validate(raw, source="x")
+    raw["trainer"] = {}
+    assert validate(raw, source="x").monitor == "val/miou"
 
 
 def test_unknown_key_inside_a_component_uses_that_components_keys():
@@ -191,3 +207,11 @@ def test_committed_json_schema_is_current():
 
     committed = json.loads((REPO / "experiment.schema.json").read_text())
     assert committed == Experiment.model_json_schema(), "stale: run `make schema` and commit it"
+
+
+def test_a_file_switching_component_over_its_base_drops_the_old_params(tmp_path):
+    write(tmp_path, "name: p\ndata: {name: synthetic, image_size: [32, 64]}\n"
+                    "loss: {name: bce_dice, pos_weight: 3, smooth: 0.5}\n", "parent.yaml")
+    child = write(tmp_path, "base: parent.yaml\nloss: {name: dice}\n", "child.yaml")
+    exp = load_experiment(child)
+    assert exp.loss.name == "dice" and exp.loss.smooth == 0.5  # smooth kept, pos_weight dropped

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from cityseg.config import Experiment
-from cityseg.losses import SoftDice, WeightedBCE
+from cityseg.config import Experiment  # noqa: F401  (registers every loss)
+from cityseg.losses import BinaryFocal, CrossEntropy, SoftDice, WeightedBCE
 from cityseg.registry import LOSSES, BuildContext
 
 IGNORE = 255
-CTX = BuildContext(out_channels=1, ignore_index=IGNORE, image_size=(4, 4))
+CTX = BuildContext(task="binary", out_channels=1, ignore_index=IGNORE, image_size=(4, 4))
 
 
 def batch(logits, target):
@@ -58,14 +58,46 @@ def test_bce_dice_is_the_weighted_sum():
     assert combined.item() == pytest.approx(0.3 * bce.item() + 0.7 * dice.item())
 
 
+def test_focal_by_hand():
+    logits, target = batch([0.0, 0.0, 3.0], [1, 0, IGNORE])
+    loss = BinaryFocal(alpha=0.25, gamma=2.0, ignore_index=IGNORE)(logits, target)
+    # p_t = 0.5 for both: 0.25 * 0.5^2 * ln 2 (foreground) and 0.75 * 0.5^2 * ln 2 (background)
+    assert loss.item() == pytest.approx((0.0625 + 0.1875) / 2 * math.log(2), rel=1e-6)
+    gamma0 = BinaryFocal(alpha=0.5, gamma=0.0, ignore_index=IGNORE)(logits, target)
+    assert gamma0.item() == pytest.approx(0.5 * math.log(2), rel=1e-6)  # alpha-weighted BCE
+
+
+def test_cross_entropy_by_hand_with_weights_smoothing_and_ignore():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [9.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 3)
+    target = torch.tensor([0, 1, IGNORE]).view(1, 1, 3)
+    first = math.log(1 + 2 * math.exp(-2))  # -log softmax([2, 0, 0])[0]
+    plain = CrossEntropy(weight=None, label_smoothing=0.0, ignore_index=IGNORE)(logits, target)
+    assert plain.item() == pytest.approx((first + math.log(3)) / 2, rel=1e-6)
+    weighted = CrossEntropy(weight=torch.tensor([3.0, 1.0, 1.0]), label_smoothing=0.0,
+                            ignore_index=IGNORE)(logits, target)
+    assert weighted.item() == pytest.approx((3 * first + math.log(3)) / 4, rel=1e-6)
+    eps = 0.3
+    log_p = [-first, -(2 + first), -(2 + first)]  # log softmax([2, 0, 0])
+    smoothed_first = (1 - eps) * first - eps / 3 * sum(log_p)
+    smoothed = CrossEntropy(weight=None, label_smoothing=eps, ignore_index=IGNORE)(logits, target)
+    assert smoothed.item() == pytest.approx((smoothed_first + math.log(3)) / 2, rel=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES.names()))
 def test_every_registered_loss_runs_forward_and_backward(name):
-    assert Experiment  # the experiment module imported every loss
-    loss_fn = LOSSES.build(LOSSES.get(name).params(name=name), CTX)
-    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
-    target = torch.randint(0, 2, (2, 8, 8))
+    params = LOSSES.get(name).params
+    task = params.tasks[0]
+    classes = 1 if task == "binary" else 19
+    loss_fn = LOSSES.build(params(name=name), BuildContext(task, classes, IGNORE, (8, 8)))
+    logits = torch.randn(2, classes, 8, 8, requires_grad=True)
+    target = torch.randint(0, 2 if task == "binary" else 19, (2, 8, 8))
     target[0, 0] = IGNORE
     loss = loss_fn(logits, target)
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
-    assert logits.grad is not None and logits.grad[0, 0, 0].abs().sum() == 0  # ignored row: no gradient
+    assert logits.grad is not None and logits.grad[0, :, 0].abs().sum() == 0  # ignored row: no gradient
+
+
+def test_pos_weight_auto_must_be_resolved_before_building():
+    with pytest.raises(ValueError, match="resolved from the training data"):
+        LOSSES.build(LOSSES.get("weighted_bce").params(name="weighted_bce", pos_weight="auto"), CTX)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cityseg.metrics import ConfusionMatrix, binary_predictions, binary_scores
+from cityseg.metrics import ConfusionMatrix, binary_predictions, binary_scores, multiclass_scores
 
 IGNORE = 255
 
@@ -72,3 +72,47 @@ def test_binary_predictions_threshold():
     logits = torch.tensor([-1.0, 0.0, 0.5]).view(1, 1, 1, 3)
     assert binary_predictions(logits, 0.5).flatten().tolist() == [0, 0, 1]  # sigmoid(0) = 0.5 is not > 0.5
     assert binary_predictions(logits, 0.2).flatten().tolist() == [1, 1, 1]
+
+
+NAMES = ("a", "b", "c", "d")
+
+
+def test_multiclass_hand_counted_and_absent_class_excluded():
+    cm = ConfusionMatrix(4, ignore_index=IGNORE)
+    target = torch.tensor([[0, 0, 1, 1, 2, IGNORE]])
+    pred = torch.tensor([[0, 1, 1, 1, 0, 3]])  # class 3 predicted only on an ignored pixel
+    cm.update(pred, target)
+    s = multiclass_scores(cm.counts, NAMES)
+    # a: tp 1, fp 1, fn 1 -> 1/3;  b: tp 2, fp 1 -> 2/3;  c: tp 0, fn 1 -> 0;  d: absent
+    assert s["iou/a"] == pytest.approx(1 / 3) and s["iou/b"] == pytest.approx(2 / 3) and s["iou/c"] == 0.0
+    assert "iou/d" not in s
+    assert s["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert s["pixel_accuracy"] == pytest.approx(3 / 5)
+
+
+def test_multiclass_against_numpy_reference():
+    rng = np.random.default_rng(1)
+    target = rng.integers(0, 4, (3, 12, 12))
+    target[rng.random(target.shape) < 0.1] = IGNORE
+    pred = np.where(rng.random(target.shape) < 0.6, np.where(target == IGNORE, 0, target), rng.integers(0, 4, target.shape))
+    cm = ConfusionMatrix(4, ignore_index=IGNORE)
+    for i in range(3):
+        cm.update(torch.tensor(pred[i:i + 1]), torch.tensor(target[i:i + 1]))
+    s = multiclass_scores(cm.counts, NAMES)
+    valid = target != IGNORE
+    ious = []
+    for c in range(4):
+        tp = np.sum((pred == c) & (target == c) & valid)
+        union = np.sum(((pred == c) | (target == c)) & valid)
+        ious.append(tp / union)
+        assert s[f"iou/{NAMES[c]}"] == pytest.approx(ious[-1])
+    assert s["miou"] == pytest.approx(np.mean(ious))
+    assert s["pixel_accuracy"] == pytest.approx(np.mean(pred[valid] == target[valid]))
+
+
+def test_multiclass_perfect_is_one():
+    cm = ConfusionMatrix(3, ignore_index=IGNORE)
+    labels = torch.tensor([[0, 1, 2, 2]])
+    cm.update(labels, labels)
+    s = multiclass_scores(cm.counts, NAMES[:3])
+    assert s["miou"] == 1.0 and s["pixel_accuracy"] == 1.0

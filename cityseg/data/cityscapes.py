@@ -1,4 +1,4 @@
-"""The Cityscapes label table and the official folder layout.
+"""The Cityscapes label table, and decoding of every mask encoding into train ids.
 
 The table is the one of cityscapesScripts' `labels.py` (Cordts et al., CVPR 2016): official
 ids 0..33 (and -1 for the license plate), the 19 evaluated classes with train ids 0..18, and
@@ -8,11 +8,8 @@ ids 0..33 (and -1 for the license plate), the 19 evaluated classes with train id
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-from cityseg.errors import DataError
 
 IGNORE_INDEX = 255
 
@@ -95,39 +92,86 @@ def train_id_to_binary_lut(foreground: tuple[str, ...] | list[str]) -> np.ndarra
     return lut
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One image and its mask on disk."""
-
-    image: Path
-    mask: Path
-
-
-IMAGE_SUFFIX = "_leftImg8bit.png"
-MASK_SUFFIX = "_gtFine_labelIds.png"
+def train_ids_lut(encoding: str) -> np.ndarray:
+    """uint8 lookup table from single-channel mask values to train ids (255 also for unknown values)."""
+    if encoding == "ids":
+        return id_to_train_id_lut()
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[: len(TRAIN_CLASSES)] = np.arange(len(TRAIN_CLASSES))
+    return lut
 
 
-def official_samples(root: Path, split: str) -> list[Sample]:
-    """Pairs of `leftImg8bit/<split>/<city>/X_leftImg8bit.png` and `gtFine/.../X_gtFine_labelIds.png`."""
-    image_dir = root / "leftImg8bit" / split
-    mask_dir = root / "gtFine" / split
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            raise DataError(f"{folder}: folder not found; expected the official Cityscapes layout "
-                            f"leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX} and "
-                            f"gtFine/{split}/<city>/*{MASK_SUFFIX} under {root}")
-    samples, missing = [], []
-    for image in sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}")):
-        stem = image.name[: -len(IMAGE_SUFFIX)]
-        mask = mask_dir / image.parent.name / f"{stem}{MASK_SUFFIX}"
-        if mask.is_file():
-            samples.append(Sample(image, mask))
-        else:
-            missing.append(mask)
-    if missing:
-        shown = "\n  ".join(str(m) for m in missing[:5])
-        more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DataError(f"{len(missing)} image(s) in {image_dir} have no mask:\n  {shown}{more}")
-    if not samples:
-        raise DataError(f"{image_dir}: no *{IMAGE_SUFFIX} files in any city folder")
-    return samples
+def valid_values(encoding: str) -> np.ndarray:
+    """bool[256]: which single-channel values a mask of this encoding may hold."""
+    ok = np.zeros(256, dtype=bool)
+    if encoding == "ids":
+        ok[[label.id for label in LABELS if label.id >= 0]] = True
+    else:
+        ok[: len(TRAIN_CLASSES)] = True
+        ok[IGNORE_INDEX] = True
+    return ok
+
+
+def _palette() -> tuple[np.ndarray, np.ndarray]:
+    """Distinct label colours (K, 3) and their train ids; a shared colour goes to the train class."""
+    by_color: dict[tuple[int, int, int], int] = {}
+    for label in LABELS:
+        if by_color.get(label.color, IGNORE_INDEX) == IGNORE_INDEX:
+            by_color[label.color] = label.train_id
+    colors = np.array(list(by_color), dtype=np.float32)
+    return colors, np.array(list(by_color.values()), dtype=np.uint8)
+
+
+PALETTE, PALETTE_TRAIN_IDS = _palette()
+# A colour farther than this from every palette colour is "outside the table" (JPEG and
+# resizing move colours by far less; a wrong palette or a photo moves them by far more).
+FAR_FROM_PALETTE = 60.0
+
+
+def nearest_palette(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) colours -> (train ids (H, W), distance to the nearest palette colour (H, W)).
+
+    Works on the distinct colours only, so a JPEG-degraded mask costs one distance matrix of
+    (distinct colours x palette), not one per pixel.
+    """
+    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    unique, inverse = np.unique(packed.ravel(), return_inverse=True)
+    colors = np.stack([(unique >> 16) & 255, (unique >> 8) & 255, unique & 255], axis=1).astype(np.float32)
+    dist = np.linalg.norm(colors[:, None, :] - PALETTE[None, :, :], axis=2)  # (U, K)
+    nearest = dist.argmin(axis=1)
+    shape = rgb.shape[:2]
+    return (PALETTE_TRAIN_IDS[nearest][inverse].reshape(shape),
+            dist[np.arange(len(unique)), nearest][inverse].reshape(shape))
+
+
+def color_to_train_id_lut() -> dict[tuple[int, int, int], int]:
+    """Exact palette colour -> train id (for writing colour masks)."""
+    return {tuple(int(c) for c in color): int(t) for color, t in zip(PALETTE, PALETTE_TRAIN_IDS, strict=True)}
+
+
+def train_id_colors() -> np.ndarray:
+    """(256, 3) uint8: the colour of each train id (black for ignore), for drawing masks."""
+    colors = np.zeros((256, 3), dtype=np.uint8)
+    for label in LABELS:
+        if label.train_id != IGNORE_INDEX:
+            colors[label.train_id] = label.color
+    return colors
+
+
+def id_colors() -> np.ndarray:
+    """(256, 3) uint8: the colour of each official id, as in the official *_color.png masks."""
+    colors = np.zeros((256, 3), dtype=np.uint8)
+    for label in LABELS:
+        if label.id >= 0:
+            colors[label.id] = label.color
+    return colors
+
+
+def foreground_stats(counts: np.ndarray, foreground: tuple[str, ...] | list[str]) -> tuple[float, float]:
+    """(foreground fraction of labelled pixels, background/foreground ratio) from train-id counts."""
+    labelled = counts[: len(TRAIN_CLASSES)]
+    fg = int(sum(labelled[LABEL_BY_NAME[name].train_id] for name in foreground))
+    total = int(labelled.sum())
+    if fg == 0:
+        return 0.0, float("inf")
+    return fg / total, (total - fg) / fg

@@ -2,45 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cityseg.data import synthetic
+from cityseg.data.cache import DecodedSplit, fingerprint, load_or_build
 from cityseg.data.cityscapes import (
     DEFAULT_FOREGROUND,
+    IGNORE_INDEX,
     TRAIN_CLASSES,
-    Sample,
-    id_to_train_id_lut,
-    official_samples,
     train_id_to_binary_lut,
 )
+from cityseg.data.layouts import DatasetIndex, Encoding, Sample, index_dataset, read_resized
 from cityseg.errors import DataError
 from cityseg.registry import DATASETS, BuildContext, Params
 
 TrainClass = Literal[TRAIN_CLASSES]  # type: ignore[valid-type]
+TASK_CLASSES = {"binary": 2, "multiclass": len(TRAIN_CLASSES)}
 
 
 class DataParams(Params):
-    """Fields every dataset shares: task, sizes and loading."""
+    """Fields every dataset shares: task, sizes, loading and caching."""
 
-    task: Literal["binary"] = Field(
-        "binary", description="binary: the foreground classes vs the rest, void pixels ignored")
+    task: Literal["binary", "multiclass"] = Field(
+        "binary", description="binary: the foreground classes vs the rest; multiclass: the 19 "
+                              "Cityscapes train classes; void pixels are ignored in both")
     foreground: list[TrainClass] = Field(
         list(DEFAULT_FOREGROUND), min_length=1,
         description="Cityscapes train classes that count as foreground in the binary task")
     image_size: tuple[int, int] = Field(
         (256, 512), description="(height, width) that images and masks are resized to")
     batch_size: int = Field(8, ge=1, description="images per training and validation batch")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (0 = main process)")
+    num_workers: int = Field(2, ge=0, description="DataLoader (and cache-building) worker processes")
+    cache: bool = Field(True, description="decode and resize every image once into cache_dir and "
+                                          "read arrays afterwards")
+    cache_dir: Path = Field(Path("runs/cache"), description="where decoded arrays are kept")
 
     @field_validator("image_size")
     @classmethod
@@ -51,9 +55,11 @@ class DataParams(Params):
 
 
 class CityscapesParams(DataParams):
-    """Cityscapes in the official layout (leftImg8bit/ + gtFine/ with *_labelIds.png)."""
+    """Cityscapes in any of its usual copies: official, folders (Kaggle) or pairs (pix2pix)."""
 
-    root: Path = Field(Path("data/cityscapes"), description="folder holding leftImg8bit/ and gtFine/")
+    root: Path = Field(Path("data/cityscapes"), description="folder holding the dataset")
+    layout: Literal["auto", "official", "folders", "pairs"] = Field(
+        "auto", description="auto (detected from the folder), official, folders or pairs")
     train_split: str = Field("train", description="split used for training")
     val_split: str = Field("val", description="split used for validation")
 
@@ -68,85 +74,126 @@ class SyntheticParams(DataParams):
     seed: int = Field(0, description="generator seed; the same seed writes the same scenes")
 
 
-@dataclass(frozen=True)
-class DataSplits:
-    train: Dataset
-    val: Dataset
+def task_lut(p: DataParams) -> np.ndarray:
+    """Train id -> label of the configured task (255 = ignore)."""
+    if p.task == "binary":
+        return train_id_to_binary_lut(p.foreground)
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[: len(TRAIN_CLASSES)] = np.arange(len(TRAIN_CLASSES))
+    return lut
 
 
-class SegmentationDataset(Dataset):
-    """Decodes one image/mask pair, maps official ids to the task's labels, resizes, augments.
+class DiskReader:
+    """Decodes and resizes each sample when asked (no cache)."""
 
-    Returns (image uint8 (3, H, W), mask uint8 (H, W)); normalisation happens on the device.
-    """
-
-    def __init__(self, samples: list[Sample], *, size: tuple[int, int], lut: np.ndarray,
-                 transform: v2.Transform | None) -> None:
-        self.samples = samples
-        self.size = size
-        self.lut = lut  # official id -> task label (255 = ignore)
-        self.transform = transform
+    def __init__(self, samples: list[Sample], *, layout: str, encoding: Encoding, size: tuple[int, int]) -> None:
+        self.samples, self.layout, self.encoding, self.size = samples, layout, encoding, size
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return read_resized(self.samples[i], layout=self.layout, encoding=self.encoding, size=self.size)
+
+    def class_counts(self) -> np.ndarray:
+        counts = np.zeros(256, dtype=np.int64)
+        for i in range(len(self)):
+            counts += np.bincount(self[i][1].ravel(), minlength=256)
+        return counts
+
+
+class CachedReader:
+    """Reads decoded arrays from a cache; memory maps are opened lazily in each worker process."""
+
+    def __init__(self, decoded: DecodedSplit) -> None:
+        self.decoded = decoded
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.decoded.count
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self.decoded.arrays()
+        images, masks = self._arrays
+        return np.array(images[i]), np.array(masks[i])
+
+    def __getstate__(self) -> dict:  # workers re-open the maps rather than pickling the data
+        return {"decoded": self.decoded, "_arrays": None}
+
+    def class_counts(self) -> np.ndarray:
+        return self.decoded.class_counts
+
+
+class SegmentationDataset(Dataset):
+    """(image uint8 (3, H, W), mask uint8 (H, W)) in the task's labels, augmented if asked.
+
+    Normalisation happens on the device.
+    """
+
+    def __init__(self, reader: DiskReader | CachedReader, *, lut: np.ndarray,
+                 transform: v2.Transform | None) -> None:
+        self.reader = reader
+        self.lut = lut  # train id -> task label
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = self.samples[index]
-        image, ids = _read_pair(sample)
-        height, width = self.size
-        image = image.resize((width, height), Image.BILINEAR)
-        ids = ids.resize((width, height), Image.NEAREST)
-        img = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # (3, H, W)
-        mask = tv_tensors.Mask(torch.from_numpy(self.lut[np.asarray(ids)]))  # (H, W)
+        photo, train_ids = self.reader[index]
+        img = tv_tensors.Image(torch.from_numpy(photo).permute(2, 0, 1))  # (3, H, W)
+        mask = tv_tensors.Mask(torch.from_numpy(self.lut[train_ids]))  # (H, W)
         if self.transform is not None:
             img, mask = self.transform(img, mask)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
-def _read_pair(sample: Sample) -> tuple[Image.Image, Image.Image]:
-    try:
-        with Image.open(sample.image) as f:
-            image = f.convert("RGB")
-        with Image.open(sample.mask) as f:
-            if f.mode not in ("L", "P"):
-                raise DataError(f"{sample.mask}: mask mode {f.mode!r}; expected 8-bit label ids")
-            ids = f.copy()
-    except (OSError, UnidentifiedImageError) as err:
-        raise DataError(f"cannot read sample {sample.image.name}: {err}") from err
-    if image.size != ids.size:
-        raise DataError(f"{sample.mask}: mask size {ids.size} differs from image size "
-                        f"{image.size} of {sample.image}")
-    return image, ids
+@dataclass
+class DataSplits:
+    train: SegmentationDataset
+    val: SegmentationDataset
+    index: DatasetIndex
+    fingerprints: dict[str, str] = field(default_factory=dict)  # per split
+
+    def train_class_counts(self) -> np.ndarray:
+        """Pixels per train id in the (resized) training split."""
+        return self.train.reader.class_counts()
 
 
-def task_lut(p: DataParams) -> np.ndarray:
-    """Official id -> label of the configured task."""
-    return train_id_to_binary_lut(p.foreground)[id_to_train_id_lut()]
-
-
-def _official_splits(p: CityscapesParams | SyntheticParams, root: Path, train_split: str,
-                     val_split: str, train_transform: v2.Transform | None) -> DataSplits:
+def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,
+                 train_transform: v2.Transform | None) -> DataSplits:
+    """Readers (cached or not) for the two splits, wrapped as datasets of the task."""
+    readers, prints = {}, {}
+    for split in (train_split, val_split):
+        samples = index.samples[split]
+        args = {"layout": index.layout, "encoding": index.encoding, "size": p.image_size}
+        if p.cache:
+            decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.num_workers, **args)
+            readers[split], prints[split] = CachedReader(decoded), decoded.fingerprint
+        else:
+            readers[split], prints[split] = DiskReader(samples, **args), fingerprint(samples, **args)
     lut = task_lut(p)
-    train = official_samples(root, train_split)
-    val = official_samples(root, val_split)
     return DataSplits(
-        train=SegmentationDataset(train, size=p.image_size, lut=lut, transform=train_transform),
-        val=SegmentationDataset(val, size=p.image_size, lut=lut, transform=None),
-    )
+        train=SegmentationDataset(readers[train_split], lut=lut, transform=train_transform),
+        val=SegmentationDataset(readers[val_split], lut=lut, transform=None),
+        index=index, fingerprints={"train": prints[train_split], "val": prints[val_split]})
 
 
 @DATASETS.register("cityscapes", params=CityscapesParams)
 def cityscapes(p: CityscapesParams, ctx: BuildContext, *,
                train_transform: v2.Transform | None) -> DataSplits:
-    """Cityscapes in the official layout."""
+    """Cityscapes: official, folders or pairs layout."""
     if not p.root.is_dir():
         raise DataError(
             f"Cityscapes not found at {p.root.resolve()} (data.root).\n"
             f"Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
             f"https://www.cityscapes-dataset.com/downloads/ (free registration), unzip both into "
             f"{p.root} so that it holds leftImg8bit/ and gtFine/, or point data.root elsewhere: "
-            f"--set data.root=/path/to/cityscapes")
-    return _official_splits(p, p.root, p.train_split, p.val_split, train_transform)
+            f"--set data.root=/path/to/cityscapes (Kaggle folder and pix2pix pair copies work too)")
+    index = index_dataset(p.root, layout=p.layout, splits=(p.train_split, p.val_split))
+    return build_splits(p, index, train_split=p.train_split, val_split=p.val_split,
+                        train_transform=train_transform)
 
 
 @DATASETS.register("synthetic", params=SyntheticParams)
@@ -155,4 +202,5 @@ def synthetic_streets(p: SyntheticParams, ctx: BuildContext, *,
     """Synthetic streets, written to `root` on first use and then read like Cityscapes."""
     synthetic.ensure_dataset(p.root, num_train=p.num_train, num_val=p.num_val,
                              size=p.source_size, seed=p.seed)
-    return _official_splits(p, p.root, "train", "val", train_transform)
+    index = index_dataset(p.root, layout="official")
+    return build_splits(p, index, train_split="train", val_split="val", train_transform=train_transform)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cityseg.data.cityscapes import IMAGE_SUFFIX, LABEL_BY_NAME, MASK_SUFFIX
+from cityseg.data.cityscapes import LABEL_BY_NAME, id_colors, id_to_train_id_lut
+from cityseg.data.layouts import IMAGE_SUFFIX
 from cityseg.errors import DataError
 
 CITY = "synthtown"
@@ -157,18 +158,64 @@ def frame_name(index: int) -> str:
     return f"{CITY}_{index:06d}_000019"
 
 
-def write_dataset(root: Path, *, num_train: int, num_val: int, size: tuple[int, int], seed: int) -> None:
-    """Write `num_train` + `num_val` scenes of `size` (H, W) to `root` in the official layout."""
+MASK_ENCODINGS = ("ids", "train_ids", "color")
+OFFICIAL_SUFFIX = {"ids": "_gtFine_labelIds.png", "train_ids": "_gtFine_labelTrainIds.png",
+                   "color": "_gtFine_color.png"}
+
+
+def encode_mask(ids: np.ndarray, encoding: str, *, bgr: bool = False) -> np.ndarray:
+    """Official ids -> the mask as a copy would store it: ids, train ids or (RGB/BGR) colours."""
+    if encoding == "ids":
+        return ids
+    if encoding == "train_ids":
+        return id_to_train_id_lut()[ids]
+    rgb = id_colors()[ids]
+    return rgb[..., ::-1].copy() if bgr else rgb
+
+
+def _save(array: np.ndarray, path: Path, jpeg_quality: int) -> None:
+    if jpeg_quality:
+        Image.fromarray(array).save(path.with_suffix(".jpg"), quality=jpeg_quality)
+    else:
+        Image.fromarray(array).save(path.with_suffix(".png"))
+
+
+def write_dataset(root: Path, *, num_train: int, num_val: int, size: tuple[int, int], seed: int,
+                  layout: str = "official", mask: str = "ids", bgr: bool = False,
+                  jpeg_quality: int = 0) -> None:
+    """Write `num_train` + `num_val` scenes of `size` (H, W) to `root` in a Cityscapes layout.
+
+    layout official | folders | pairs; mask ids | train_ids | color (pairs are always colour);
+    bgr swaps colour channels and jpeg_quality > 0 saves JPEG instead of PNG (folders, pairs),
+    as some downloadable copies do.
+    """
+    if layout == "official" and (bgr or jpeg_quality):
+        raise ValueError("the official layout has exact RGB PNG masks: no bgr, no jpeg")
     for split, count in (("train", num_train), ("val", num_val)):
-        image_dir = root / "leftImg8bit" / split / CITY
-        mask_dir = root / "gtFine" / split / CITY
-        image_dir.mkdir(parents=True, exist_ok=True)
-        mask_dir.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             rng = np.random.default_rng([seed, SPLIT_OFFSETS[split], i])
             photo, ids = render_scene(rng, *size)
-            Image.fromarray(photo).save(image_dir / f"{frame_name(i)}{IMAGE_SUFFIX}")
-            Image.fromarray(ids).save(mask_dir / f"{frame_name(i)}{MASK_SUFFIX}")
+            name = frame_name(i)
+            if layout == "official":
+                image_dir, mask_dir = (root / "leftImg8bit" / split / CITY, root / "gtFine" / split / CITY)
+                image_path, mask_path = image_dir / f"{name}{IMAGE_SUFFIX}", mask_dir / f"{name}{OFFICIAL_SUFFIX[mask]}"
+            elif layout == "folders":
+                image_dir, mask_dir = root / split / "img", root / split / "label"
+                image_path, mask_path = image_dir / name, mask_dir / name
+            else:
+                image_dir = mask_dir = root / split
+                pair = np.concatenate([photo, encode_mask(ids, "color", bgr=bgr)], axis=1)
+                image_dir.mkdir(parents=True, exist_ok=True)
+                _save(pair, image_dir / name, jpeg_quality)
+                continue
+            image_dir.mkdir(parents=True, exist_ok=True)
+            mask_dir.mkdir(parents=True, exist_ok=True)
+            if layout == "official":
+                Image.fromarray(photo).save(image_path)
+                Image.fromarray(encode_mask(ids, mask)).save(mask_path)
+            else:
+                _save(photo, image_path, jpeg_quality)
+                _save(encode_mask(ids, mask, bgr=bgr), mask_path, jpeg_quality if mask == "color" else 0)
 
 
 MANIFEST = "synthetic.json"

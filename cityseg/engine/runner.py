@@ -7,6 +7,8 @@ FINISHED, FAILED if training raised, KILLED on Ctrl-C.
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 import random
 import subprocess
@@ -20,11 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 import cityseg
 from cityseg import tracking, viz
 from cityseg.config import Experiment, flatten, to_yaml
-from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES, foreground_stats
+from cityseg.data.datasets import DataSplits
 from cityseg.data.transforms import build_augmentations
+from cityseg.engine.display import NullDisplay
 from cityseg.engine.trainer import FitResult, Trainer, TrainerSettings
-from cityseg.errors import ConfigError
-from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, BuildContext
+from cityseg.errors import ConfigError, DataError
+from cityseg.metrics import multiclass_scores
+from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, BuildContext, Params
 
 
 @dataclass
@@ -96,13 +101,50 @@ def _tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, str]
             "precision": "bf16" if amp_dtype else "fp32"}
 
 
+def resolve_loss(exp: Experiment, splits: DataSplits) -> tuple[Params, dict[str, str]]:
+    """The loss params with `pos_weight: auto` replaced by the training split's background/foreground
+    pixel ratio, and the params to log about it."""
+    loss = exp.loss
+    if "pos_weight" not in type(loss).model_fields or loss.pos_weight != "auto":
+        return loss, {}
+    _, ratio = foreground_stats(splits.train_class_counts(), exp.data.foreground)
+    if not math.isfinite(ratio):
+        raise DataError("loss.pos_weight: auto, but the training split has no foreground pixels "
+                        f"({', '.join(exp.data.foreground)}); set a number instead")
+    value = round(ratio, 3)
+    return loss.model_copy(update={"pos_weight": value}), {"loss.pos_weight_used": str(value)}
+
+
+def _data_report(exp: Experiment, splits: DataSplits) -> tuple[dict[str, str], dict]:
+    """Tags describing the data, and the class frequencies of the training split."""
+    counts = splits.train_class_counts()
+    labelled = int(counts[: len(TRAIN_CLASSES)].sum())
+    fraction, _ = foreground_stats(counts, exp.data.foreground)
+    tags = {"data.layout": splits.index.layout, "data.mask_encoding": splits.index.encoding.kind,
+            "data.fingerprint.train": splits.fingerprints["train"],
+            "data.fingerprint.val": splits.fingerprints["val"],
+            "data.train_images": str(len(splits.train)), "data.val_images": str(len(splits.val)),
+            "data.foreground_fraction": f"{fraction:.5f}"}
+    frequencies = {"split": "train", "resized_to": list(exp.data.image_size),
+                   "ignored_pixels": int(counts[IGNORE_INDEX]), "labelled_pixels": labelled,
+                   "classes": {name: {"pixels": int(counts[i]), "frequency": int(counts[i]) / max(1, labelled)}
+                               for i, name in enumerate(TRAIN_CLASSES)}}
+    return tags, frequencies
+
+
 def run(exp: Experiment, *, display=None) -> RunResult:
     """Train the experiment and track it in MLflow; returns the final metrics."""
+    display = display or NullDisplay()
     seed_everything(exp.seed)
     device = resolve_device(exp.trainer.device)
     amp_dtype = resolve_precision(exp.trainer.precision, device)
-    ctx = BuildContext(out_channels=1, ignore_index=IGNORE_INDEX, image_size=exp.data.image_size)
+    task = exp.data.task
+    class_names = ("background", "foreground") if task == "binary" else TRAIN_CLASSES
+    ctx = BuildContext(task=task, out_channels=1 if task == "binary" else len(TRAIN_CLASSES),
+                       ignore_index=IGNORE_INDEX, image_size=exp.data.image_size)
 
+    if exp.data.cache:
+        display.message(f"data: preparing the decode cache in {exp.data.cache_dir} (first use decodes every image)")
     splits = DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
     loader_args = {"batch_size": exp.data.batch_size, "num_workers": exp.data.num_workers,
                    "seed": exp.seed, "device": device}
@@ -114,25 +156,28 @@ def run(exp: Experiment, *, display=None) -> RunResult:
         pairs = [splits.val[i] for i in sample_ids]
         samples = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
 
+    loss_params, loss_logged = resolve_loss(exp, splits)
     model = MODELS.build(exp.model, ctx)
-    loss_fn = LOSSES.build(exp.loss, ctx)
+    loss_fn = LOSSES.build(loss_params, ctx)
     optimizer = OPTIMIZERS.build(exp.optimizer, model)
     scheduler = SCHEDULERS.build(exp.scheduler, optimizer, steps_per_epoch=len(train_loader),
                                  epochs=exp.trainer.epochs)
+    data_tags, frequencies = _data_report(exp, splits)
 
     tracker = tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
-    run_id = tracker.start(run_name=exp.name, tags=_tags(device, amp_dtype))
+    run_id = tracker.start(run_name=exp.name, tags={**_tags(device, amp_dtype), **data_tags})
     status = "FAILED"
     settings = TrainerSettings(
+        task=task, num_classes=len(class_names), class_names=class_names,
         epochs=exp.trainer.epochs, device=device, amp_dtype=amp_dtype,
         channels_last=exp.trainer.channels_last, grad_clip_norm=exp.trainer.grad_clip_norm,
-        threshold=exp.trainer.threshold, monitor=exp.trainer.monitor,
+        threshold=exp.trainer.threshold, monitor=exp.monitor,
         checkpoint_dir=exp.tracking.dir / "checkpoints" / run_id)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
         tracker.log_metrics(metrics, step=epoch)
         if sample_arrays is not None:
-            tracker.log_image(viz.sample_panel(*sample_arrays), f"samples/epoch_{epoch:03d}.png")
+            tracker.log_image(viz.sample_panel(*sample_arrays, task=task), f"samples/epoch_{epoch:03d}.png")
 
     trainer = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                       train_loader=train_loader, val_loader=val_loader, settings=settings,
@@ -140,11 +185,12 @@ def run(exp: Experiment, *, display=None) -> RunResult:
                       on_epoch_end=on_epoch_end, display=display)
     result: FitResult | None = None
     try:
-        tracker.log_params(flatten(exp.model_dump(mode="json")))
+        tracker.log_params({**flatten(exp.model_dump(mode="json")), **loss_logged})
         tracker.log_text(to_yaml(exp), "config.yaml")
-        tracker.set_tags({"train_images": str(len(splits.train)), "val_images": str(len(splits.val))})
+        tracker.log_text(json.dumps(frequencies, indent=2), "data/class_frequencies.json")
         result = trainer.fit()
         tracker.set_tags({"best_epoch": str(result.best_epoch)})
+        _log_confusion(tracker, trainer.confusion, class_names, task)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -155,3 +201,23 @@ def run(exp: Experiment, *, display=None) -> RunResult:
         tracker.end(status)
     return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
                      best_score=result.best_score, checkpoints=result.checkpoints)
+
+
+def _log_confusion(tracker: tracking.Tracker, counts: torch.Tensor | None, class_names: tuple[str, ...],
+                   task: str) -> None:
+    """The last epoch's confusion matrix (JSON), and for multiclass its image and a per-class IoU table."""
+    if counts is None:
+        return
+    matrix = counts.cpu().numpy()
+    tracker.log_text(json.dumps({"rows": "ground truth", "columns": "prediction", "classes": list(class_names),
+                                 "counts": matrix.tolist()}, indent=2), "confusion_matrix.json")
+    if task == "binary":
+        return
+    tracker.log_image(viz.confusion_image(matrix, class_names), "confusion_matrix.png")
+    found = multiclass_scores(counts, class_names)
+    lines = ["| class | IoU |", "|---|---|"]
+    for name in class_names:
+        key = f"iou/{name.replace(' ', '_')}"
+        lines.append(f"| {name} | {found[key]:.4f} |" if key in found else f"| {name} | absent |")
+    lines.append(f"| **mean (present classes)** | {found['miou']:.4f} |")
+    tracker.log_text("\n".join(lines) + "\n", "per_class_iou.md")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.engine.display import NullDisplay
-from cityseg.metrics import ConfusionMatrix, binary_predictions, binary_scores
+from cityseg.metrics import ConfusionMatrix, predict, scores
 
 # ImageNet statistics: the usual choice, and harmless for a network trained from scratch.
 MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +32,9 @@ PROGRESS_REFRESH_S = 0.5
 
 @dataclass(frozen=True)
 class TrainerSettings:
+    task: str  # binary | multiclass
+    num_classes: int  # of the confusion matrix: 2 for binary
+    class_names: tuple[str, ...]
     epochs: int
     device: torch.device
     amp_dtype: torch.dtype | None  # None: plain fp32
@@ -83,6 +86,7 @@ class Trainer:
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
         self.minimize = settings.monitor.endswith("loss")
+        self.confusion: torch.Tensor | None = None  # of the last validation
 
     def _inputs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch -> normalised float images (channels_last) and long masks on the device."""
@@ -130,7 +134,7 @@ class Trainer:
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
         self.model.eval()
-        confusion = ConfusionMatrix(2, ignore_index=IGNORE_INDEX, device=self.device)
+        confusion = ConfusionMatrix(self.s.num_classes, ignore_index=IGNORE_INDEX, device=self.device)
         total_loss = torch.zeros((), device=self.device)
         seen = 0
         for images, masks in self.val_loader:
@@ -138,10 +142,14 @@ class Trainer:
             with self._autocast():
                 logits = self.model(x)
             total_loss += self.loss_fn(logits, y) * len(images)
-            confusion.update(binary_predictions(logits, self.s.threshold), y)
+            confusion.update(self._predict(logits), y)
             seen += len(images)
-        scores = binary_scores(confusion.counts)
-        return {"val/loss": total_loss.item() / max(seen, 1), **{f"val/{k}": v for k, v in scores.items()}}
+        self.confusion = confusion.counts  # kept for the end-of-run report
+        found = scores(confusion.counts, task=self.s.task, class_names=self.s.class_names)
+        return {"val/loss": total_loss.item() / max(seen, 1), **{f"val/{k}": v for k, v in found.items()}}
+
+    def _predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return predict(logits, task=self.s.task, threshold=self.s.threshold)
 
     @torch.inference_mode()
     def predict_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -152,7 +160,7 @@ class Trainer:
         self.model.eval()
         x, _ = self._inputs(images, masks)
         with self._autocast():
-            pred = binary_predictions(self.model(x), self.s.threshold)
+            pred = self._predict(self.model(x))
         return images.numpy(), masks.numpy(), pred.cpu().numpy()
 
     def _checkpoint(self, epoch: int, metrics: dict[str, float]) -> dict:

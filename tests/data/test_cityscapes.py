@@ -1,18 +1,17 @@
 import numpy as np
 import pytest
-from PIL import Image
 
 from cityseg.data.cityscapes import (
-    DEFAULT_FOREGROUND,
-    LABEL_BY_NAME,
     LABELS,
     TRAIN_CLASSES,
+    foreground_stats,
+    id_colors,
     id_to_train_id_lut,
-    official_samples,
+    nearest_palette,
+    train_id_to_binary_lut,
+    train_ids_lut,
+    valid_values,
 )
-from cityseg.data.datasets import DataParams, SegmentationDataset, task_lut
-from cityseg.errors import DataError
-from tests.conftest import CITYSCAPES_MINI
 
 
 def test_label_table_matches_cityscapes():
@@ -23,44 +22,42 @@ def test_label_table_matches_cityscapes():
     assert lut[7] == 0 and lut[26] == 13 and lut[33] == 18 and lut[0] == 255 and lut[29] == 255
 
 
-def test_missing_mask_is_reported_with_its_path(tmp_path):
-    image_dir = tmp_path / "leftImg8bit" / "train" / "x"
-    image_dir.mkdir(parents=True)
-    (tmp_path / "gtFine" / "train" / "x").mkdir(parents=True)
-    Image.new("RGB", (8, 4)).save(image_dir / "x_000000_000019_leftImg8bit.png")
-    with pytest.raises(DataError, match="x_000000_000019_gtFine_labelIds.png"):
-        official_samples(tmp_path, "train")
+def test_binary_lut_foreground_background_and_ignore():
+    lut = train_id_to_binary_lut(["car", "person"])
+    assert lut[13] == 1 and lut[11] == 1 and lut[0] == 0 and lut[18] == 0 and lut[255] == 255
+    with pytest.raises(ValueError, match="not Cityscapes train classes"):
+        train_id_to_binary_lut(["cars"])
 
 
-def test_missing_split_folder_says_what_layout_is_expected(tmp_path):
-    with pytest.raises(DataError, match="leftImg8bit/val/<city>"):
-        official_samples(tmp_path, "val")
+def test_exact_colours_decode_to_the_train_ids_of_their_labels():
+    ids = np.array([[label.id for label in LABELS if label.id >= 0]], dtype=np.uint8)
+    train_ids, distance = nearest_palette(id_colors()[ids])
+    assert (distance == 0).all()
+    # polegroup shares pole's colour and maps to pole; every other id keeps its train id
+    expected = id_to_train_id_lut()[ids]
+    expected[ids == 18] = 5
+    assert np.array_equal(train_ids, expected)
 
 
-def test_size_mismatch_is_reported_with_both_paths(tmp_path):
-    for folder, name, img in (("leftImg8bit", "a_leftImg8bit.png", Image.new("RGB", (8, 4))),
-                              ("gtFine", "a_gtFine_labelIds.png", Image.new("L", (6, 4)))):
-        (tmp_path / folder / "train" / "c").mkdir(parents=True)
-        img.save(tmp_path / folder / "train" / "c" / name)
-    dataset = SegmentationDataset(official_samples(tmp_path, "train"), size=(4, 8),
-                                  lut=task_lut(DataParams()), transform=None)
-    with pytest.raises(DataError, match="a_gtFine_labelIds.png: mask size"):
-        dataset[0]
+def test_nearly_right_colours_go_to_the_nearest_label():
+    car, road = (0, 0, 142), (128, 64, 128)
+    noisy = np.array([[[3, 2, 139], [125, 70, 131]]], dtype=np.uint8)
+    train_ids, distance = nearest_palette(noisy)
+    assert train_ids.tolist() == [[13, 0]]
+    assert distance[0, 0] == pytest.approx(np.linalg.norm(np.subtract((3, 2, 139), car)))
+    assert distance[0, 1] == pytest.approx(np.linalg.norm(np.subtract((125, 70, 131), road)))
 
 
-@pytest.mark.skipif(not CITYSCAPES_MINI.is_dir(), reason="../shared/data/cityscapes-mini is absent")
-def test_reads_real_cityscapes_frames():
-    train = official_samples(CITYSCAPES_MINI, "train")
-    val = official_samples(CITYSCAPES_MINI, "val")
-    assert (len(train), len(val)) == (6, 2)
-    fg_ids = [LABEL_BY_NAME[name].id for name in DEFAULT_FOREGROUND]
-    dataset = SegmentationDataset(val, size=(1024, 2048), lut=task_lut(DataParams()), transform=None)
-    for i, sample in enumerate(val):
-        image, mask = dataset[i]
-        assert image.shape == (3, 1024, 2048)
-        ids = np.asarray(Image.open(sample.mask))
-        valid = id_to_train_id_lut()[ids] != 255
-        expected = np.isin(ids, fg_ids)[valid].mean()  # direct count from the official ids
-        m = mask.numpy()
-        assert (m[m != 255] == 1).mean() == pytest.approx(expected)
-        assert 0.0 < expected < 0.2
+def test_single_channel_encodings():
+    assert train_ids_lut("ids")[26] == 13 and train_ids_lut("train_ids")[13] == 13
+    assert train_ids_lut("train_ids")[40] == 255
+    assert valid_values("ids")[33] and not valid_values("ids")[34]
+    assert valid_values("train_ids")[255] and not valid_values("train_ids")[19]
+
+
+def test_foreground_stats_by_hand():
+    counts = np.zeros(256, dtype=np.int64)
+    counts[0], counts[13], counts[11], counts[255] = 70, 20, 10, 500  # road, car, person, ignored
+    fraction, ratio = foreground_stats(counts, ["car", "person"])
+    assert fraction == pytest.approx(30 / 100) and ratio == pytest.approx(70 / 30)
+    assert foreground_stats(counts, ["bus"]) == (0.0, float("inf"))

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cityseg.data.cityscapes import LABELS, official_samples
-from cityseg.data.datasets import SegmentationDataset, task_lut
+from cityseg.data.cityscapes import LABELS, id_to_train_id_lut
+from cityseg.data.datasets import DataParams, DiskReader, SegmentationDataset, task_lut
+from cityseg.data.layouts import index_dataset
 from cityseg.data.synthetic import ensure_dataset, render_scene, write_dataset
 from cityseg.errors import DataError
 
@@ -33,31 +34,19 @@ def test_scenes_hold_street_classes_with_official_ids():
 
 def test_loader_reads_what_the_generator_writes(tmp_path):
     write_dataset(tmp_path, num_train=3, num_val=2, size=(32, 64), seed=5)
-    train = official_samples(tmp_path, "train")
-    assert len(train) == 3 and len(official_samples(tmp_path, "val")) == 2
-    lut = task_lut_default()
-    dataset = SegmentationDataset(train, size=(32, 64), lut=lut, transform=None)
+    index = index_dataset(tmp_path)
+    train = index.samples["train"]
+    assert len(train) == 3 and len(index.samples["val"]) == 2
+    lut = task_lut(DataParams())
+    reader = DiskReader(train, layout=index.layout, encoding=index.encoding, size=(32, 64))
+    dataset = SegmentationDataset(reader, lut=lut, transform=None)
     for i, sample in enumerate(train):
         photo, ids = render_scene(np.random.default_rng([5, 0, i]), 32, 64)
         assert np.array_equal(np.asarray(Image.open(sample.mask)), ids)  # lossless PNG ids
         assert np.array_equal(np.asarray(Image.open(sample.image)), photo)
         image, mask = dataset[i]
         assert image.shape == (3, 32, 64) and mask.shape == (32, 64)
-        assert np.array_equal(mask.numpy(), lut[ids])
-
-
-def task_lut_default():
-    from cityseg.data.datasets import DataParams
-
-    return task_lut(DataParams())
-
-
-def test_binary_labels_foreground_background_and_ignore():
-    lut = task_lut_default()
-    by_name = {label.name: label.id for label in LABELS}
-    assert lut[by_name["car"]] == 1 and lut[by_name["person"]] == 1 and lut[by_name["bicycle"]] == 1
-    assert lut[by_name["road"]] == 0 and lut[by_name["sky"]] == 0
-    assert lut[by_name["ego vehicle"]] == 255 and lut[by_name["unlabeled"]] == 255
+        assert np.array_equal(mask.numpy(), lut[id_to_train_id_lut()[ids]])
 
 
 def test_ensure_dataset_generates_once_and_refuses_foreign_folders(tmp_path):
@@ -65,7 +54,7 @@ def test_ensure_dataset_generates_once_and_refuses_foreign_folders(tmp_path):
     assert ensure_dataset(root, num_train=2, num_val=1, size=(16, 32), seed=0) is True
     assert ensure_dataset(root, num_train=2, num_val=1, size=(16, 32), seed=0) is False
     assert ensure_dataset(root, num_train=3, num_val=1, size=(16, 32), seed=0) is True  # spec changed
-    assert len(official_samples(root, "train")) == 3
+    assert len(index_dataset(root).samples["train"]) == 3
     (tmp_path / "mine").mkdir()
     with pytest.raises(DataError, match="not a synthetic dataset"):
         ensure_dataset(tmp_path / "mine", num_train=1, num_val=1, size=(16, 32), seed=0)

@@ -6,7 +6,7 @@ from cityseg.config import Experiment  # noqa: F401  (registers every augmentati
 from cityseg.data.transforms import build_augmentations
 from cityseg.registry import AUGMENTATIONS, BuildContext
 
-CTX = BuildContext(out_channels=1, ignore_index=255, image_size=(32, 64))
+CTX = BuildContext(task="binary", out_channels=1, ignore_index=255, image_size=(32, 64))
 
 
 def aug(name, **kw):

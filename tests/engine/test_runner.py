@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -9,6 +10,7 @@ from mlflow import MlflowClient
 from cityseg.config import load_experiment
 from cityseg.engine import runner
 from cityseg.engine.trainer import Trainer
+from cityseg.registry import DATASETS, BuildContext
 from cityseg.tracking import tracking_uri
 from tests.conftest import QUICKSTART, tiny_overrides
 
@@ -38,6 +40,7 @@ def test_tiny_run_tracks_params_metrics_panels_and_checkpoints(tiny_experiment, 
     assert run.data.params["data.image_size"] == "[32, 64]"
     assert run.data.params["loss.pos_weight"] == str(tiny_experiment.loss.pos_weight)
     assert run.data.tags["device"] == "cpu" and "git_commit" in run.data.tags
+    assert run.data.tags["data.layout"] == "official" and len(run.data.tags["data.fingerprint.train"]) == 20
     for key in EPOCH_METRICS:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
@@ -45,8 +48,8 @@ def test_tiny_run_tracks_params_metrics_panels_and_checkpoints(tiny_experiment, 
     assert run.data.metrics["val/dice"] == pytest.approx(result.metrics["val/dice"])
 
     artifacts = artifact_paths(client, run.info.run_id)
-    assert {"config.yaml", "samples/epoch_001.png", "samples/epoch_002.png",
-            "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
+    assert {"config.yaml", "samples/epoch_001.png", "samples/epoch_002.png", "confusion_matrix.json",
+            "data/class_frequencies.json", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
 
     config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     again = tmp_path / "again.yaml"
@@ -84,3 +87,28 @@ def test_same_seed_gives_the_same_run(tmp_path):
     b = runner.run(load_experiment(QUICKSTART, tiny_overrides(tmp_path / "b", epochs=1)))
     assert a.metrics["train/loss"] == pytest.approx(b.metrics["train/loss"], rel=1e-5)
     assert a.metrics["val/dice"] == pytest.approx(b.metrics["val/dice"], rel=1e-5)
+
+
+def test_pos_weight_auto_uses_the_training_pixel_ratio(tmp_path):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), "loss.pos_weight=auto"])
+    runner.run(exp)
+    client, run = only_run(tmp_path / "runs")
+    assert run.data.params["loss.pos_weight"] == "auto"
+    counts = np.zeros(256, dtype=np.int64)  # count the resized training masks directly
+    splits = DATASETS.build(exp.data, BuildContext("binary", 1, 255, exp.data.image_size), train_transform=None)
+    for i in range(len(splits.train)):
+        counts += np.bincount(splits.train[i][1].numpy().ravel(), minlength=256)
+    assert float(run.data.params["loss.pos_weight_used"]) == pytest.approx(counts[0] / counts[1], rel=1e-3)
+
+
+def test_multiclass_run_logs_miou_confusion_image_and_class_table(tmp_path):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), "data.task=multiclass",
+                                       "loss={name: cross_entropy}"])
+    result = runner.run(exp)
+    client, run = only_run(tmp_path / "runs")
+    assert run.info.status == "FINISHED"
+    assert 0.0 <= run.data.metrics["val/miou"] <= 1.0 and "val/iou/road" in run.data.metrics
+    assert "val/dice" not in run.data.metrics
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert {"confusion_matrix.png", "per_class_iou.md", "samples/epoch_001.png"} <= artifacts
+    assert result.best_score == pytest.approx(run.data.metrics["val/miou"])
