@@ -44,6 +44,7 @@ class TrainerConfig(Section):
     channels_last: bool = Field(True, description="NHWC memory layout, faster convolutions on GPUs and CPUs")
     grad_clip_norm: float = Field(0.0, ge=0.0, description="clip the gradient norm to this; 0 disables")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="foreground where sigmoid(logit) > threshold")
+    boundary_tolerance: int = Field(2, ge=0, description="pixels a boundary may be off and still count, for val/boundary_f1")
     monitor: Literal["auto", "val/dice", "val/iou", "val/miou", "val/loss"] = Field(
         "auto", description="metric that decides the best checkpoint (loss: lower is better); "
                             "auto: val/dice for binary, val/miou for multiclass")

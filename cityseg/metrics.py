@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 class ConfusionMatrix:
@@ -93,3 +94,45 @@ def scores(counts: torch.Tensor, *, task: str, class_names: tuple[str, ...]) -> 
     if task == "binary":
         return binary_scores(counts)
     return multiclass_scores(counts, class_names)
+
+
+def _max_pool(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Maximum over the (2r+1) x (2r+1) square around each pixel of a (B, H, W) tensor."""
+    return F.max_pool2d(x[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0]
+
+
+def label_boundaries(labels: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: pixels whose 3x3 neighbourhood holds more than one label."""
+    x = labels.float()
+    return _max_pool(x, 1) != -_max_pool(-x, 1)
+
+
+class BoundaryF1:
+    """Boundary F-measure with a pixel tolerance (as in BSDS / DAVIS), accumulated over a dataset.
+
+    A predicted boundary pixel is correct if a ground-truth boundary pixel lies within
+    `tolerance` pixels (Chebyshev distance), and a ground-truth boundary pixel is found if a
+    predicted one does; precision and recall are those fractions over every image of the
+    dataset, and F1 their harmonic mean. Boundaries next to ignored pixels are not counted.
+    """
+
+    def __init__(self, *, tolerance: int, ignore_index: int, device: torch.device | str = "cpu") -> None:
+        self.tolerance, self.ignore_index = tolerance, ignore_index
+        # matched predicted, all predicted, matched ground truth, all ground truth
+        self.counts = torch.zeros(4, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        near_ignore = _max_pool(target == self.ignore_index, 1) > 0
+        gt = label_boundaries(target) & ~near_ignore
+        pr = label_boundaries(pred) & ~near_ignore
+        gt_near = _max_pool(gt, self.tolerance) > 0
+        pr_near = _max_pool(pr, self.tolerance) > 0
+        self.counts += torch.stack([(pr & gt_near).sum(), pr.sum(), (gt & pr_near).sum(), gt.sum()])
+
+    def compute(self) -> float:
+        matched_pred, n_pred, matched_gt, n_gt = self.counts.tolist()
+        if n_pred == 0 and n_gt == 0:
+            return 1.0  # no boundary to find and none found
+        precision = matched_pred / n_pred if n_pred else 0.0
+        recall = matched_gt / n_gt if n_gt else 0.0
+        return 2 * precision * recall / (precision + recall) if precision + recall else 0.0

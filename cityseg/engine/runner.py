@@ -171,7 +171,8 @@ def run(exp: Experiment, *, display=None) -> RunResult:
         task=task, num_classes=len(class_names), class_names=class_names,
         epochs=exp.trainer.epochs, device=device, amp_dtype=amp_dtype,
         channels_last=exp.trainer.channels_last, grad_clip_norm=exp.trainer.grad_clip_norm,
-        threshold=exp.trainer.threshold, monitor=exp.monitor,
+        threshold=exp.trainer.threshold, boundary_tolerance=exp.trainer.boundary_tolerance,
+        monitor=exp.monitor,
         checkpoint_dir=exp.tracking.dir / "checkpoints" / run_id)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:

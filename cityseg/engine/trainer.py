@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.engine.display import NullDisplay
-from cityseg.metrics import ConfusionMatrix, predict, scores
+from cityseg.metrics import BoundaryF1, ConfusionMatrix, predict, scores
 
 # ImageNet statistics: the usual choice, and harmless for a network trained from scratch.
 MEAN = (0.485, 0.456, 0.406)
@@ -41,6 +41,7 @@ class TrainerSettings:
     channels_last: bool
     grad_clip_norm: float
     threshold: float
+    boundary_tolerance: int
     monitor: str
     checkpoint_dir: Path
 
@@ -135,6 +136,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.model.eval()
         confusion = ConfusionMatrix(self.s.num_classes, ignore_index=IGNORE_INDEX, device=self.device)
+        boundary = BoundaryF1(tolerance=self.s.boundary_tolerance, ignore_index=IGNORE_INDEX, device=self.device)
         total_loss = torch.zeros((), device=self.device)
         seen = 0
         for images, masks in self.val_loader:
@@ -142,10 +144,13 @@ class Trainer:
             with self._autocast():
                 logits = self.model(x)
             total_loss += self.loss_fn(logits, y) * len(images)
-            confusion.update(self._predict(logits), y)
+            pred = self._predict(logits)
+            confusion.update(pred, y)
+            boundary.update(pred, y)
             seen += len(images)
         self.confusion = confusion.counts  # kept for the end-of-run report
         found = scores(confusion.counts, task=self.s.task, class_names=self.s.class_names)
+        found["boundary_f1"] = boundary.compute()
         return {"val/loss": total_loss.item() / max(seen, 1), **{f"val/{k}": v for k, v in found.items()}}
 
     def _predict(self, logits: torch.Tensor) -> torch.Tensor:
