@@ -130,9 +130,14 @@ class BoundaryF1:
         self.counts += torch.stack([(pr & gt_near).sum(), pr.sum(), (gt & pr_near).sum(), gt.sum()])
 
     def compute(self) -> float:
-        matched_pred, n_pred, matched_gt, n_gt = self.counts.tolist()
-        if n_pred == 0 and n_gt == 0:
-            return 1.0  # no boundary to find and none found
-        precision = matched_pred / n_pred if n_pred else 0.0
-        recall = matched_gt / n_gt if n_gt else 0.0
-        return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return boundary_f1(self.counts)
+
+
+def boundary_f1(counts: torch.Tensor) -> float:
+    """F1 from BoundaryF1 counts (matched predicted, predicted, matched true, true)."""
+    matched_pred, n_pred, matched_gt, n_gt = counts.tolist()
+    if n_pred == 0 and n_gt == 0:
+        return 1.0  # no boundary to find and none found
+    precision = matched_pred / n_pred if n_pred else 0.0
+    recall = matched_gt / n_gt if n_gt else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0

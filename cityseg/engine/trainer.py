@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.engine.display import NullDisplay
-from cityseg.metrics import BoundaryF1, ConfusionMatrix, predict, scores
+from cityseg.metrics import BoundaryF1, ConfusionMatrix, boundary_f1, predict, scores
 
 # ImageNet statistics: the usual choice, and harmless for a network trained from scratch.
 MEAN = (0.485, 0.456, 0.406)
@@ -148,10 +148,15 @@ class Trainer:
             confusion.update(pred, y)
             boundary.update(pred, y)
             seen += len(images)
-        self.confusion = confusion.counts  # kept for the end-of-run report
-        found = scores(confusion.counts, task=self.s.task, class_names=self.s.class_names)
-        found["boundary_f1"] = boundary.compute()
-        return {"val/loss": total_loss.item() / max(seen, 1), **{f"val/{k}": v for k, v in found.items()}}
+        # the epoch's one device->host copy: loss sum, confusion counts and boundary counts together
+        n = self.s.num_classes
+        host = torch.cat([total_loss.double().view(1), confusion.counts.double().flatten(),
+                          boundary.counts.double()]).cpu()  # float64 holds counts below 2**53 exactly
+        counts = host[1 : 1 + n * n].long().view(n, n)
+        self.confusion = counts  # kept for the end-of-run report
+        found = scores(counts, task=self.s.task, class_names=self.s.class_names)
+        found["boundary_f1"] = boundary_f1(host[1 + n * n :].long())
+        return {"val/loss": host[0].item() / max(seen, 1), **{f"val/{k}": v for k, v in found.items()}}
 
     def _predict(self, logits: torch.Tensor) -> torch.Tensor:
         return predict(logits, task=self.s.task, threshold=self.s.threshold)
