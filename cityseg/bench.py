@@ -29,7 +29,7 @@ from cityseg.data.datasets import (
 from cityseg.data.layouts import index_dataset
 from cityseg.data.synthetic import ensure_dataset
 from cityseg.data.transforms import build_augmentations
-from cityseg.engine.runner import cpu_has_native_bf16, resolve_device
+from cityseg.engine.environment import cpu_has_native_bf16, resolve_device
 from cityseg.losses import WeightedBCE
 from cityseg.models.unet import UNet
 from cityseg.registry import BuildContext

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cityseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train an experiment and track it in MLflow")
-    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("experiment", nargs="?", help="experiment YAML file (or --from-run)")
+    p.add_argument("--resume", metavar="RUN_ID|CHECKPOINT|auto",
+                   help="continue a stopped run: its MLflow run id, a checkpoint file, or auto (the newest "
+                        "unfinished run of the same experiment and config)")
+    p.add_argument("--from-run", metavar="RUN_ID", help="re-run exactly the config an earlier run logged")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir of --from-run (default runs)")
     _add_overrides(p)
     p = sub.add_parser("validate", help="check experiment files; exit 2 if any is invalid")
     p.add_argument("files", nargs="+", help="experiment YAML files")
@@ -65,17 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace, out: Console) -> int:
     from cityseg.config import load_experiment
 
-    exp = load_experiment(args.experiment, args.overrides)  # fails before anything is written
+    if (args.experiment is None) == (args.from_run is None):
+        raise CitysegError("run: give an experiment file or --from-run RUN_ID (one of them)")
+    source = args.experiment
+    if args.from_run:
+        from cityseg.tracking import fetch_config
+
+        source = fetch_config(args.runs, args.from_run)
+    exp = load_experiment(source, args.overrides)  # fails before anything is written
     from cityseg.engine.display import RichDisplay
     from cityseg.engine.runner import run
+    from cityseg.errors import Interrupted, TrainingDiverged
 
-    out.print(f"[bold]{exp.name}[/]: {exp.data.name} data, {exp.model.name} depth "
-              f"{exp.model.depth}, {exp.loss.name} loss, {exp.trainer.epochs} epochs")
+    out.print(f"[bold]{exp.name}[/]: {exp.data.name} data ({exp.data.task}), {exp.model.name}, "
+              f"{exp.loss.name} loss, {exp.trainer.epochs} epochs")
     try:
-        result = run(exp, display=RichDisplay(out))
-    except FloatingPointError as err:
-        out.print(f"[red]run failed:[/] {err}")
+        result = run(exp, display=RichDisplay(out), resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"error: run failed: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        name = signal.Signals(err.signum).name
+        again = " ".join(["cityseg run", args.experiment or f"--from-run {args.from_run}",
+                          *(f"--set {o}" for o in args.overrides), f"--resume {err.run_id}"])
+        print(f"{name}: stopped at {err.where}; checkpoint saved, MLflow run {err.run_id} marked KILLED.\n"
+              f"resume with: {again}", file=sys.stderr)
+        return 128 + err.signum
+    if result.resumed_from:
+        out.print(f"resumed after epoch {result.resumed_from}")
     out.print(f"best {exp.monitor} = {result.best_score:.4f} at epoch {result.best_epoch}; "
               f"run {result.run_id} in MLflow experiment '{exp.tracking.experiment}'")
     out.print(f"checkpoints: {result.checkpoints['best'].parent}   browse: make ui")

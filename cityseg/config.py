@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # Importing the component packages fills the registries that the unions below are made of.
 from cityseg import data, losses, models, optim  # noqa: F401
+from cityseg.data.cityscapes import TRAIN_CLASSES
 from cityseg.errors import ConfigError
 from cityseg.registry import (
     AUGMENTATIONS,
@@ -39,15 +40,24 @@ class TrainerConfig(Section):
     epochs: int = Field(15, ge=1, description="passes over the training set")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                         description="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast where the hardware has native bf16 (CUDA, recent CPUs), else fp32")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="autocast precision; auto: bf16 where the hardware has native bf16 "
+                            "(CUDA, recent CPUs), else fp32; fp16 adds a gradient scaler")
     channels_last: bool = Field(True, description="NHWC memory layout, faster convolutions on GPUs and CPUs")
+    compile: bool = Field(False, description="torch.compile the model (slow first epoch, faster later ones)")
+    deterministic: bool = Field(False, description="deterministic algorithms: identical metrics across runs, "
+                                                   "maybe slower")
     grad_clip_norm: float = Field(0.0, ge=0.0, description="clip the gradient norm to this; 0 disables")
+    accumulate: int = Field(1, ge=1, description="batches whose gradients are summed per optimizer step")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="foreground where sigmoid(logit) > threshold")
     boundary_tolerance: int = Field(2, ge=0, description="pixels a boundary may be off and still count, for val/boundary_f1")
-    monitor: Literal["auto", "val/dice", "val/iou", "val/miou", "val/loss"] = Field(
-        "auto", description="metric that decides the best checkpoint (loss: lower is better); "
-                            "auto: val/dice for binary, val/miou for multiclass")
+    monitor: str = Field(
+        "auto", description="metric that picks the best checkpoint, drives early stopping and the plateau "
+                            "scheduler; auto: val/dice for binary, val/miou for multiclass")
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="whether the monitored metric should rise or fall; auto: min for losses, else max")
+    patience: int = Field(0, ge=0, description="stop after this many epochs without improvement; 0 disables")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
 
 
 class TrackingConfig(Section):
@@ -56,6 +66,7 @@ class TrackingConfig(Section):
     experiment: str = Field("cityseg", min_length=1, description="MLflow experiment name")
     dir: Path = Field(Path("runs"), description="root of all outputs: mlflow.db, artifacts/, checkpoints/")
     num_samples: int = Field(4, ge=0, description="validation images in the per-epoch sample panel")
+    log_model: bool = Field(True, description="log the best model with mlflow.pytorch.log_model at the end")
 
 
 def _default(registry: Registry, name: str) -> Any:
@@ -93,10 +104,13 @@ class Experiment(Section):
             fitting = [n for n in LOSSES.names() if task in LOSSES.get(n).params.tasks]
             raise ValueError(f"loss.name: {self.loss.name} is a loss for the {' or '.join(self.loss.tasks)} "
                              f"task but data.task is {task}; use one of {', '.join(fitting)}")
-        allowed = MONITORS[task]
+        allowed = monitor_choices(task)
         if self.trainer.monitor not in ("auto", *allowed):
+            listed = [m for m in allowed if not m.startswith("val/iou/")]
+            per_class = " or val/iou/<class> (e.g. val/iou/car)" if task == "multiclass" else ""
             raise ValueError(f"trainer.monitor: {self.trainer.monitor} is not computed for the {task} "
-                             f"task; use auto or one of {', '.join(allowed)}")
+                             f"task{suggest(self.trainer.monitor, listed)}; use auto, "
+                             f"{', '.join(listed)}{per_class}")
         return self
 
     @property
@@ -104,10 +118,24 @@ class Experiment(Section):
         """The metric that picks the best checkpoint, with auto resolved for the task."""
         if self.trainer.monitor != "auto":
             return self.trainer.monitor
-        return MONITORS[self.data.task][0]
+        return monitor_choices(self.data.task)[0]
+
+    @property
+    def monitor_mode(self) -> str:
+        """max or min, with auto resolved: losses fall, scores rise."""
+        if self.trainer.mode != "auto":
+            return self.trainer.mode
+        return "min" if self.monitor.endswith("loss") else "max"
 
 
-MONITORS = {"binary": ("val/dice", "val/iou", "val/loss"), "multiclass": ("val/miou", "val/loss")}
+def monitor_choices(task: str) -> tuple[str, ...]:
+    """Metrics a run of this task logs per epoch, the default monitor first."""
+    if task == "binary":
+        scores = ("val/dice", "val/iou", "val/precision", "val/recall", "val/accuracy")
+    else:
+        scores = ("val/miou", "val/pixel_accuracy",
+                  *(f"val/iou/{name.replace(' ', '_')}" for name in TRAIN_CLASSES))
+    return (*scores, "val/boundary_f1", "val/loss", "train/loss")
 
 
 REGISTRY_FIELDS = {"data": DATASETS, "augment": AUGMENTATIONS, "model": MODELS,

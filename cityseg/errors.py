@@ -11,3 +11,15 @@ class ConfigError(CitysegError):
 
 class DataError(CitysegError):
     """A dataset is missing or broken; the message names the path and what to do."""
+
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved."""
+
+    def __init__(self, signum: int, run_id: str, where: str) -> None:
+        super().__init__(f"interrupted by signal {signum} at {where}")
+        self.signum, self.run_id, self.where = signum, run_id, where

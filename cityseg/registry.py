@@ -30,6 +30,7 @@ class BuildContext:
     out_channels: int  # 1 logit for binary, C logits for multiclass
     ignore_index: int
     image_size: tuple[int, int]  # (H, W) after resizing
+    seed: int = 0  # the experiment's seed, for builders with randomness of their own
 
 
 @dataclass(frozen=True)

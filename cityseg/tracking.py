@@ -7,13 +7,19 @@ The store is always explicit: `sqlite:///<dir>/mlflow.db` with artifacts under
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import numpy as np
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from cityseg.errors import CitysegError
 
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -42,6 +48,43 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         return self.run_id
+
+    def reattach(self, run_id: str) -> None:
+        """Continue logging to an earlier run (resume): it is RUNNING again until end()."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def resumable_run(self, config_hash: str) -> str | None:
+        """The newest run of this experiment with this config that did not finish."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.config_hash = '{config_hash}'",
+            order_by=["attributes.start_time DESC"])
+        return next((r.info.run_id for r in runs if r.info.status != "FINISHED"), None)
+
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
+    def log_model(self, model: torch.nn.Module, example: np.ndarray) -> str:
+        """Log `model` with a signature and an input example; returns its model URI."""
+        from mlflow.models import infer_signature
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        logging.getLogger("torch._export").setLevel(logging.ERROR)  # export notes on the example's batch size
+        model.eval()
+        with torch.inference_mode():
+            output = model(torch.from_numpy(example)).float().numpy()
+        signature = infer_signature(example, output)
+        # start_run's exit marks the run FINISHED; end() sets the true status right after
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                            serialization_format="pickle",  # loads back as the UNet class
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        self.client.set_tag(self.run_id, "model_uri", info.model_uri)
+        return info.model_uri
 
     def log_params(self, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -74,3 +117,16 @@ class Tracker:
 
 def mlflow_version() -> str:
     return mlflow.__version__
+
+
+def fetch_config(root: Path, run_id: str) -> str:
+    """The resolved config.yaml that run `run_id` logged, as text."""
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise CitysegError(f"run {run_id!r} not found in {root / 'mlflow.db'}") from None
+    try:
+        return client.download_artifacts(run_id, "config.yaml", tempfile.mkdtemp(prefix="cityseg-"))
+    except (MlflowException, OSError):
+        raise CitysegError(f"run {run_id} has no config.yaml artifact") from None

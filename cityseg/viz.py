@@ -81,3 +81,27 @@ def confusion_image(counts: np.ndarray, class_names: tuple[str, ...], cell: int 
         ImageDraw.Draw(label).text((2, cell // 3), class_names[j][:16], fill=(0, 0, 0))
         image.paste(label.rotate(90, expand=True), (margin + j * cell, 2))
     return np.asarray(image)
+
+
+def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray:
+    """Loss (train and val) and the monitored metric per epoch, as an RGB image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = list(range(1, len(history) + 1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    for key in ("train/loss", "val/loss"):
+        left.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    left.legend()
+    right.plot(epochs, [h[monitor] for h in history], marker="o", color="tab:green")
+    right.set(xlabel="epoch", ylabel=monitor, title=monitor)
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image

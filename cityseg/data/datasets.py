@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field, field_validator
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -128,25 +128,55 @@ class CachedReader:
 class SegmentationDataset(Dataset):
     """(image uint8 (3, H, W), mask uint8 (H, W)) in the task's labels, augmented if asked.
 
-    Normalisation happens on the device.
+    Indexed by (epoch, index) from an EpochSampler, the augmentation is seeded by
+    (seed, epoch, index): the same sample gets the same augmentation whatever the worker count,
+    and a resumed run sees exactly what an uninterrupted one would. Normalisation happens on
+    the device.
     """
 
     def __init__(self, reader: DiskReader | CachedReader, *, lut: np.ndarray,
-                 transform: v2.Transform | None) -> None:
+                 transform: v2.Transform | None, seed: int = 0) -> None:
         self.reader = reader
         self.lut = lut  # train id -> task label
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         photo, train_ids = self.reader[index]
         img = tv_tensors.Image(torch.from_numpy(photo).permute(2, 0, 1))  # (3, H, W)
         mask = tv_tensors.Mask(torch.from_numpy(self.lut[train_ids]))  # (H, W)
         if self.transform is not None:
-            img, mask = self.transform(img, mask)
+            with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
+                torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
+                img, mask = self.transform(img, mask)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys in an order fixed by (seed, epoch), from position `start` on."""
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.start = 1, 0
+
+    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
+        """Order of `epoch`, skipping its first `start` samples (a run resumed mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        return iter([(self.epoch, i) for i in order[self.start :]])
+
+    def __len__(self) -> int:
+        return self.size - self.start
 
 
 @dataclass
@@ -162,7 +192,7 @@ class DataSplits:
 
 
 def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,
-                 train_transform: v2.Transform | None) -> DataSplits:
+                 train_transform: v2.Transform | None, seed: int) -> DataSplits:
     """Readers (cached or not) for the two splits, wrapped as datasets of the task."""
     readers, prints = {}, {}
     for split in (train_split, val_split):
@@ -175,7 +205,7 @@ def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_sp
             readers[split], prints[split] = DiskReader(samples, **args), fingerprint(samples, **args)
     lut = task_lut(p)
     return DataSplits(
-        train=SegmentationDataset(readers[train_split], lut=lut, transform=train_transform),
+        train=SegmentationDataset(readers[train_split], lut=lut, transform=train_transform, seed=seed),
         val=SegmentationDataset(readers[val_split], lut=lut, transform=None),
         index=index, fingerprints={"train": prints[train_split], "val": prints[val_split]})
 
@@ -193,7 +223,7 @@ def cityscapes(p: CityscapesParams, ctx: BuildContext, *,
             f"--set data.root=/path/to/cityscapes (Kaggle folder and pix2pix pair copies work too)")
     index = index_dataset(p.root, layout=p.layout, splits=(p.train_split, p.val_split))
     return build_splits(p, index, train_split=p.train_split, val_split=p.val_split,
-                        train_transform=train_transform)
+                        train_transform=train_transform, seed=ctx.seed)
 
 
 @DATASETS.register("synthetic", params=SyntheticParams)
@@ -203,4 +233,5 @@ def synthetic_streets(p: SyntheticParams, ctx: BuildContext, *,
     synthetic.ensure_dataset(p.root, num_train=p.num_train, num_val=p.num_val,
                              size=p.source_size, seed=p.seed)
     index = index_dataset(p.root, layout="official")
-    return build_splits(p, index, train_split="train", val_split="val", train_transform=train_transform)
+    return build_splits(p, index, train_split="train", val_split="val", train_transform=train_transform,
+                        seed=ctx.seed)

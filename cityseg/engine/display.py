@@ -20,7 +20,7 @@ SUMMARY = {"train/loss": ("train\nloss", ".4f"), "val/loss": ("val\nloss", ".4f"
 class NullDisplay:
     """Shows nothing: for tests and library use."""
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None: ...
     def step(self, images: int, loss: float | None, img_per_s: float) -> None: ...
     def epoch_end(self, epoch: int, metrics: dict[str, float], best: bool) -> None: ...
     def message(self, text: str) -> None: ...
@@ -37,7 +37,7 @@ class RichDisplay:
         self.task = None
         self._epochs = 0
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         self._epochs = epochs
         if not self.live:
             return
@@ -45,7 +45,7 @@ class RichDisplay:
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
             TimeElapsedColumn(), console=self.console, transient=True)
-        self.task = self.progress.add_task("train", total=steps, loss="...", speed="...")
+        self.task = self.progress.add_task("train", total=steps, completed=done, loss="...", speed="...")
         self.progress.start()
 
     def step(self, images: int, loss: float | None, img_per_s: float) -> None:

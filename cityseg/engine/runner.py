@@ -2,32 +2,44 @@
 
 Components are built (and data located or generated) before the MLflow run opens, so a
 missing dataset fails without leaving an empty run behind. Once open, the run always ends:
-FINISHED, FAILED if training raised, KILLED on Ctrl-C.
+FINISHED; FAILED if training raised or diverged; KILLED on SIGINT/SIGTERM, after a checkpoint
+that `--resume` continues from.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import platform
-import random
-import subprocess
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-import cityseg
 from cityseg import tracking, viz
 from cityseg.config import Experiment, flatten, to_yaml
 from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES, foreground_stats
-from cityseg.data.datasets import DataSplits
+from cityseg.data.datasets import DataSplits, EpochSampler
 from cityseg.data.transforms import build_augmentations
 from cityseg.engine.display import NullDisplay
-from cityseg.engine.trainer import FitResult, Trainer, TrainerSettings
-from cityseg.errors import ConfigError, DataError
+from cityseg.engine.environment import (
+    resolve_device,
+    resolve_precision,
+    run_tags,
+    seed_everything,
+    set_deterministic,
+)
+from cityseg.engine.resume import (
+    check_same_experiment,
+    config_hash,
+    find_checkpoint,
+    load_checkpoint,
+)
+from cityseg.engine.trainer import FitResult, StopFlag, Trainer, TrainerSettings, TrainState
+from cityseg.errors import DataError, Interrupted, TrainingDiverged
 from cityseg.metrics import multiclass_scores
 from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, BuildContext, Params
 
@@ -39,66 +51,29 @@ class RunResult:
     best_epoch: int
     best_score: float
     checkpoints: dict[str, Path]
+    stopped_early: bool
+    resumed_from: int  # epochs already done when this call started (0: a fresh run)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@contextmanager
+def stop_on_signals(flag: StopFlag):
+    """SIGINT and SIGTERM set the flag (the trainer checkpoints and stops) instead of killing."""
+    def handler(signum, frame):
+        flag.signum = signum
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device: {name!r} asked for, but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast dtype, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def _loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-            device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def _tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, str]:
-    import torchvision
-
-    return {"git_commit": _git_commit(), "cityseg_version": cityseg.__version__,
-            "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
-            "mlflow_version": tracking.mlflow_version(), "python_version": platform.python_version(),
-            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-            "precision": "bf16" if amp_dtype else "fp32"}
+def _loaders(splits: DataSplits, exp: Experiment, device: torch.device) -> tuple[DataLoader, EpochSampler, DataLoader]:
+    common = {"batch_size": exp.data.batch_size, "num_workers": exp.data.num_workers,
+              "pin_memory": device.type == "cuda", "persistent_workers": exp.data.num_workers > 0}
+    sampler = EpochSampler(len(splits.train), seed=exp.seed, shuffle=True)
+    return DataLoader(splits.train, sampler=sampler, **common), sampler, DataLoader(splits.val, **common)
 
 
 def resolve_loss(exp: Experiment, splits: DataSplits) -> tuple[Params, dict[str, str]]:
@@ -132,24 +107,32 @@ def _data_report(exp: Experiment, splits: DataSplits) -> tuple[dict[str, str], d
     return tags, frequencies
 
 
-def run(exp: Experiment, *, display=None) -> RunResult:
-    """Train the experiment and track it in MLflow; returns the final metrics."""
+def run(exp: Experiment, *, display=None, resume: str | None = None) -> RunResult:
+    """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow."""
     display = display or NullDisplay()
     seed_everything(exp.seed)
+    set_deterministic(exp.trainer.deterministic)
     device = resolve_device(exp.trainer.device)
     amp_dtype = resolve_precision(exp.trainer.precision, device)
     task = exp.data.task
     class_names = ("background", "foreground") if task == "binary" else TRAIN_CLASSES
     ctx = BuildContext(task=task, out_channels=1 if task == "binary" else len(TRAIN_CLASSES),
-                       ignore_index=IGNORE_INDEX, image_size=exp.data.image_size)
+                       ignore_index=IGNORE_INDEX, image_size=exp.data.image_size, seed=exp.seed)
+
+    tracker = None  # opened late for a new run, so a data error leaves no store behind
+    if resume:
+        tracker = tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
+    checkpoint_path = find_checkpoint(resume, exp, tracker) if resume else None
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint is not None:
+        check_same_experiment(checkpoint, exp, checkpoint_path)
+    elif resume == "auto":
+        display.message("--resume auto: no unfinished run of this experiment and config; starting a new one")
 
     if exp.data.cache:
-        display.message(f"data: preparing the decode cache in {exp.data.cache_dir} (first use decodes every image)")
+        display.message(f"data: decode cache in {exp.data.cache_dir} (the first use decodes every image)")
     splits = DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
-    loader_args = {"batch_size": exp.data.batch_size, "num_workers": exp.data.num_workers,
-                   "seed": exp.seed, "device": device}
-    train_loader = _loader(splits.train, shuffle=True, **loader_args)
-    val_loader = _loader(splits.val, shuffle=False, **loader_args)
+    train_loader, sampler, val_loader = _loaders(splits, exp, device)
     sample_ids = range(min(exp.tracking.num_samples, len(splits.val)))
     samples = None
     if sample_ids:
@@ -160,19 +143,26 @@ def run(exp: Experiment, *, display=None) -> RunResult:
     model = MODELS.build(exp.model, ctx)
     loss_fn = LOSSES.build(loss_params, ctx)
     optimizer = OPTIMIZERS.build(exp.optimizer, model)
-    scheduler = SCHEDULERS.build(exp.scheduler, optimizer, steps_per_epoch=len(train_loader),
-                                 epochs=exp.trainer.epochs)
+    steps_per_epoch = math.ceil(len(train_loader) / exp.trainer.accumulate)
+    schedule = SCHEDULERS.build(exp.scheduler, optimizer, steps_per_epoch=steps_per_epoch,
+                                epochs=exp.trainer.epochs, mode=exp.monitor_mode)
     data_tags, frequencies = _data_report(exp, splits)
+    config = exp.model_dump(mode="json")
 
-    tracker = tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
-    run_id = tracker.start(run_name=exp.name, tags={**_tags(device, amp_dtype), **data_tags})
-    status = "FAILED"
+    tracker = tracker or tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
+    if checkpoint is not None:
+        run_id = checkpoint["run_id"]
+        tracker.reattach(run_id)
+    else:
+        run_id = tracker.start(run_name=exp.name, tags={**run_tags(device, amp_dtype), **data_tags,
+                                                        "config_hash": config_hash(config)})
     settings = TrainerSettings(
         task=task, num_classes=len(class_names), class_names=class_names,
         epochs=exp.trainer.epochs, device=device, amp_dtype=amp_dtype,
         channels_last=exp.trainer.channels_last, grad_clip_norm=exp.trainer.grad_clip_norm,
-        threshold=exp.trainer.threshold, boundary_tolerance=exp.trainer.boundary_tolerance,
-        monitor=exp.monitor,
+        accumulate=exp.trainer.accumulate, threshold=exp.trainer.threshold,
+        boundary_tolerance=exp.trainer.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
+        patience=exp.trainer.patience, min_delta=exp.trainer.min_delta,
         checkpoint_dir=exp.tracking.dir / "checkpoints" / run_id)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
@@ -180,28 +170,54 @@ def run(exp: Experiment, *, display=None) -> RunResult:
         if sample_arrays is not None:
             tracker.log_image(viz.sample_panel(*sample_arrays, task=task), f"samples/epoch_{epoch:03d}.png")
 
-    trainer = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-                      train_loader=train_loader, val_loader=val_loader, settings=settings,
-                      config=exp.model_dump(mode="json"), samples=samples,
-                      on_epoch_end=on_epoch_end, display=display)
-    result: FitResult | None = None
+    trainer = Trainer(model=torch.compile(model) if exp.trainer.compile else model, raw_model=model,
+                      loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, train_loader=train_loader,
+                      sampler=sampler, val_loader=val_loader, settings=settings, config=config, run_id=run_id,
+                      samples=samples, on_epoch_end=on_epoch_end, display=display)
+    state = trainer.restore(checkpoint) if checkpoint is not None else TrainState()
+    resumed_from = state.epoch - 1
+    status, result = "FAILED", None
     try:
-        tracker.log_params({**flatten(exp.model_dump(mode="json")), **loss_logged})
-        tracker.log_text(to_yaml(exp), "config.yaml")
-        tracker.log_text(json.dumps(frequencies, indent=2), "data/class_frequencies.json")
-        result = trainer.fit()
-        tracker.set_tags({"best_epoch": str(result.best_epoch)})
-        _log_confusion(tracker, trainer.confusion, class_names, task)
+        if checkpoint is None:
+            tracker.log_params({**flatten(config), **loss_logged})
+            tracker.log_text(to_yaml(exp), "config.yaml")
+            tracker.log_text(json.dumps(frequencies, indent=2), "data/class_frequencies.json")
+        else:
+            tracker.set_tags({"resumed_at": f"epoch {state.epoch}, batch {state.step_in_epoch + 1}",
+                              "trainer.epochs_now": str(exp.trainer.epochs)})
+        with stop_on_signals(trainer.stop):
+            result = trainer.fit(state)
+        tracker.set_tags({"best_epoch": str(result.best_epoch), "stopped_early": str(result.stopped_early).lower()})
+        _log_summary(tracker, trainer, result, exp, model)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt):
         status = "KILLED"
+        raise
+    except TrainingDiverged as err:
+        tracker.set_tags({"failure": str(err)})
         raise
     finally:
         for path in settings.checkpoint_dir.glob("*.pt"):  # whatever was saved, even on failure
             tracker.log_file(path, "checkpoints")
         tracker.end(status)
     return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
-                     best_score=result.best_score, checkpoints=result.checkpoints)
+                     best_score=result.best_score, checkpoints=result.checkpoints,
+                     stopped_early=result.stopped_early, resumed_from=resumed_from)
+
+
+def _log_summary(tracker: tracking.Tracker, trainer: Trainer, result: FitResult, exp: Experiment,
+                 model: torch.nn.Module) -> None:
+    """End of a successful run: learning curves, confusion report, and the best model."""
+    tracker.log_image(viz.learning_curves(result.history, exp.monitor), "learning_curves.png")
+    _log_confusion(tracker, trainer.confusion, trainer.s.class_names, exp.data.task)
+    if not exp.tracking.log_model:
+        return
+    best = torch.load(result.checkpoints["best"], map_location="cpu", weights_only=True)
+    model = model.to("cpu", memory_format=torch.contiguous_format)
+    model.load_state_dict(best["model"])
+    height, width = exp.data.image_size
+    example = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
+    tracker.log_model(model, example)
 
 
 def _log_confusion(tracker: tracking.Tracker, counts: torch.Tensor | None, class_names: tuple[str, ...],

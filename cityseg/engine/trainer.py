@@ -1,8 +1,11 @@
 """The training loop: one story from batch to checkpoint.
 
-Everything per step stays on the device: the loss is summed into a device tensor, predictions
-go into a device confusion matrix, and the host synchronises once per epoch (plus a cheap
-loss read for the progress bar at most twice a second).
+Everything per step stays on the device: the loss is summed into a device tensor, a
+non-finite loss is noted on the device with its step, predictions go into device confusion
+counts, and the host reads them at the end of the epoch (plus a cheap loss read for the
+progress bar at most twice a second). A checkpoint holds everything needed to continue
+exactly: weights, optimizer, scheduler, gradient scaler, RNG states and the loop's position,
+down to the batch when a signal stopped it mid-epoch.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +25,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.data.datasets import EpochSampler
 from cityseg.engine.display import NullDisplay
+from cityseg.errors import Interrupted, TrainingDiverged
 from cityseg.metrics import BoundaryF1, ConfusionMatrix, boundary_f1, predict, scores
+from cityseg.optim import Schedule
 
 # ImageNet statistics: the usual choice, and harmless for a network trained from scratch.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 PROGRESS_REFRESH_S = 0.5
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,28 @@ class TrainerSettings:
     amp_dtype: torch.dtype | None  # None: plain fp32
     channels_last: bool
     grad_clip_norm: float
+    accumulate: int
     threshold: float
     boundary_tolerance: int
     monitor: str
+    mode: str  # max | min
+    patience: int  # 0: no early stopping
+    min_delta: float
     checkpoint_dir: Path
+
+
+@dataclass
+class TrainState:
+    """The loop's position and memory; saved in every checkpoint."""
+
+    epoch: int = 1  # the epoch in progress, or the next one to run
+    step_in_epoch: int = 0  # batches of `epoch` already trained (a run stopped mid-epoch)
+    loss_sum: float = 0.0  # of those batches, for the epoch's mean train loss
+    seen: int = 0
+    best_score: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the last improvement, for early stopping
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,42 +78,78 @@ class FitResult:
     best_epoch: int
     best_score: float
     checkpoints: dict[str, Path]
+    stopped_early: bool
 
 
-EpochCallback = Callable[[int, dict[str, float], np.ndarray | None], None]
+class StopFlag:
+    """Set by a signal handler; the trainer stops at the next optimizer-step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+
+EpochCallback = Callable[[int, dict[str, float], tuple | None], None]
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    """torch.save to a temporary file, fsync, rename: a kill never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states in types `torch.load(weights_only=True)` accepts."""
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(py_state), gauss], "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [pos, has_gauss, cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Trainer:
-    """Trains a segmentation model for a number of epochs and keeps best and last checkpoints."""
+    """Trains a segmentation model and keeps best and last checkpoints."""
 
     def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: DataLoader,
-                 val_loader: DataLoader, settings: TrainerSettings, config: dict,
-                 samples: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 on_epoch_end: EpochCallback | None = None, display=None) -> None:
+                 schedule: Schedule, train_loader: DataLoader, sampler: EpochSampler,
+                 val_loader: DataLoader, settings: TrainerSettings, config: dict, run_id: str,
+                 raw_model: nn.Module | None = None, samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 on_epoch_end: EpochCallback | None = None, display=None, stop: StopFlag | None = None) -> None:
         self.s = settings
         self.device = settings.device
-        memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.memory_format = memory_format
-        self.model = model.to(self.device, memory_format=memory_format)
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.raw_model = raw_model if raw_model is not None else model  # not torch.compile'd: its state_dict is plain
         self.loss_fn = loss_fn.to(self.device)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.config = config  # the resolved experiment, saved inside every checkpoint
+        self.optimizer, self.schedule = optimizer, schedule
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp_dtype == torch.float16)
+        self.train_loader, self.sampler, self.val_loader = train_loader, sampler, val_loader
+        self.config, self.run_id = config, run_id  # saved inside every checkpoint
         self.samples = samples  # fixed validation images for the per-epoch panel
         self.on_epoch_end = on_epoch_end
         self.display = display or NullDisplay()
+        self.stop = stop or StopFlag()
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
-        self.minimize = settings.monitor.endswith("loss")
         self.confusion: torch.Tensor | None = None  # of the last validation
+        self.paths = {"last": settings.checkpoint_dir / "last.pt", "best": settings.checkpoint_dir / "best.pt"}
+
+    # ------------------------------------------------------------------ pieces
 
     def _inputs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch -> normalised float images (channels_last) and long masks on the device."""
@@ -101,35 +163,82 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.s.amp_dtype)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def _predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return predict(logits, task=self.s.task, threshold=self.s.threshold)
+
+    def _optimizer_step(self) -> None:
+        if self.s.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.after_step()
+
+    def _checkpoint(self, state: TrainState, metrics: dict[str, float]) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "epoch": state.epoch - (state.step_in_epoch == 0),
+                "metrics": metrics, "config": self.config, "run_id": self.run_id, "state": asdict(state),
+                "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state()}
+
+    def restore(self, checkpoint: dict) -> TrainState:
+        """Load a checkpoint's weights, optimizer, scheduler, scaler and RNG states; its loop position."""
+        self.raw_model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        return TrainState(**checkpoint["state"])
+
+    def _diverged(self, epoch: int, step: int) -> TrainingDiverged:
+        last = self.paths["last"]
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        return TrainingDiverged(f"training loss became NaN or infinite at epoch {epoch}, step {step} "
+                                f"(batch {step} of that epoch, counting from 1); {kept}. Lower "
+                                f"optimizer.lr, set trainer.grad_clip_norm, or check the data")
+
+    # ------------------------------------------------------------------ loops
+
+    def train_epoch(self, state: TrainState) -> dict[str, float]:
+        epoch, first_batch = state.epoch, state.step_in_epoch
+        batches = math.ceil(self.sampler.size / self.train_loader.batch_size)
+        self.sampler.set_epoch(epoch, start=first_batch * self.train_loader.batch_size)
         self.model.train()
-        total_loss = torch.zeros((), device=self.device)
-        seen, last_refresh, start = 0, 0.0, time.perf_counter()
-        self.display.epoch_start(epoch, self.s.epochs, len(self.train_loader))
-        for images, masks in self.train_loader:
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.full((), state.loss_sum, dtype=torch.float64, device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # 1-based batch
+        seen, last_refresh, start = state.seen, 0.0, time.perf_counter()
+        self.display.epoch_start(epoch, self.s.epochs, batches, done=first_batch)
+        for batch, (images, masks) in enumerate(self.train_loader, start=first_batch + 1):
             x, y = self._inputs(images, masks)
             with self._autocast():
                 logits = self.model(x)
             loss = self.loss_fn(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.s.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            total_loss += loss.detach() * len(images)
+            self.scaler.scale(loss / self.s.accumulate).backward()
+            at_step = batch % self.s.accumulate == 0 or batch == batches
+            if at_step:
+                self._optimizer_step()
+            loss = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batch, first_bad)
+            total_loss += loss.double() * len(images)
             seen += len(images)
-            now = time.perf_counter()
-            shown = None
+            now, shown = time.perf_counter(), None
             if now - last_refresh > PROGRESS_REFRESH_S:  # a sync at most twice a second
-                shown, last_refresh = loss.item(), now
-            self.display.step(len(images), shown, seen / max(now - start, 1e-9))
-        mean_loss = total_loss.item() / max(seen, 1)  # the epoch's synchronisation point
+                shown, bad, last_refresh = loss.item(), first_bad.item(), now
+                if bad > 0:
+                    raise self._diverged(epoch, bad)
+            self.display.step(len(images), shown, (seen - state.seen) / max(now - start, 1e-9))
+            if self.stop.signum and at_step and batch < batches:
+                if first_bad.item() > 0:
+                    raise self._diverged(epoch, first_bad.item())
+                state.step_in_epoch, state.loss_sum, state.seen = batch, total_loss.item(), seen
+                save_atomic(self._checkpoint(state, {}), self.paths["last"])
+                raise Interrupted(self.stop.signum, self.run_id, f"epoch {epoch}, batch {batch} of {batches}")
+        loss_sum, bad = torch.stack([total_loss, first_bad.double()]).tolist()  # the epoch's sync
+        if bad > 0:
+            raise self._diverged(epoch, int(bad))
         elapsed = time.perf_counter() - start
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"training loss is {mean_loss} in epoch {epoch}; lower the "
-                                     f"learning rate or check the data")
-        return {"train/loss": mean_loss, "throughput/img_s": seen / elapsed,
+        return {"train/loss": loss_sum / max(seen, 1), "throughput/img_s": (seen - state.seen) / elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.inference_mode()
@@ -137,29 +246,26 @@ class Trainer:
         self.model.eval()
         confusion = ConfusionMatrix(self.s.num_classes, ignore_index=IGNORE_INDEX, device=self.device)
         boundary = BoundaryF1(tolerance=self.s.boundary_tolerance, ignore_index=IGNORE_INDEX, device=self.device)
-        total_loss = torch.zeros((), device=self.device)
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         seen = 0
         for images, masks in self.val_loader:
             x, y = self._inputs(images, masks)
             with self._autocast():
                 logits = self.model(x)
-            total_loss += self.loss_fn(logits, y) * len(images)
+            total_loss += self.loss_fn(logits, y).double() * len(images)
             pred = self._predict(logits)
             confusion.update(pred, y)
             boundary.update(pred, y)
             seen += len(images)
         # the epoch's one device->host copy: loss sum, confusion counts and boundary counts together
         n = self.s.num_classes
-        host = torch.cat([total_loss.double().view(1), confusion.counts.double().flatten(),
+        host = torch.cat([total_loss.view(1), confusion.counts.double().flatten(),
                           boundary.counts.double()]).cpu()  # float64 holds counts below 2**53 exactly
         counts = host[1 : 1 + n * n].long().view(n, n)
         self.confusion = counts  # kept for the end-of-run report
         found = scores(counts, task=self.s.task, class_names=self.s.class_names)
         found["boundary_f1"] = boundary_f1(host[1 + n * n :].long())
         return {"val/loss": host[0].item() / max(seen, 1), **{f"val/{k}": v for k, v in found.items()}}
-
-    def _predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return predict(logits, task=self.s.task, threshold=self.s.threshold)
 
     @torch.inference_mode()
     def predict_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -173,32 +279,42 @@ class Trainer:
             pred = self._predict(self.model(x))
         return images.numpy(), masks.numpy(), pred.cpu().numpy()
 
-    def _checkpoint(self, epoch: int, metrics: dict[str, float]) -> dict:
-        return {"epoch": epoch, "metrics": metrics, "config": self.config,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+    def _improved(self, score: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.s.mode == "min":
+            return score < best - self.s.min_delta
+        return score > best + self.s.min_delta
 
-    def _improved(self, score: float, best: float) -> bool:
-        return score < best if self.minimize else score > best
-
-    def fit(self) -> FitResult:
+    def fit(self, state: TrainState | None = None) -> FitResult:
+        """Train from `state` (a fresh one, or one restored from a checkpoint) to the last epoch."""
+        state = state or TrainState()
         self.s.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        paths = {"last": self.s.checkpoint_dir / "last.pt", "best": self.s.checkpoint_dir / "best.pt"}
-        history: list[dict[str, float]] = []
-        best_score, best_epoch = (math.inf if self.minimize else -math.inf), 0
+        stopped_early = False
         try:
-            for epoch in range(1, self.s.epochs + 1):
-                metrics = {**self.train_epoch(epoch), **self.validate()}
-                history.append(metrics)
-                state = self._checkpoint(epoch, metrics)
-                save_atomic(state, paths["last"])
-                is_best = self._improved(metrics[self.s.monitor], best_score)
+            while state.epoch <= self.s.epochs:
+                epoch = state.epoch
+                metrics = {**self.train_epoch(state), **self.validate()}
+                state.history.append(metrics)
+                is_best = self._improved(metrics[self.s.monitor], state.best_score)
                 if is_best:
-                    best_score, best_epoch = metrics[self.s.monitor], epoch
-                    save_atomic(state, paths["best"])
+                    state.best_score, state.best_epoch, state.bad_epochs = metrics[self.s.monitor], epoch, 0
+                else:
+                    state.bad_epochs += 1
+                self.schedule.after_epoch(metrics[self.s.monitor])
+                state.epoch, state.step_in_epoch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
+                checkpoint = self._checkpoint(state, metrics)
+                save_atomic(checkpoint, self.paths["last"])
+                if is_best:
+                    save_atomic(checkpoint, self.paths["best"])
                 self.display.epoch_end(epoch, metrics, is_best)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics, self.predict_samples())
+                if self.s.patience and state.bad_epochs >= self.s.patience:
+                    stopped_early = True
+                    self.display.message(f"early stop: {self.s.monitor} has not improved for "
+                                         f"{state.bad_epochs} epochs (best {state.best_score:.4f} at epoch {state.best_epoch})")
+                    break
         finally:
             self.display.close()
-        return FitResult(history, best_epoch, best_score, paths)
+        return FitResult(state.history, state.best_epoch, state.best_score, self.paths, stopped_early)

@@ -1,0 +1,64 @@
+"""Finding the checkpoint a run resumes from, and refusing one trained on another experiment."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from cityseg.config import Experiment, flatten
+from cityseg.errors import ConfigError
+from cityseg.tracking import Tracker
+
+RESUMABLE_CHANGES = {"trainer.epochs"}  # what may differ between a checkpoint and its resumed run
+
+
+def config_hash(config: dict) -> str:
+    """Identity of an experiment's config for resuming and for sweeps, ignoring the epoch count."""
+    kept = {k: v for k, v in flatten(config).items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A cityseg checkpoint, loaded safely (weights_only); ConfigError if it is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ConfigError(f"{path}: cannot load checkpoint ({err})") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state" not in checkpoint:
+        raise ConfigError(f"{path}: not a cityseg training checkpoint")
+    return checkpoint
+
+
+def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker) -> Path | None:
+    """RUN_ID, a checkpoint path or auto -> the checkpoint to resume from (None: auto found nothing)."""
+    runs = exp.tracking.dir / "checkpoints"
+    if spec == "auto":
+        run_id = tracker.resumable_run(config_hash(exp.model_dump(mode="json")))
+        return runs / run_id / "last.pt" if run_id and (runs / run_id / "last.pt").is_file() else None
+    if Path(spec).is_file():
+        return Path(spec)
+    if tracker.run_exists(spec):
+        path = runs / spec / "last.pt"
+        if not path.is_file():
+            raise ConfigError(f"--resume {spec}: the run has no checkpoint at {path}")
+        return path
+    raise ConfigError(f"--resume {spec}: neither a checkpoint file nor a run of MLflow experiment "
+                      f"'{exp.tracking.experiment}' in {exp.tracking.dir / 'mlflow.db'}")
+
+
+def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None:
+    """Refuse to resume when anything but the epoch count differs from the checkpoint's config."""
+    saved, now = flatten(checkpoint["config"]), flatten(exp.model_dump(mode="json"))
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        lines = "\n  ".join(f"{k}: {saved.get(k, '(absent)')} in the checkpoint, {now.get(k, '(absent)')} now"
+                            for k in changed[:12])
+        raise ConfigError(f"{path}: cannot resume, the experiment differs from the checkpoint's "
+                          f"(only trainer.epochs may change):\n  {lines}")
+    if checkpoint["state"]["epoch"] > exp.trainer.epochs and checkpoint["state"]["step_in_epoch"] == 0:
+        raise ConfigError(f"{path}: already trained {checkpoint['state']['epoch'] - 1} epochs; raise "
+                          f"trainer.epochs above that to continue (--set trainer.epochs=N)")

@@ -1,0 +1,193 @@
+"""Interruption, resume, divergence, determinism, early stopping and model logging."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow.pytorch
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cityseg.cli import main
+from cityseg.config import load_experiment
+from cityseg.engine import runner
+from cityseg.engine.resume import load_checkpoint
+from cityseg.errors import ConfigError, TrainingDiverged
+from cityseg.losses import WeightedBCE
+from cityseg.models.unet import UNet
+from cityseg.tracking import tracking_uri
+from tests.conftest import QUICKSTART, tiny_overrides
+
+NO_MODEL = "tracking.log_model=false"
+
+
+def runs_of(root):
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    experiment = client.get_experiment_by_name("quickstart")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def steps(client, run_id, key="val/dice"):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_sigterm_checkpoints_marks_killed_and_resume_finishes_without_duplicate_steps(tmp_path):
+    overrides = [*tiny_overrides(tmp_path, epochs=40), NO_MODEL]
+    args = [sys.executable, "-m", "cityseg.cli", "run", str(QUICKSTART)]
+    for override in overrides:
+        args += ["--set", override]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "runs" / "checkpoints"
+    deadline = time.time() + 120
+    while not list(checkpoints.glob("*/last.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # wait for the first epoch's checkpoint
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "resume with: cityseg run" in err
+    client, (run,) = runs_of(tmp_path / "runs")
+    assert run.info.status == "KILLED"
+    done = steps(client, run.info.run_id)
+    assert 1 <= len(done) < 40
+
+    code = main(["run", str(QUICKSTART), *sum((["--set", o] for o in overrides), []),
+                 "--resume", run.info.run_id])
+    assert code == 0
+    client, (again,) = runs_of(tmp_path / "runs")  # the same run, continued
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert steps(client, run.info.run_id) == list(range(1, 41))  # every epoch once
+    assert steps(client, run.info.run_id, "train/loss") == list(range(1, 41))
+
+
+def test_interrupted_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path):
+    def experiment(folder, epochs=2):
+        return load_experiment(QUICKSTART, [*tiny_overrides(tmp_path / folder, epochs=epochs), NO_MODEL,
+                                            "data.batch_size=2", "data.num_train=8", "trainer.deterministic=true"])
+
+    straight = runner.run(experiment("a"))
+    # the same experiment, stopped by a signal after batch 2 of epoch 2, then resumed
+    exp = experiment("b")
+    original = runner.Trainer._optimizer_step
+    calls = {"n": 0}
+
+    def signal_after_six_steps(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 1 has 4 batches: this is batch 2 of epoch 2
+            self.stop.signum = signal.SIGTERM
+
+    runner.Trainer._optimizer_step = signal_after_six_steps
+    try:
+        with pytest.raises(runner.Interrupted) as info:
+            runner.run(exp)
+    finally:
+        runner.Trainer._optimizer_step = original
+    checkpoint = load_checkpoint(tmp_path / "b" / "runs" / "checkpoints" / info.value.run_id / "last.pt")
+    assert (checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]) == (2, 2)
+    resumed = runner.run(exp, resume=info.value.run_id)
+    assert resumed.resumed_from == 1
+    without_speed = [{k: v for k, v in m.items() if k != "throughput/img_s"} for m in (resumed.metrics, straight.metrics)]
+    assert without_speed[0] == pytest.approx(without_speed[1], rel=1e-6, abs=1e-9)
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
+    overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
+    result = runner.run(load_experiment(QUICKSTART, overrides))
+    changed = load_experiment(QUICKSTART, [*overrides, "optimizer.lr=0.5", "trainer.epochs=2"])
+    with pytest.raises(ConfigError, match=r"cannot resume.*\n  optimizer\.lr: 0\.003 in the checkpoint, 0\.5 now"):
+        runner.run(changed, resume=result.run_id)
+    args = ["run", str(QUICKSTART), *sum((["--set", o] for o in [*overrides, "model.depth=3"]), []),
+            "--resume", str(result.checkpoints["last"])]
+    assert main(args) == 2
+    assert "model.depth: 2 in the checkpoint, 3 now" in capsys.readouterr().err
+    more = runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=2"]), resume="auto")
+    assert more.run_id == result.run_id or more.resumed_from == 0  # auto: only unfinished runs
+    client, runs = runs_of(tmp_path / "runs")
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_nan_loss_fails_the_run_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=3), NO_MODEL])  # 2 batches an epoch
+    original = WeightedBCE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        loss = original(self, logits, target)
+        return loss * float("nan") if calls["n"] == 4 else loss  # epoch 2, batch 1 (after 2 + 1 val calls)
+
+    monkeypatch.setattr(WeightedBCE, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite at epoch 2, step 1 .*last good checkpoint"):
+        runner.run(exp)
+    client, (run,) = runs_of(tmp_path / "runs")
+    assert run.info.status == "FAILED" and "epoch 2, step 1" in run.data.tags["failure"]
+    last = load_checkpoint(tmp_path / "runs" / "checkpoints" / run.info.run_id / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+
+
+def test_deterministic_runs_match_exactly(tmp_path):
+    histories = []
+    for folder in ("a", "b"):
+        exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path / folder, epochs=2), NO_MODEL,
+                                           "trainer.deterministic=true", "data.num_workers=1"])
+        runner.run(exp)
+        client, (run,) = runs_of(tmp_path / folder / "runs")
+        histories.append({k: [m.value for m in client.get_metric_history(run.info.run_id, k)]
+                          for k in ("train/loss", "val/loss", "val/dice", "val/boundary_f1")})
+    assert histories[0] == histories[1]
+
+
+def test_early_stopping_and_accumulation(tmp_path):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=6), NO_MODEL, "trainer.monitor=val/loss",
+                                       "trainer.patience=1", "trainer.min_delta=100", "trainer.accumulate=2"])
+    result = runner.run(exp)
+    assert result.stopped_early and len(result.metrics) and result.best_epoch == 1
+    client, (run,) = runs_of(tmp_path / "runs")
+    assert steps(client, run.info.run_id) == [1, 2] and run.data.tags["stopped_early"] == "true"
+    last = load_checkpoint(result.checkpoints["last"])
+    assert last["scheduler"]["last_epoch"] == 2  # 2 batches an epoch, 2 per optimizer step, 2 epochs
+
+
+@pytest.mark.parametrize("scheduler", ["step", "plateau", "none"])
+def test_every_scheduler_trains(tmp_path, scheduler):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2), NO_MODEL, f"scheduler={{name: {scheduler}}}"])
+    assert runner.run(exp).metrics["lr"] > 0
+
+
+def test_logged_model_loads_back_and_predicts_like_the_checkpoint(tiny_experiment, tmp_path):
+    result = runner.run(tiny_experiment)
+    client, (run,) = runs_of(tmp_path / "runs")
+    mlflow.set_tracking_uri(tracking_uri(tmp_path / "runs"))
+    logged = mlflow.pytorch.load_model(run.data.tags["model_uri"]).eval()
+    best = load_checkpoint(result.checkpoints["best"])
+    model = UNet(in_channels=3, out_channels=1, depth=2, base_channels=4, norm="batch", upsample="transpose",
+                 dropout=0.0)
+    model.load_state_dict(best["model"])
+    x = torch.randn(2, 3, 32, 64)
+    with torch.inference_mode():
+        assert torch.allclose(logged(x), model.eval()(x), atol=1e-6)
+    assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_from_run_reruns_the_logged_config(tmp_path, capsys):
+    overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
+    first = runner.run(load_experiment(QUICKSTART, overrides))
+    assert main(["run", "--from-run", first.run_id, "--runs", str(tmp_path / "runs"), "--set", "seed=7"]) == 0
+    client, runs = runs_of(tmp_path / "runs")
+    assert len(runs) == 2
+    second = next(r for r in runs if r.info.run_id != first.run_id)
+    assert second.data.params["seed"] == "7" and second.data.params["model.depth"] == "2"
+    assert main(["run", "--from-run", "nope", "--runs", str(tmp_path / "runs")]) == 2
+    assert "run 'nope' not found" in capsys.readouterr().err
+
+
+def test_no_run_is_left_running(tmp_path):
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    for root in tmp_path.parent.glob("*/runs"):
+        if (root / "mlflow.db").exists():
+            client = MlflowClient(tracking_uri=tracking_uri(root))
+            for experiment in client.search_experiments():
+                assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
