@@ -62,3 +62,12 @@ def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None
     if checkpoint["state"]["epoch"] > exp.trainer.epochs and checkpoint["state"]["step_in_epoch"] == 0:
         raise ConfigError(f"{path}: already trained {checkpoint['state']['epoch'] - 1} epochs; raise "
                           f"trainer.epochs above that to continue (--set trainer.epochs=N)")
+
+
+def check_weights_fit(checkpoint: dict, model: torch.nn.Module, path: Path) -> None:
+    """A clear error, before anything is written, when the weights are of another architecture."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ConfigError(f"{path}: the checkpoint's weights do not fit this model: {detail}") from None

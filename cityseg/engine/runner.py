@@ -34,6 +34,7 @@ from cityseg.engine.environment import (
 )
 from cityseg.engine.resume import (
     check_same_experiment,
+    check_weights_fit,
     config_hash,
     find_checkpoint,
     load_checkpoint,
@@ -141,6 +142,8 @@ def run(exp: Experiment, *, display=None, resume: str | None = None) -> RunResul
 
     loss_params, loss_logged = resolve_loss(exp, splits)
     model = MODELS.build(exp.model, ctx)
+    if checkpoint is not None:
+        check_weights_fit(checkpoint, model, checkpoint_path)
     loss_fn = LOSSES.build(loss_params, ctx)
     optimizer = OPTIMIZERS.build(exp.optimizer, model)
     steps_per_epoch = math.ceil(len(train_loader) / exp.trainer.accumulate)

@@ -191,3 +191,31 @@ def test_no_run_is_left_running(tmp_path):
             client = MlflowClient(tracking_uri=tracking_uri(root))
             for experiment in client.search_experiments():
                 assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def test_fp16_trains_with_a_gradient_scaler(tmp_path):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), NO_MODEL, "trainer.precision=fp16"])
+    result = runner.run(exp)
+    assert "scale" in load_checkpoint(result.checkpoints["last"])["scaler"]
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), NO_MODEL])
+    result = runner.run(exp)
+    checkpoint = load_checkpoint(result.checkpoints["last"])
+    checkpoint["model"] = UNet(in_channels=3, out_channels=1, depth=1, base_channels=2, norm="none",
+                               upsample="bilinear", dropout=0.0).state_dict()
+    broken = tmp_path / "other.pt"
+    torch.save(checkpoint, broken)
+    with pytest.raises(ConfigError, match="other.pt: the checkpoint's weights do not fit this model"):
+        runner.run(load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2), NO_MODEL]), resume=str(broken))
+    client, (run,) = runs_of(tmp_path / "runs")
+    assert run.info.status == "FINISHED"  # the refused resume did not reopen the run
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_plain_weights(tmp_path):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), NO_MODEL, "trainer.compile=true"])
+    result = runner.run(exp)
+    keys = load_checkpoint(result.checkpoints["last"])["model"]
+    assert not any(k.startswith("_orig_mod") for k in keys)
