@@ -1,5 +1,6 @@
 # cityseg: every target sets itself up (.venv + pip install -e .[dev]) on first use.
 #   make run [EXP=experiments/baseline.yaml] [SET="trainer.epochs=3 loss.pos_weight=8"]
+#   make sweep [SWEEP=experiments/sweeps/fg_weight_quick.yaml] [JOBS=2]; make compare [ARGS="--metric val/iou"]
 #   make test | test-slow | lint | ui | validate | schema | bench
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ EXP    ?= experiments/quickstart.yaml
 SET    ?=
 PORT   ?= 5000
 
-.PHONY: setup run test test-slow lint format ui validate schema bench
+.PHONY: setup run sweep compare test test-slow lint format ui validate schema bench
 
 setup: $(STAMP)
 
@@ -23,6 +24,14 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/cityseg run $(EXP) $(foreach s,$(SET),--set $(s))
+
+SWEEP  ?= experiments/sweeps/fg_weight_quick.yaml
+JOBS   ?= 1
+sweep: $(STAMP)
+	$(BIN)/cityseg sweep $(SWEEP) --jobs $(JOBS)
+
+compare: $(STAMP)
+	$(BIN)/cityseg compare $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-val", type=int, default=4)
     p.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("sweep", help="run one child per grid point of a sweep file under one parent run")
+    p.add_argument("sweep", help="sweep YAML file (experiments/sweeps/...)")
+    p.add_argument("--jobs", type=int, default=1, help="children trained at once, in separate processes")
+    p = sub.add_parser("compare", help="table of runs from the MLflow store, sorted by a metric")
+    p.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    p.add_argument("--sweep", help="only the children of this sweep id")
+    p.add_argument("--metric", default="val/dice", help="sort key (default val/dice)")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
+    p.add_argument("--limit", type=int, default=30, help="rows shown")
     sub.add_parser("schema", help="print the JSON Schema of experiment files")
     sub.add_parser("list", help="list the registered components")
     return parser
@@ -193,13 +202,66 @@ def cmd_data(args: argparse.Namespace, out: Console) -> int:
     return EXIT_USAGE if report["broken"] else 0
 
 
-COMMANDS = {"run": cmd_run, "data": cmd_data, "validate": cmd_validate, "show": cmd_show,
+def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.engine.sweep import load_sweep, run_sweep
+
+    if args.jobs < 1:
+        raise CitysegError("--jobs must be at least 1")
+    sweep, points = load_sweep(args.sweep)  # every grid point validated before anything runs
+    out.print(f"[bold]{sweep.name}[/]: {len(points)} children, ranked by {sweep.metric} ({sweep.mode}), "
+              f"{args.jobs} at a time")
+    result = run_sweep(args.sweep, jobs=args.jobs, report=lambda line: out.print(f"  {line}", markup=False))
+    shown = list(dict.fromkeys((sweep.metric, "val/iou", "val/precision", "val/recall")))
+    table = Table("rank", "child", "status", *shown, "run id", box=None)
+    for rank, row in enumerate(result.rows, start=1):
+        table.add_row(str(rank), row["child"], row["status"],
+                      *(f"{row[m]:.4f}" if isinstance(row.get(m), float) else "-" for m in shown), row["run_id"][:8])
+    out.print(table)
+    if result.best is not None:
+        out.print(f"best: {result.best['child']} ({sweep.metric} {result.best[sweep.metric]:.4f}); parent run "
+                  f"{result.parent_id}, sweep id {result.sweep_id}: make ui, then open the parent run")
+    for failed in result.failed:
+        print(f"error: child {failed.point.label} failed: {failed.error}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def cmd_compare(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.tracking import search_runs
+
+    runs = search_runs(args.runs, experiment=args.experiment,
+                       filter_string=f"tags.sweep_id = '{args.sweep}' and tags.sweep_role = 'child'" if args.sweep else "")
+    runs = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+    if not runs:
+        out.print("no runs match")
+        return 0
+    lower_is_better = args.metric.endswith("loss")
+    scored = sorted((r for r in runs if args.metric in r.data.metrics),
+                    key=lambda r: r.data.metrics[args.metric], reverse=not lower_is_better)
+    runs = (scored + [r for r in runs if args.metric not in r.data.metrics])[: args.limit]
+    keys = sorted({k for r in runs for k in r.data.params})
+    varying = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1][:6]
+    metrics = [m for m in dict.fromkeys((args.metric, "val/dice", "val/iou", "val/miou", "val/boundary_f1"))
+               if any(m in r.data.metrics for r in runs)]
+    table = Table(title=f"sorted by {args.metric}", box=None, header_style="bold")
+    for header in ("run", "status", *varying, *metrics, "run id"):
+        table.add_column(header, no_wrap=header in ("run", "run id"))
+    for r in runs:
+        table.add_row(r.info.run_name, r.info.status, *(r.data.params.get(k, "-") for k in varying),
+                      *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in metrics),
+                      r.info.run_id[:8])
+    out.print(table)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate, "show": cmd_show,
             "schema": cmd_schema, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Console(highlight=False)
+    if not out.is_terminal:  # logs and pipes: wide enough that tables are not cut
+        out = Console(highlight=False, width=140)
     try:
         return COMMANDS[args.command](args, out)
     except CitysegError as err:

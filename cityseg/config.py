@@ -145,7 +145,7 @@ REGISTRY_FIELDS = {"data": DATASETS, "augment": AUGMENTATIONS, "model": MODELS,
 # ---------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path, *, included_by: Path | None = None) -> dict:
+def read_yaml(path: Path, *, included_by: Path | None = None) -> dict:
     what = f"base file (included by {included_by})" if included_by else "experiment file"
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
@@ -183,7 +183,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     if resolved in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, resolved))
         raise ConfigError(f"{path}: `base` inheritance forms a cycle: {cycle}")
-    content = _read_yaml(path, included_by=_chain[-1] if _chain else None)
+    content = read_yaml(path, included_by=_chain[-1] if _chain else None)
     base = content.pop("base", None)
     if base is None:
         return content

@@ -7,6 +7,7 @@ The store is always explicit: `sqlite:///<dir>/mlflow.db` with artifacts under
 from __future__ import annotations
 
 import logging
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,33 @@ def tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+RETRIES = 10  # SQLite allows one writer at a time: parallel sweep children wait their turn
+
+
+class _RetryingClient:
+    """MlflowClient whose calls retry with exponential backoff while SQLite says it is locked."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            for attempt in range(RETRIES):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as err:  # MlflowException or SQLAlchemy OperationalError
+                    if "locked" not in str(err).lower() or attempt == RETRIES - 1:
+                        raise
+                    time.sleep(0.05 * 2**attempt * (1 + random.random()))
+            raise AssertionError("unreachable")
+
+        return call
+
+
 class Tracker:
     """One MLflow run: params, per-epoch metrics, images and files, ended with a status."""
 
@@ -35,7 +63,7 @@ class Tracker:
         root.mkdir(parents=True, exist_ok=True)
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
         self.root = root
-        self.client = MlflowClient(tracking_uri=tracking_uri(root))
+        self.client = _RetryingClient(MlflowClient(tracking_uri=tracking_uri(root)))
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
@@ -43,6 +71,15 @@ class Tracker:
             location = (root / "artifacts").resolve().as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         self.run_id: str | None = None
+
+    def find_runs(self, filter_string: str, *, status: str = "") -> list:
+        """Runs of this experiment matching an MLflow filter (newest first), optionally of one status."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                       order_by=["attributes.start_time DESC"])
+        return [r for r in runs if not status or r.info.status == status]
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
 
     def start(self, *, run_name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -130,3 +167,17 @@ def fetch_config(root: Path, run_id: str) -> str:
         return client.download_artifacts(run_id, "config.yaml", tempfile.mkdtemp(prefix="cityseg-"))
     except (MlflowException, OSError):
         raise CitysegError(f"run {run_id} has no config.yaml artifact") from None
+
+
+def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") -> list:
+    """Runs in the store under `root`, of one MLflow experiment or of all (for `cityseg compare`)."""
+    if not (root / "mlflow.db").is_file():
+        raise CitysegError(f"no MLflow store at {root / 'mlflow.db'}; train something first (make run)")
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    experiments = client.search_experiments()
+    if experiment is not None:
+        experiments = [e for e in experiments if e.name == experiment]
+        if not experiments:
+            names = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} (experiments: {names})")
+    return client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string)

@@ -105,3 +105,51 @@ def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return image
+
+
+def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.ndarray:
+    """Each metric against the values of one swept key: mean over the children sharing a value
+    (e.g. several seeds), with the min-max spread as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [r for r in rows if r.get("status") == "FINISHED"]
+    values = sorted({r[key] for r in finished}, key=lambda v: (isinstance(v, str), v))
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    positions = values if numeric else list(range(len(values)))
+    fig, axis = plt.subplots(figsize=(6.5, 4), dpi=100)
+    for metric in metrics:
+        groups = [[r[metric] for r in finished if r[key] == v and metric in r] for v in values]
+        if not all(groups):
+            continue
+        means = [float(np.mean(g)) for g in groups]
+        axis.plot(positions, means, marker="o", label=metric)
+        if any(len(g) > 1 for g in groups):
+            axis.fill_between(positions, [min(g) for g in groups], [max(g) for g in groups], alpha=0.2)
+    if numeric and len(values) > 2 and min(values) > 0 and max(values) / min(values) >= 8:
+        axis.set_xscale("log", base=2)
+    axis.set_xticks(positions, [str(v) for v in values])
+    axis.set(xlabel=key, ylabel="value", title=f"metrics against {key}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def comparison_panel(images: np.ndarray, targets: np.ndarray, columns: dict[str, np.ndarray], *,
+                     task: str) -> np.ndarray:
+    """Input | Ground truth | one prediction column per label (e.g. per sweep child)."""
+    rows = []
+    for i, (image, target) in enumerate(zip(images, targets, strict=True)):
+        cells = [image.transpose(1, 2, 0), _labels_rgb(target, task)]
+        cells += [_labels_rgb(pred[i], task) for pred in columns.values()]
+        rows.append(np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, -(-MIN_HEIGHT // images.shape[2]))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return _with_header(grid, ("Input", "Ground truth", *columns))

@@ -108,8 +108,12 @@ def _data_report(exp: Experiment, splits: DataSplits) -> tuple[dict[str, str], d
     return tags, frequencies
 
 
-def run(exp: Experiment, *, display=None, resume: str | None = None) -> RunResult:
-    """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow."""
+def run(exp: Experiment, *, display=None, resume: str | None = None, run_name: str | None = None,
+        tags: dict[str, str] | None = None) -> RunResult:
+    """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow.
+
+    run_name defaults to the experiment's name; tags are added to the run's (sweeps use both).
+    """
     display = display or NullDisplay()
     seed_everything(exp.seed)
     set_deterministic(exp.trainer.deterministic)
@@ -157,8 +161,8 @@ def run(exp: Experiment, *, display=None, resume: str | None = None) -> RunResul
         run_id = checkpoint["run_id"]
         tracker.reattach(run_id)
     else:
-        run_id = tracker.start(run_name=exp.name, tags={**run_tags(device, amp_dtype), **data_tags,
-                                                        "config_hash": config_hash(config)})
+        run_id = tracker.start(run_name=run_name or exp.name, tags={
+            **run_tags(device, amp_dtype), **data_tags, "config_hash": config_hash(config), **(tags or {})})
     settings = TrainerSettings(
         task=task, num_classes=len(class_names), class_names=class_names,
         epochs=exp.trainer.epochs, device=device, amp_dtype=amp_dtype,

@@ -1,0 +1,285 @@
+"""Sweeps: one parent MLflow run, one child run per grid point, a ranked summary at the end.
+
+A sweep file names a base experiment, a grid of dotted keys to lists of values, fixed `set`
+overrides, and the metric to rank by. Every grid point is validated before the first child
+starts. A sweep is identified by its name and the config hashes of its points, so running it
+again reattaches to the same parent and skips the children that already FINISHED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cityseg.config import Experiment, load_experiment, monitor_choices, read_yaml, to_yaml
+from cityseg.engine.resume import config_hash
+from cityseg.errors import ConfigError
+
+
+class SweepConfig(BaseModel):
+    """A sweep file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[\w.-]+$", description="sweep name: the parent run's name")
+    base: str = Field(description="experiment file the children start from, relative to the sweep file")
+    grid: dict[str, list[Any]] = Field(min_length=1, description="dotted key -> values; one child per combination")
+    set: dict[str, Any] = Field({}, description="dotted key -> value applied to every child")
+    metric: str = Field("val/dice", description="metric the children are ranked by")
+    mode: Literal["max", "min"] = Field("max", description="whether a higher or lower metric is better")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    values: dict[str, Any]  # swept key -> value
+    label: str  # the child's run name, e.g. pos_weight=4
+    experiment: Experiment
+    config_hash: str
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def label_of(values: dict[str, Any]) -> str:
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in values.items())
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, list[SweepPoint]]:
+    """Read and validate the sweep file and every grid point; ConfigError on any problem."""
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: {len(lines)} error(s)\n  " + "\n  ".join(lines)) from None
+    for key in (*sweep.grid, *sweep.set):
+        if key in ("tracking.dir", "tracking.experiment"):
+            raise ConfigError(f"{path}: {key}: a sweep's children share the base experiment's MLflow store "
+                              f"and experiment; set it in the base experiment")
+    for key, values in sweep.grid.items():
+        if not values:
+            raise ConfigError(f"{path}: grid.{key}: give at least one value")
+    fixed = [_override(k, v) for k, v in sweep.set.items()]
+    points = []
+    for combo in itertools.product(*sweep.grid.values()):
+        values = dict(zip(sweep.grid, combo, strict=True))
+        overrides = [*fixed, *(_override(k, v) for k, v in values.items())]
+        try:
+            exp = load_experiment(path.parent / sweep.base, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: grid point {label_of(values)}: {err}") from None
+        points.append(SweepPoint(values, label_of(values), exp, config_hash(exp.model_dump(mode="json"))))
+    allowed = monitor_choices(points[0].experiment.data.task)
+    if sweep.metric not in allowed:
+        raise ConfigError(f"{path}: metric: {sweep.metric} is not logged by these runs; use one of "
+                          f"{', '.join(m for m in allowed if not m.startswith('val/iou/'))}")
+    return sweep, points
+
+
+def sweep_id(sweep: SweepConfig, points: list[SweepPoint]) -> str:
+    digest = hashlib.sha256(json.dumps(sorted(p.config_hash for p in points)).encode()).hexdigest()[:8]
+    return f"{sweep.name}-{digest}"
+
+
+def _child(config: dict, label: str, tags: dict[str, str], threads: int) -> str:
+    """Run one child in a worker process; returns its run id."""
+    import torch
+
+    from cityseg.engine.runner import run
+
+    torch.set_num_threads(threads)
+    return run(Experiment.model_validate(config), run_name=label, tags=tags).run_id
+
+
+@dataclass
+class ChildOutcome:
+    point: SweepPoint
+    run_id: str | None
+    status: str  # FINISHED (now or earlier), FAILED
+    skipped: bool
+    error: str = ""
+
+
+def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: int, tracker,
+                 report) -> list[ChildOutcome]:
+    """Run every point that has no FINISHED child yet, `jobs` at a time; failures do not stop the rest."""
+    outcomes, todo = [], []
+    for point in points:
+        done = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.config_hash = '{point.config_hash}'",
+                                 status="FINISHED")
+        if done:
+            outcomes.append(ChildOutcome(point, done[0].info.run_id, "FINISHED", skipped=True))
+            report(f"{point.label}: already FINISHED ({done[0].info.run_id}), skipped")
+        else:
+            todo.append(point)
+
+    def tags_of(point: SweepPoint) -> dict[str, str]:
+        return {"mlflow.parentRunId": parent_id, "sweep_id": sid, "sweep_role": "child",
+                **{f"sweep.{k}": str(v) for k, v in point.values.items()}}
+
+    if jobs <= 1:
+        from cityseg.engine.runner import run
+
+        for point in todo:
+            report(f"{point.label}: training")
+            try:
+                result = run(point.experiment, run_name=point.label, tags=tags_of(point))
+                outcomes.append(ChildOutcome(point, result.run_id, "FINISHED", skipped=False))
+            except Exception as err:  # noqa: BLE001  (a failed child is reported, the others go on)
+                outcomes.append(ChildOutcome(point, None, "FAILED", skipped=False, error=str(err)))
+            report(f"{point.label}: {outcomes[-1].status}")
+        return outcomes
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_child, p.experiment.model_dump(mode="json"), p.label, tags_of(p), threads): p
+                   for p in todo}
+        for future in as_completed(futures):
+            point = futures[future]
+            try:
+                outcomes.append(ChildOutcome(point, future.result(), "FINISHED", skipped=False))
+            except Exception as err:  # noqa: BLE001
+                outcomes.append(ChildOutcome(point, None, "FAILED", skipped=False, error=str(err)))
+            report(f"{point.label}: {outcomes[-1].status}")
+    return outcomes
+
+
+def sweep_yaml(sweep: SweepConfig, points: list[SweepPoint]) -> str:
+    """The sweep and its first resolved child, for the parent's artifacts."""
+    return yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False) + "\n# first child:\n" + "\n".join(
+        f"# {line}" for line in to_yaml(points[0].experiment).splitlines())
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    parent_id: str
+    rows: list[dict[str, Any]]  # ranked: label, run_id, status, swept values, metrics
+    best: dict[str, Any] | None
+    failed: list[ChildOutcome]
+
+
+def _rank(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    scored = [r for r in rows if isinstance(r.get(metric), float)]
+    unscored = [r for r in rows if r not in scored]
+    return sorted(scored, key=lambda r: r[metric], reverse=mode == "max") + unscored
+
+
+def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
+    """Validate every point, run the missing children, and summarise them on the parent run."""
+    from cityseg import tracking, viz
+
+    sweep, points = load_sweep(path)
+    base = points[0].experiment
+    sid = sweep_id(sweep, points)
+    tracker = tracking.Tracker(root=base.tracking.dir, experiment=base.tracking.experiment)
+    parents = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_role = 'parent'")
+    if parents:
+        parent_id = parents[0].info.run_id
+        tracker.reattach(parent_id)
+        report(f"sweep {sid}: continuing parent run {parent_id}")
+    else:
+        parent_id = tracker.start(run_name=sweep.name, tags={"sweep_id": sid, "sweep_role": "parent"})
+        tracker.log_params({"sweep.grid": json.dumps(sweep.grid), "sweep.set": json.dumps(sweep.set),
+                            "sweep.base": sweep.base, "sweep.metric": sweep.metric, "sweep.children": str(len(points))})
+        tracker.log_text(sweep_yaml(sweep, points), "sweep.yaml")
+        report(f"sweep {sid}: parent run {parent_id}, {len(points)} children")
+    status = "FAILED"
+    try:
+        outcomes = run_children(points, parent_id=parent_id, sid=sid, jobs=jobs, tracker=tracker, report=report)
+        rows = []
+        for outcome in outcomes:
+            row: dict[str, Any] = {"child": outcome.point.label, "run_id": outcome.run_id or "",
+                                   "status": outcome.status, **outcome.point.values}
+            if outcome.run_id:
+                row.update(tracker.get_run(outcome.run_id).data.metrics)
+            rows.append(row)
+        rows = _rank(rows, sweep.metric, sweep.mode)
+        best = rows[0] if rows and isinstance(rows[0].get(sweep.metric), float) else None
+        _log_summary(tracker, sweep, points, rows, best, viz)
+        failed = [o for o in outcomes if o.status != "FINISHED"]
+        tracker.set_tags({"failed_children": str(len(failed))})
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+    return SweepResult(sid, parent_id, rows, best, failed)
+
+
+SUMMARY_METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/miou", "val/boundary_f1", "val/loss")
+
+
+def _log_summary(tracker, sweep: SweepConfig, points: list[SweepPoint], rows: list[dict[str, Any]],
+                 best: dict[str, Any] | None, viz) -> None:
+    import csv
+    import io
+
+    keys = list(sweep.grid)
+    metrics = [m for m in dict.fromkeys((sweep.metric, *SUMMARY_METRICS)) if any(m in r for r in rows)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["rank", "child", *keys, "status", *metrics, "run_id"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    for rank, row in enumerate(rows, start=1):
+        writer.writerow({"rank": rank, **row})
+    tracker.log_text(buffer.getvalue(), "summary.csv")
+    for key in keys:
+        if key == "seed" or len(sweep.grid[key]) < 2:
+            continue
+        image = viz.metrics_against(rows, key=key, metrics=[m for m in metrics if m != "val/loss"])
+        tracker.log_image(image, f"plots/{key.replace('.', '_')}.png")
+    if best is not None:
+        tracker.set_tags({"best_child_run_id": best["run_id"], "best_child": best["child"],
+                          f"best_{sweep.metric.replace('/', '_')}": f"{best[sweep.metric]:.4f}"})
+        tracker.log_metrics({f"best/{sweep.metric}": best[sweep.metric]}, step=0)
+    panel = comparison_panel(points, rows)
+    if panel is not None:
+        tracker.log_image(panel, "predictions_by_child.png")
+
+
+def comparison_panel(points: list[SweepPoint], rows: list[dict[str, Any]]):
+    """The same validation images predicted by every finished child, side by side (best first)."""
+    import torch
+
+    from cityseg import viz
+    from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES
+    from cityseg.data.transforms import build_augmentations
+    from cityseg.engine.trainer import MEAN, STD
+    from cityseg.metrics import predict
+    from cityseg.registry import DATASETS, MODELS, BuildContext
+
+    base = points[0].experiment
+    if any(p.experiment.data != base.data for p in points) or base.tracking.num_samples == 0:
+        return None  # children saw different data: no common images to compare
+    task = base.data.task
+    ctx = BuildContext(task=task, out_channels=1 if task == "binary" else len(TRAIN_CLASSES),
+                       ignore_index=IGNORE_INDEX, image_size=base.data.image_size, seed=base.seed)
+    val = DATASETS.build(base.data, ctx, train_transform=build_augmentations([], ctx)).val
+    pairs = [val[i] for i in range(min(base.tracking.num_samples, len(val)))]
+    images = torch.stack([p[0] for p in pairs])
+    targets = torch.stack([p[1] for p in pairs]).numpy()
+    x = (images.float() - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
+    by_label = {p.label: p for p in points}
+    columns = {}
+    for row in rows:
+        checkpoint = base.tracking.dir / "checkpoints" / row["run_id"] / "best.pt" if row["run_id"] else None
+        if checkpoint is None or not checkpoint.is_file():
+            continue
+        model = MODELS.build(by_label[row["child"]].experiment.model, ctx)
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+        with torch.inference_mode():
+            columns[row["child"]] = predict(model.eval()(x), task=task, threshold=base.trainer.threshold).numpy()
+    return viz.comparison_panel(images.numpy(), targets, columns, task=task) if columns else None

@@ -1,0 +1,117 @@
+"""Sweeps: a parent with nested children, parallel jobs, skipping finished children, summaries."""
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from cityseg.cli import main
+from cityseg.engine import runner
+from cityseg.engine.sweep import load_sweep, run_sweep
+from cityseg.errors import ConfigError
+from cityseg.tracking import tracking_uri
+from tests.conftest import QUICKSTART, tiny_overrides
+
+
+def write_sweep(tmp_path, grid, **extra):
+    """A tiny base experiment (the quickstart, shrunk, store in tmp_path) and a sweep over it."""
+    base = {"base": str(QUICKSTART)}
+    for override in [*tiny_overrides(tmp_path), "tracking.log_model=false"]:
+        key, value = override.split("=", 1)
+        node = base
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"name": "tiny", "base": "tiny.yaml", "grid": grid, "metric": "val/dice", **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def runs(tmp_path):
+    client = MlflowClient(tracking_uri=tracking_uri(tmp_path / "runs"))
+    experiment = client.get_experiment_by_name("quickstart")
+    found = client.search_runs([experiment.experiment_id])
+    parents = [r for r in found if r.data.tags.get("sweep_role") == "parent"]
+    children = [r for r in found if r.data.tags.get("sweep_role") == "child"]
+    return client, parents, children
+
+
+def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tmp_path):
+    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2, 4]})
+    result = run_sweep(path, jobs=2, report=lambda line: None)
+    client, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 3
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert sorted(float(c.data.params["loss.pos_weight"]) for c in children) == [1.0, 2.0, 4.0]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.info.run_name.startswith("pos_weight=")
+        for key in ("train/loss", "val/loss", "val/dice", "val/iou"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"summary.csv", "sweep.yaml", "predictions_by_child.png", "plots/loss_pos_weight.png"} <= artifacts
+    assert parent.data.tags["best_child_run_id"] == result.rows[0]["run_id"]
+    dice = [row["val/dice"] for row in result.rows]
+    assert dice == sorted(dice, reverse=True)
+
+    again = run_sweep(path, jobs=2, report=lambda line: None)
+    client, parents, children_after = runs(tmp_path)
+    assert len(parents) == 1 and len(children_after) == 3  # no new child
+    assert again.parent_id == parent.info.run_id
+
+
+def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2, 4]})
+    real_run = runner.run
+    calls = {"n": 0}
+
+    def interrupt_second_child(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", interrupt_second_child)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, jobs=1, report=lambda line: None)
+    client, parents, children = runs(tmp_path)
+    assert parents[0].info.status == "KILLED" and len(children) == 1
+    first = children[0].info.run_id
+
+    monkeypatch.setattr(runner, "run", real_run)
+    lines = []
+    run_sweep(path, jobs=1, report=lines.append)
+    client, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and first in {c.info.run_id for c in children}
+    assert sum("skipped" in line for line in lines) == 1
+
+
+def test_every_grid_point_is_validated_before_anything_runs(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"model.depth": [2, 9]})
+    with pytest.raises(ConfigError, match=r"(?s)grid point depth=9: .*model\.depth: .*less than or equal to 7"):
+        load_sweep(path)
+    assert main(["sweep", str(path)]) == 2
+    assert "grid point depth=9" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_files_in_the_repository_validate():
+    for name in ("fg_weight_quick.yaml", "fg_weight.yaml"):
+        sweep, points = load_sweep(QUICKSTART.parent / "sweeps" / name)
+        assert [p.values["loss.pos_weight"] for p in points][:5] == [1, 2, 4, 8, 16] or len(points) == 15
+
+
+def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"trainer.threshold": [0.01, 0.99]})  # foreground everywhere vs nowhere
+    result = run_sweep(path, jobs=1, report=lambda line: None)
+    assert main(["compare", "--runs", str(tmp_path / "runs"), "--sweep", result.sweep_id]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.threshold" in out and "val/dice" in out
+    high, low = sorted(result.rows, key=lambda row: -row["val/dice"])
+    assert high["val/dice"] > low["val/dice"]
+    assert out.index(high["run_id"][:8]) < out.index(low["run_id"][:8])
