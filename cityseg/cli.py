@@ -1,4 +1,4 @@
-"""Command line: `cityseg run|validate|show|schema|list|data`.
+"""Command line: `cityseg run|sweep|compare|evaluate|predict|validate|show|schema|list|data`.
 
 The only place that prints user errors and chooses exit codes: 0 success, 2 bad input
 (config, data, command line), 1 a run that failed while training.
@@ -72,6 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="val/dice", help="sort key (default val/dice)")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
     p.add_argument("--limit", type=int, default=30, help="rows shown")
+    for name, text in (("evaluate", "metrics of a trained model on a split, logged as a new MLflow run"),
+                       ("predict", "masks and overlays for your own images")):
+        p = sub.add_parser(name, help=text)
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--run", help="MLflow run id (its best checkpoint)")
+        source.add_argument("--checkpoint", type=Path, help="a checkpoint file")
+        p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
+        p.add_argument("--device", default="auto")
+        if name == "evaluate":
+            p.add_argument("--split", default="val", help="split to evaluate (default val)")
+            p.add_argument("--data-root", type=Path, help="dataset folder, if not the one trained on")
+            p.add_argument("--full-resolution", action="store_true",
+                           help="score against full-size labels (prediction resized back, nearest)")
+            p.add_argument("--calibrate", action="store_true",
+                           help="find the threshold that maximises Dice (binary models)")
+            p.add_argument("--write-threshold", action="store_true",
+                           help="with --calibrate: store that threshold in the checkpoint for predict")
+            p.add_argument("--no-log", action="store_true", help="do not record an MLflow run")
+            _add_overrides(p)
+        else:
+            p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+            p.add_argument("--out", type=Path, required=True, help="output folder")
+            p.add_argument("--probabilities", action="store_true", help="also write <name>_prob.png (binary)")
     sub.add_parser("schema", help="print the JSON Schema of experiment files")
     sub.add_parser("list", help="list the registered components")
     return parser
@@ -253,7 +276,57 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate, "show": cmd_show,
+def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.engine import inference
+
+    overrides = [*args.overrides, *([f"data.root={args.data_root}"] if args.data_root else [])]
+    trained = inference.load_trained(run_id=args.run, checkpoint=args.checkpoint, runs=args.runs,
+                                     overrides=overrides, device=args.device)
+    if args.write_threshold and not args.calibrate:
+        raise CitysegError("--write-threshold needs --calibrate")
+    if args.write_threshold and args.run and not (args.runs / "checkpoints" / args.run / "best.pt").is_file():
+        raise CitysegError("--write-threshold needs a local checkpoint file; use --checkpoint PATH")
+    found, confusion = inference.evaluate(trained, split=args.split, full_resolution=args.full_resolution)
+    resolution = "full-resolution labels" if args.full_resolution else f"{list(trained.exp.data.image_size)}"
+    table = Table("metric", "value", title=f"{trained.exp.name} on {args.split} ({resolution}), "
+                                           f"threshold {trained.threshold:g}", box=None)
+    for key, value in found.items():
+        table.add_row(key, f"{value:.4f}")
+    out.print(table)
+    calibration = None
+    if args.calibrate:
+        calibration = inference.calibrate(trained, split=args.split)
+        c, best, half = calibration, calibration.best, calibration.at_half
+        out.print(f"calibration on {args.split}: threshold 0.5 -> dice {c.dice[half]:.4f}, iou {c.iou[half]:.4f}; "
+                  f"best threshold {c.thresholds[best]:.3f} -> dice {c.dice[best]:.4f}, iou {c.iou[best]:.4f}")
+        if args.write_threshold:
+            inference.write_threshold(trained, float(c.thresholds[best]))
+            out.print(f"threshold {c.thresholds[best]:.3f} written into {trained.path}; predict will use it")
+    if not args.no_log:
+        run_id = inference.log_evaluation(trained, runs=args.runs, split=args.split,
+                                          full_resolution=args.full_resolution, found=found,
+                                          confusion=confusion, calibration=calibration)
+        out.print(f"evaluation logged as MLflow run {run_id} (source run {trained.run_id})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, out: Console) -> int:
+    from rich.progress import track
+
+    from cityseg.engine import inference
+
+    trained = inference.load_trained(run_id=args.run, checkpoint=args.checkpoint, runs=args.runs, device=args.device)
+    progress = (lambda files: track(files, description="predicting", console=out)) if out.is_terminal else (lambda f: f)
+    written, skipped = inference.predict_files(trained, args.inputs, args.out, probabilities=args.probabilities,
+                                               progress=progress)
+    out.print(f"{len(written)} image(s) -> {args.out} (*_mask.png, *_overlay.png"
+              f"{', *_prob.png' if args.probabilities and trained.task == 'binary' else ''})")
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    return EXIT_USAGE if skipped else 0
+
+
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate, "show": cmd_show,
             "schema": cmd_schema, "list": cmd_list}
 
 

@@ -158,6 +158,7 @@ def mlflow_version() -> str:
 
 def fetch_config(root: Path, run_id: str) -> str:
     """The resolved config.yaml that run `run_id` logged, as text."""
+    _require_store(root)
     client = MlflowClient(tracking_uri=tracking_uri(root))
     try:
         client.get_run(run_id)
@@ -171,8 +172,7 @@ def fetch_config(root: Path, run_id: str) -> str:
 
 def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") -> list:
     """Runs in the store under `root`, of one MLflow experiment or of all (for `cityseg compare`)."""
-    if not (root / "mlflow.db").is_file():
-        raise CitysegError(f"no MLflow store at {root / 'mlflow.db'}; train something first (make run)")
+    _require_store(root)
     client = MlflowClient(tracking_uri=tracking_uri(root))
     experiments = client.search_experiments()
     if experiment is not None:
@@ -181,3 +181,28 @@ def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") 
             names = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} (experiments: {names})")
     return client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string)
+
+
+def fetch_checkpoint(root: Path, run_id: str) -> Path:
+    """A run's best checkpoint: the local file training wrote, else the run's MLflow artifact."""
+    local = root / "checkpoints" / run_id / "best.pt"
+    if local.is_file():
+        return local
+    _require_store(root)
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise CitysegError(f"run {run_id!r} not found in {root / 'mlflow.db'}") from None
+    try:
+        return Path(client.download_artifacts(run_id, "checkpoints/best.pt", tempfile.mkdtemp(prefix="cityseg-")))
+    except (MlflowException, OSError):
+        raise CitysegError(f"run {run_id} has no model: no checkpoints/best.pt (it may have failed "
+                           f"before its first epoch ended)") from None
+
+
+def _require_store(root: Path) -> None:
+    """Reading a store that is not there must not create an empty one."""
+    if not (root / "mlflow.db").is_file():
+        raise CitysegError(f"no MLflow store at {root / 'mlflow.db'}; train something first (make run), "
+                           f"or point --runs at the folder holding mlflow.db")

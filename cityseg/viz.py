@@ -153,3 +153,31 @@ def comparison_panel(images: np.ndarray, targets: np.ndarray, columns: dict[str,
     scale = max(1, -(-MIN_HEIGHT // images.shape[2]))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     return _with_header(grid, ("Input", "Ground truth", *columns))
+
+
+def pr_curve(calibration) -> np.ndarray:
+    """Precision against recall over thresholds, with 0.5 and the Dice-best threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = calibration
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    left.plot(c.recall, c.precision, color="tab:blue")
+    for index, label, colour in ((c.at_half, "0.5", "tab:gray"), (c.best, f"best {c.thresholds[c.best]:.3f}", "tab:red")):
+        left.scatter([c.recall[index]], [c.precision[index]], color=colour, zorder=3, label=f"threshold {label}")
+    left.set(xlabel="recall", ylabel="precision", title="precision / recall", xlim=(0, 1.02), ylim=(0, 1.02))
+    left.legend()
+    right.plot(c.thresholds, c.dice, label="dice")
+    right.plot(c.thresholds, c.iou, label="iou")
+    right.axvline(c.thresholds[c.best], color="tab:red", linestyle="--")
+    right.set(xlabel="threshold", ylabel="score", title="scores against threshold")
+    right.legend()
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image

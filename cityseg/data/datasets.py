@@ -191,18 +191,31 @@ class DataSplits:
         return self.train.reader.class_counts()
 
 
+def reader_for(p: DataParams, index: DatasetIndex, split: str) -> tuple[DiskReader | CachedReader, str]:
+    """A reader of the split at data.image_size (through the cache if enabled), and its fingerprint."""
+    samples = index.samples[split]
+    args = {"layout": index.layout, "encoding": index.encoding, "size": p.image_size}
+    if p.cache:
+        decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.num_workers, **args)
+        return CachedReader(decoded), decoded.fingerprint
+    return DiskReader(samples, **args), fingerprint(samples, **args)
+
+
+def data_index(p: DataParams, splits: tuple[str, ...]) -> DatasetIndex:
+    """The samples of any splits of the configured dataset (evaluation on train, val or test)."""
+    if isinstance(p, SyntheticParams):
+        return index_dataset(p.root, layout="official", splits=splits)
+    if isinstance(p, CityscapesParams):
+        return index_dataset(p.root, layout=p.layout, splits=splits)
+    raise TypeError(f"no index for {type(p).__name__}")
+
+
 def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,
                  train_transform: v2.Transform | None, seed: int) -> DataSplits:
     """Readers (cached or not) for the two splits, wrapped as datasets of the task."""
     readers, prints = {}, {}
     for split in (train_split, val_split):
-        samples = index.samples[split]
-        args = {"layout": index.layout, "encoding": index.encoding, "size": p.image_size}
-        if p.cache:
-            decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.num_workers, **args)
-            readers[split], prints[split] = CachedReader(decoded), decoded.fingerprint
-        else:
-            readers[split], prints[split] = DiskReader(samples, **args), fingerprint(samples, **args)
+        readers[split], prints[split] = reader_for(p, index, split)
     lut = task_lut(p)
     return DataSplits(
         train=SegmentationDataset(readers[train_split], lut=lut, transform=train_transform, seed=seed),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -122,6 +123,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def model_inputs(images: torch.Tensor, masks: torch.Tensor, *, device: torch.device,
+                 channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 batch -> normalised float images (channels_last if asked) and long masks on the device."""
+    images = images.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True).long()  # (B, H, W)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    x = (images.float() - mean) / std  # (B, 3, H, W)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), masks
+
+
+def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
 class Trainer:
     """Trains a segmentation model and keeps best and last checkpoints."""
 
@@ -144,24 +162,16 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.display = display or NullDisplay()
         self.stop = stop or StopFlag()
-        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
         self.confusion: torch.Tensor | None = None  # of the last validation
         self.paths = {"last": settings.checkpoint_dir / "last.pt", "best": settings.checkpoint_dir / "best.pt"}
 
     # ------------------------------------------------------------------ pieces
 
     def _inputs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 batch -> normalised float images (channels_last) and long masks on the device."""
-        images = images.to(self.device, non_blocking=True)
-        masks = masks.to(self.device, non_blocking=True).long()  # (B, H, W)
-        x = (images.float() - self.mean) / self.std  # (B, 3, H, W)
-        return x.contiguous(memory_format=self.memory_format), masks
+        return model_inputs(images, masks, device=self.device, channels_last=self.s.channels_last)
 
     def _autocast(self):
-        if self.s.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.s.amp_dtype)
+        return autocast_for(self.device, self.s.amp_dtype)
 
     def _predict(self, logits: torch.Tensor) -> torch.Tensor:
         return predict(logits, task=self.s.task, threshold=self.s.threshold)
@@ -241,31 +251,12 @@ class Trainer:
         return {"train/loss": loss_sum / max(seen, 1), "throughput/img_s": (seen - state.seen) / elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    @torch.inference_mode()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
-        confusion = ConfusionMatrix(self.s.num_classes, ignore_index=IGNORE_INDEX, device=self.device)
-        boundary = BoundaryF1(tolerance=self.s.boundary_tolerance, ignore_index=IGNORE_INDEX, device=self.device)
-        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        seen = 0
-        for images, masks in self.val_loader:
-            x, y = self._inputs(images, masks)
-            with self._autocast():
-                logits = self.model(x)
-            total_loss += self.loss_fn(logits, y).double() * len(images)
-            pred = self._predict(logits)
-            confusion.update(pred, y)
-            boundary.update(pred, y)
-            seen += len(images)
-        # the epoch's one device->host copy: loss sum, confusion counts and boundary counts together
-        n = self.s.num_classes
-        host = torch.cat([total_loss.view(1), confusion.counts.double().flatten(),
-                          boundary.counts.double()]).cpu()  # float64 holds counts below 2**53 exactly
-        counts = host[1 : 1 + n * n].long().view(n, n)
-        self.confusion = counts  # kept for the end-of-run report
-        found = scores(counts, task=self.s.task, class_names=self.s.class_names)
-        found["boundary_f1"] = boundary_f1(host[1 + n * n :].long())
-        return {"val/loss": host[0].item() / max(seen, 1), **{f"val/{k}": v for k, v in found.items()}}
+        scores_, self.confusion = evaluate_batches(
+            self.model, self.val_loader, prepare=self._inputs, autocast=self._autocast, threshold=self.s.threshold,
+            loss_fn=self.loss_fn, num_classes=self.s.num_classes, class_names=self.s.class_names,
+            task=self.s.task, tolerance=self.s.boundary_tolerance, device=self.device)
+        return {f"val/{k}": v for k, v in scores_.items()}
 
     @torch.inference_mode()
     def predict_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -318,3 +309,41 @@ class Trainer:
         finally:
             self.display.close()
         return FitResult(state.history, state.best_epoch, state.best_score, self.paths, stopped_early)
+
+
+@torch.inference_mode()
+def evaluate_batches(model: nn.Module, batches, *, prepare, autocast, threshold: float, loss_fn: nn.Module | None,
+                     num_classes: int, class_names: tuple[str, ...], task: str, tolerance: int,
+                     device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+    """Scores (and the confusion matrix) of a model over batches of (uint8 images, masks).
+
+    Masks larger than the model's input (full-resolution evaluation) are scored against the
+    prediction resized to their size with nearest neighbour; the loss is then not computed.
+    Counts accumulate on the device; the host copies them once, at the end.
+    """
+    model.eval()
+    confusion = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=device)
+    boundary = BoundaryF1(tolerance=tolerance, ignore_index=IGNORE_INDEX, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    for images, masks in batches:
+        x, y = prepare(images, masks)
+        with autocast():
+            logits = model(x)
+        if loss_fn is not None:
+            total_loss += loss_fn(logits, y).double() * len(images)
+        pred = predict(logits, task=task, threshold=threshold)
+        if pred.shape[-2:] != y.shape[-2:]:
+            pred = F.interpolate(pred[:, None].float(), size=y.shape[-2:], mode="nearest")[:, 0].long()
+        confusion.update(pred, y)
+        boundary.update(pred, y)
+        seen += len(images)
+    n = num_classes
+    host = torch.cat([total_loss.view(1), confusion.counts.double().flatten(),
+                      boundary.counts.double()]).cpu()  # one copy; float64 holds counts below 2**53 exactly
+    counts = host[1 : 1 + n * n].long().view(n, n)
+    found = scores(counts, task=task, class_names=class_names)
+    found["boundary_f1"] = boundary_f1(host[1 + n * n :].long())
+    if loss_fn is not None:
+        found = {"loss": host[0].item() / max(seen, 1), **found}
+    return found, counts
