@@ -156,8 +156,8 @@ def mlflow_version() -> str:
     return mlflow.__version__
 
 
-def fetch_config(root: Path, run_id: str) -> str:
-    """The resolved config.yaml that run `run_id` logged, as text."""
+def _download(root: Path, run_id: str, artifact: str, missing: str) -> Path:
+    """One artifact of a run into a temporary folder; CitysegError if the run or the file is not there."""
     _require_store(root)
     client = MlflowClient(tracking_uri=tracking_uri(root))
     try:
@@ -165,9 +165,14 @@ def fetch_config(root: Path, run_id: str) -> str:
     except MlflowException:
         raise CitysegError(f"run {run_id!r} not found in {root / 'mlflow.db'}") from None
     try:
-        return client.download_artifacts(run_id, "config.yaml", tempfile.mkdtemp(prefix="cityseg-"))
+        return Path(client.download_artifacts(run_id, artifact, tempfile.mkdtemp(prefix="cityseg-")))
     except (MlflowException, OSError):
-        raise CitysegError(f"run {run_id} has no config.yaml artifact") from None
+        raise CitysegError(f"run {run_id} {missing}") from None
+
+
+def fetch_config(root: Path, run_id: str) -> Path:
+    """The resolved config.yaml that run `run_id` logged (a local copy)."""
+    return _download(root, run_id, "config.yaml", "has no config.yaml artifact")
 
 
 def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") -> list:
@@ -188,17 +193,8 @@ def fetch_checkpoint(root: Path, run_id: str) -> Path:
     local = root / "checkpoints" / run_id / "best.pt"
     if local.is_file():
         return local
-    _require_store(root)
-    client = MlflowClient(tracking_uri=tracking_uri(root))
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        raise CitysegError(f"run {run_id!r} not found in {root / 'mlflow.db'}") from None
-    try:
-        return Path(client.download_artifacts(run_id, "checkpoints/best.pt", tempfile.mkdtemp(prefix="cityseg-")))
-    except (MlflowException, OSError):
-        raise CitysegError(f"run {run_id} has no model: no checkpoints/best.pt (it may have failed "
-                           f"before its first epoch ended)") from None
+    return _download(root, run_id, "checkpoints/best.pt",
+                     "has no model: no checkpoints/best.pt (it may have failed before its first epoch ended)")
 
 
 def _require_store(root: Path) -> None:

@@ -49,17 +49,21 @@ def _with_header(grid: Image.Image, titles: tuple[str, ...]) -> np.ndarray:
     return np.asarray(panel)
 
 
+def _panel(rows: list[list[np.ndarray]], titles: tuple[str, ...]) -> np.ndarray:
+    """A grid of equally sized RGB cells, upscaled to stay readable, under a row of titles."""
+    lines = [np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1) for cells in rows]
+    grid = Image.fromarray(np.concatenate(lines, axis=0))
+    scale = max(1, -(-MIN_HEIGHT // rows[0][0].shape[0]))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return _with_header(grid, titles)
+
+
 def sample_panel(images: np.ndarray, targets: np.ndarray, preds: np.ndarray, *, task: str = "binary") -> np.ndarray:
     """(N, 3, H, W) uint8 images, (N, H, W) targets and predictions -> one RGB panel (uint8)."""
-    rows = []
-    for image, target, pred in zip(images, targets, preds, strict=True):
-        cells = [image.transpose(1, 2, 0), _labels_rgb(target, task), _labels_rgb(pred, task),
-                 _error_rgb(target, pred, task)]
-        rows.append(np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    scale = max(1, -(-MIN_HEIGHT // images.shape[2]))
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    return _with_header(grid, COLUMNS)
+    rows = [[image.transpose(1, 2, 0), _labels_rgb(target, task), _labels_rgb(pred, task),
+             _error_rgb(target, pred, task)]
+            for image, target, pred in zip(images, targets, preds, strict=True)]
+    return _panel(rows, COLUMNS)
 
 
 def confusion_image(counts: np.ndarray, class_names: tuple[str, ...], cell: int = 28) -> np.ndarray:
@@ -83,13 +87,30 @@ def confusion_image(counts: np.ndarray, class_names: tuple[str, ...], cell: int 
     return np.asarray(image)
 
 
-def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray:
-    """Loss (train and val) and the monitored metric per epoch, as an RGB image."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _figure_image(fig) -> np.ndarray:
+    """Render a finished matplotlib figure to an RGB array and close it."""
+    for axis in fig.axes:
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    fig.clf()
+    _pyplot().close(fig)
+    return image
+
+
+def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray:
+    """Loss (train and val) and the monitored metric per epoch, as an RGB image."""
+    plt = _pyplot()
     epochs = list(range(1, len(history) + 1))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     for key in ("train/loss", "val/loss"):
@@ -98,23 +119,13 @@ def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray
     left.legend()
     right.plot(epochs, [h[monitor] for h in history], marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel=monitor, title=monitor)
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return _figure_image(fig)
 
 
 def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.ndarray:
     """Each metric against the values of one swept key: mean over the children sharing a value
     (e.g. several seeds), with the min-max spread as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     finished = [r for r in rows if r.get("status") == "FINISHED"]
     values = sorted({r[key] for r in finished}, key=lambda v: (isinstance(v, str), v))
     numeric = all(isinstance(v, (int, float)) for v in values)
@@ -132,36 +143,21 @@ def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.nda
         axis.set_xscale("log", base=2)
     axis.set_xticks(positions, [str(v) for v in values])
     axis.set(xlabel=key, ylabel="value", title=f"metrics against {key}")
-    axis.grid(alpha=0.3)
     axis.legend()
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return _figure_image(fig)
 
 
 def comparison_panel(images: np.ndarray, targets: np.ndarray, columns: dict[str, np.ndarray], *,
                      task: str) -> np.ndarray:
     """Input | Ground truth | one prediction column per label (e.g. per sweep child)."""
-    rows = []
-    for i, (image, target) in enumerate(zip(images, targets, strict=True)):
-        cells = [image.transpose(1, 2, 0), _labels_rgb(target, task)]
-        cells += [_labels_rgb(pred[i], task) for pred in columns.values()]
-        rows.append(np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    scale = max(1, -(-MIN_HEIGHT // images.shape[2]))
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    return _with_header(grid, ("Input", "Ground truth", *columns))
+    rows = [[image.transpose(1, 2, 0), _labels_rgb(target, task), *(_labels_rgb(pred[i], task) for pred in columns.values())]
+            for i, (image, target) in enumerate(zip(images, targets, strict=True))]
+    return _panel(rows, ("Input", "Ground truth", *columns))
 
 
 def pr_curve(calibration) -> np.ndarray:
     """Precision against recall over thresholds, with 0.5 and the Dice-best threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     c = calibration
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     left.plot(c.recall, c.precision, color="tab:blue")
@@ -174,10 +170,4 @@ def pr_curve(calibration) -> np.ndarray:
     right.axvline(c.thresholds[c.best], color="tab:red", linestyle="--")
     right.set(xlabel="threshold", ylabel="score", title="scores against threshold")
     right.legend()
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return _figure_image(fig)
