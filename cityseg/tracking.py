@@ -111,6 +111,7 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
         logging.getLogger("torch._export").setLevel(logging.ERROR)  # export notes on the example's batch size
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # pickle caveat: documented in the README
         model.eval()
         with torch.inference_mode():
             output = model(torch.from_numpy(example)).float().numpy()
