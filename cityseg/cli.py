@@ -262,12 +262,13 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
                     key=lambda r: r.data.metrics[args.metric], reverse=not lower_is_better)
     runs = (scored + [r for r in runs if args.metric not in r.data.metrics])[: args.limit]
     keys = sorted({k for r in runs for k in r.data.params})
-    varying = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1][:6]
+    # params that differ between the runs that have them (older runs may lack newer params)
+    varying = [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1][:5]
     metrics = [m for m in dict.fromkeys((args.metric, "val/dice", "val/iou", "val/miou", "val/boundary_f1"))
                if any(m in r.data.metrics for r in runs)]
     table = Table(title=f"sorted by {args.metric}", box=None, header_style="bold")
     for header in ("run", "status", *varying, *metrics, "run id"):
-        table.add_column(header, no_wrap=header in ("run", "run id"))
+        table.add_column(header, no_wrap=True)
     for r in runs:
         table.add_row(r.info.run_name, r.info.status, *(r.data.params.get(k, "-") for k in varying),
                       *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in metrics),
