@@ -36,6 +36,7 @@ class RichDisplay:
         self.progress: Progress | None = None
         self.task = None
         self._epochs = 0
+        self._header_shown = False  # a resumed run starts its table at a later epoch
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         self._epochs = epochs
@@ -60,8 +61,9 @@ class RichDisplay:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        table = Table(show_header=epoch == 1, box=None, pad_edge=False, collapse_padding=True,
+        table = Table(show_header=not self._header_shown, box=None, pad_edge=False, collapse_padding=True,
                       header_style="bold")
+        self._header_shown = True
         table.add_column("epoch", width=max(6, 2 * len(str(self._epochs)) + 2), justify="right", no_wrap=True)
         for header, _ in SUMMARY.values():
             table.add_column(header, width=7, justify="right", no_wrap=True)

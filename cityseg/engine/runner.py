@@ -70,9 +70,16 @@ def stop_on_signals(flag: StopFlag):
             signal.signal(sig, old)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave it to the main process, which
+    checkpoints and stops, instead of dying under it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loaders(splits: DataSplits, exp: Experiment, device: torch.device) -> tuple[DataLoader, EpochSampler, DataLoader]:
     common = {"batch_size": exp.data.batch_size, "num_workers": exp.data.num_workers,
-              "pin_memory": device.type == "cuda", "persistent_workers": exp.data.num_workers > 0}
+              "pin_memory": device.type == "cuda", "persistent_workers": exp.data.num_workers > 0,
+              "worker_init_fn": _ignore_sigint}
     sampler = EpochSampler(len(splits.train), seed=exp.seed, shuffle=True)
     return DataLoader(splits.train, sampler=sampler, **common), sampler, DataLoader(splits.val, **common)
 

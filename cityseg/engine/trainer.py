@@ -301,6 +301,8 @@ class Trainer:
                 self.display.epoch_end(epoch, metrics, is_best)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics, self.predict_samples())
+                if self.stop.signum and state.epoch <= self.s.epochs:  # signalled during validation or logging
+                    raise Interrupted(self.stop.signum, self.run_id, f"the end of epoch {epoch}")
                 if self.s.patience and state.bad_epochs >= self.s.patience:
                     stopped_early = True
                     self.display.message(f"early stop: {self.s.monitor} has not improved for "
