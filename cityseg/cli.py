@@ -233,7 +233,14 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     sweep, points = load_sweep(args.sweep)  # every grid point validated before anything runs
     out.print(f"[bold]{sweep.name}[/]: {len(points)} children, ranked by {sweep.metric} ({sweep.mode}), "
               f"{args.jobs} at a time")
-    result = run_sweep(args.sweep, jobs=args.jobs, report=lambda line: out.print(f"  {line}", markup=False))
+    from cityseg.errors import Interrupted
+
+    try:
+        result = run_sweep(args.sweep, jobs=args.jobs, report=lambda line: out.print(f"  {line}", markup=False))
+    except Interrupted as err:
+        print(f"{signal.Signals(err.signum).name}: sweep stopped; finished children are kept. Run the same "
+              f"command again to train the rest.", file=sys.stderr)
+        return 128 + err.signum
     shown = list(dict.fromkeys((sweep.metric, "val/iou", "val/precision", "val/recall")))
     table = Table("rank", "child", "status", *shown, "run id", box=None)
     for rank, row in enumerate(result.rows, start=1):

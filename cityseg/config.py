@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # Importing the component packages fills the registries that the unions below are made of.
 from cityseg import data, losses, models, optim  # noqa: F401
-from cityseg.data.cityscapes import TRAIN_CLASSES
 from cityseg.errors import ConfigError
 from cityseg.registry import (
     AUGMENTATIONS,
@@ -69,7 +68,11 @@ class TrackingConfig(Section):
     log_model: bool = Field(True, description="log the best model with mlflow.pytorch.log_model at the end")
 
 
-def _default(registry: Registry, name: str) -> Any:
+DEFAULT_COMPONENTS = {"model": "unet", "loss": "weighted_bce", "optimizer": "adamw", "scheduler": "cosine"}
+
+
+def _default(registry: Registry, field: str) -> Any:
+    name = DEFAULT_COMPONENTS[field]
     return Field(default_factory=lambda: registry.get(name).params(name=name),
                  description=f"{registry.kind}: one of {', '.join(registry.names())}")
 
@@ -82,10 +85,10 @@ class Experiment(Section):
     data: DATASETS.union() = Field(description=f"dataset: one of {', '.join(DATASETS.names())}")
     augment: list[AUGMENTATIONS.union()] = Field(
         [], description="training augmentations, applied in order to image and mask together")
-    model: MODELS.union() = _default(MODELS, "unet")
-    loss: LOSSES.union() = _default(LOSSES, "weighted_bce")
-    optimizer: OPTIMIZERS.union() = _default(OPTIMIZERS, "adamw")
-    scheduler: SCHEDULERS.union() = _default(SCHEDULERS, "cosine")
+    model: MODELS.union() = _default(MODELS, "model")
+    loss: LOSSES.union() = _default(LOSSES, "loss")
+    optimizer: OPTIMIZERS.union() = _default(OPTIMIZERS, "optimizer")
+    scheduler: SCHEDULERS.union() = _default(SCHEDULERS, "scheduler")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description=TrainerConfig.__doc__)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description=TrackingConfig.__doc__)
 
@@ -106,11 +109,8 @@ class Experiment(Section):
                              f"task but data.task is {task}; use one of {', '.join(fitting)}")
         allowed = monitor_choices(task)
         if self.trainer.monitor not in ("auto", *allowed):
-            listed = [m for m in allowed if not m.startswith("val/iou/")]
-            per_class = " or val/iou/<class> (e.g. val/iou/car)" if task == "multiclass" else ""
-            raise ValueError(f"trainer.monitor: {self.trainer.monitor} is not computed for the {task} "
-                             f"task{suggest(self.trainer.monitor, listed)}; use auto, "
-                             f"{', '.join(listed)}{per_class}")
+            raise ValueError(f"trainer.monitor: {self.trainer.monitor} is not a per-epoch metric of the {task} "
+                             f"task{suggest(self.trainer.monitor, list(allowed))}; use auto, {', '.join(allowed)}")
         return self
 
     @property
@@ -132,9 +132,8 @@ def monitor_choices(task: str) -> tuple[str, ...]:
     """Metrics a run of this task logs per epoch, the default monitor first."""
     if task == "binary":
         scores = ("val/dice", "val/iou", "val/precision", "val/recall", "val/accuracy")
-    else:
-        scores = ("val/miou", "val/pixel_accuracy",
-                  *(f"val/iou/{name.replace(' ', '_')}" for name in TRAIN_CLASSES))
+    else:  # not per-class IoU: a class absent from an epoch's data has none
+        scores = ("val/miou", "val/pixel_accuracy")
     return (*scores, "val/boundary_f1", "val/loss", "train/loss")
 
 
@@ -240,7 +239,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 if not isinstance(node.get(key, {}), (dict, list)):
                     raise ConfigError(f"--set {text}: {'.'.join(keys[:depth + 1])} is a value, "
                                       f"not a section")
-                node = node.setdefault(key, {})
+                # a component section the file leaves to its default starts as that default
+                node = node.setdefault(key, {"name": DEFAULT_COMPONENTS[key]} if depth == 0 and key in DEFAULT_COMPONENTS else {})
         last = keys[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):

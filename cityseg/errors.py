@@ -23,3 +23,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int, run_id: str, where: str) -> None:
         super().__init__(f"interrupted by signal {signum} at {where}")
         self.signum, self.run_id, self.where = signum, run_id, where
+
+    def __reduce__(self):  # crosses process boundaries (parallel sweep children)
+        return (Interrupted, (self.signum, self.run_id, self.where))

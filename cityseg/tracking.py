@@ -92,11 +92,13 @@ class Tracker:
         self.run_id = run_id
 
     def resumable_run(self, config_hash: str) -> str | None:
-        """The newest run of this experiment with this config that did not finish."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.config_hash = '{config_hash}'",
-            order_by=["attributes.start_time DESC"])
-        return next((r.info.run_id for r in runs if r.info.status != "FINISHED"), None)
+        """The newest run of this experiment with this config, if it was interrupted (KILLED).
+
+        A newer FINISHED run means there is nothing to resume; a RUNNING one may be alive in
+        another process; a FAILED one diverged and would diverge again.
+        """
+        runs = self.find_runs(f"tags.config_hash = '{config_hash}'")
+        return runs[0].info.run_id if runs and runs[0].info.status == "KILLED" else None
 
     def run_exists(self, run_id: str) -> bool:
         try:

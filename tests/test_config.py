@@ -81,7 +81,7 @@ def test_loss_must_fit_the_task():
         validate(raw, source="x")
     raw["loss"] = {"name": "cross_entropy"}
     raw["trainer"] = {"monitor": "val/dice"}
-    with pytest.raises(ConfigError, match=r"trainer\.monitor: val/dice is not computed for the multiclass task"):
+    with pytest.raises(ConfigError, match=r"trainer\.monitor: val/dice is not a per-epoch metric of the multiclass task"):
         validate(raw, source="x")
     raw["trainer"] = {}
     assert validate(raw, source="x").monitor == "val/miou"
@@ -215,3 +215,10 @@ def test_a_file_switching_component_over_its_base_drops_the_old_params(tmp_path)
     child = write(tmp_path, "base: parent.yaml\nloss: {name: dice}\n", "child.yaml")
     exp = load_experiment(child)
     assert exp.loss.name == "dice" and exp.loss.smooth == 0.5  # smooth kept, pos_weight dropped
+
+
+def test_override_of_a_component_section_the_file_omits(tmp_path):
+    path = write(tmp_path, "name: t\ndata: {name: synthetic, image_size: [32, 64]}\n")
+    exp = load_experiment(path, ["optimizer.lr=1e-4", "loss.pos_weight=3"])
+    assert exp.optimizer.name == "adamw" and exp.optimizer.lr == 1e-4
+    assert exp.loss.name == "weighted_bce" and exp.loss.pos_weight == 3.0

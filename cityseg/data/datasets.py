@@ -151,7 +151,7 @@ class SegmentationDataset(Dataset):
         mask = tv_tensors.Mask(torch.from_numpy(self.lut[train_ids]))  # (H, W)
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
-                torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
+                torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
                 img, mask = self.transform(img, mask)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 

@@ -68,7 +68,8 @@ def load_trained(*, run_id: str | None, checkpoint: Path | None, runs: Path,
     model = MODELS.build(exp.model, ctx)
     check_weights_fit(saved, model, path)
     dev = resolve_device(device)
-    threshold = float(saved["threshold"]) if "threshold" in saved else exp.trainer.threshold
+    asked = any(o.startswith("trainer.threshold=") for o in overrides)
+    threshold = float(saved["threshold"]) if "threshold" in saved and not asked else exp.trainer.threshold
     return Trained(exp, model.to(dev).eval(), saved, path, saved["run_id"], threshold, dev,
                    resolve_precision(exp.trainer.precision, dev))
 
@@ -100,11 +101,15 @@ def split_loader(trained: Trained, split: str) -> DataLoader:
 def evaluate(trained: Trained, *, split: str, full_resolution: bool) -> tuple[dict[str, float], torch.Tensor]:
     """The training metrics of the model on a split; (scores, confusion counts)."""
     batches = _full_resolution(trained, split) if full_resolution else split_loader(trained, split)
-    return evaluate_batches(
+    found, counts = evaluate_batches(
         trained.model, batches, prepare=_prepare(trained), autocast=lambda: autocast_for(trained.device, trained.amp_dtype),
         threshold=trained.threshold, loss_fn=None, num_classes=len(trained.class_names),
         class_names=trained.class_names, task=trained.task, tolerance=trained.exp.trainer.boundary_tolerance,
         device=trained.device)
+    if counts.sum() == 0:
+        raise CitysegError(f"split {split!r} has no labelled pixels (Cityscapes' test labels are not public); "
+                           f"evaluate on val or train")
+    return found, counts
 
 
 @dataclass
@@ -134,19 +139,21 @@ def calibrate(trained: Trained, *, split: str) -> Calibration:
         x, y = prepare(images, masks)
         with autocast_for(trained.device, trained.amp_dtype):
             prob = torch.sigmoid(trained.model(x)[:, 0].float())
-        bins = (prob * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS)  # bin k: p in [k/1000, (k+1)/1000)
+        # bin k holds p in (k/1000, (k+1)/1000], so "bin >= k" is exactly "p > k/1000", as predictions use
+        bins = (torch.ceil(prob * HISTOGRAM_BINS) - 1).long().clamp_(0, HISTOGRAM_BINS)
         fg += torch.bincount(bins[y == 1], minlength=HISTOGRAM_BINS + 1)
         bg += torch.bincount(bins[y == 0], minlength=HISTOGRAM_BINS + 1)
     fg_at_least = fg.flip(0).cumsum(0).flip(0).cpu().numpy()  # pixels with bin >= k: predicted foreground
     bg_at_least = bg.flip(0).cumsum(0).flip(0).cpu().numpy()
-    tp, fp = fg_at_least[1:].astype(np.float64), bg_at_least[1:].astype(np.float64)  # thresholds k/1000, k >= 1
+    # thresholds k/1000 for k = 1..999 (a valid trainer.threshold lies strictly between 0 and 1)
+    tp, fp = fg_at_least[1:HISTOGRAM_BINS].astype(np.float64), bg_at_least[1:HISTOGRAM_BINS].astype(np.float64)
     fn = fg.sum().item() - tp
     with np.errstate(divide="ignore", invalid="ignore"):
         dice = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 1.0)
         iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), 1.0)
         precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
         recall = np.where(tp + fn > 0, tp / (tp + fn), 1.0)
-    thresholds = np.arange(1, HISTOGRAM_BINS + 1) / HISTOGRAM_BINS
+    thresholds = np.arange(1, HISTOGRAM_BINS) / HISTOGRAM_BINS
     return Calibration(thresholds, dice, iou, precision, recall, best=int(np.argmax(dice)),
                        at_half=HISTOGRAM_BINS // 2 - 1)
 

@@ -15,9 +15,11 @@ from cityseg.tracking import Tracker
 RESUMABLE_CHANGES = {"trainer.epochs"}  # what may differ between a checkpoint and its resumed run
 
 
-def config_hash(config: dict) -> str:
-    """Identity of an experiment's config for resuming and for sweeps, ignoring the epoch count."""
-    kept = {k: v for k, v in flatten(config).items() if k not in RESUMABLE_CHANGES}
+def config_hash(config: dict, *, resumable: bool = True) -> str:
+    """Identity of an experiment's config: for resuming (ignoring the epoch count, which a
+    resumed run may raise), or whole (resumable=False: sweep children)."""
+    ignored = RESUMABLE_CHANGES if resumable else set()
+    kept = {k: v for k, v in flatten(config).items() if k not in ignored}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -32,14 +34,18 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker) -> Path | None:
+def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path | None:
     """RUN_ID, a checkpoint path or auto -> the checkpoint to resume from (None: auto found nothing)."""
     runs = exp.tracking.dir / "checkpoints"
+    if Path(spec).is_file():
+        return Path(spec)
+    if tracker is None:  # no store yet
+        if spec == "auto":
+            return None
+        raise ConfigError(f"--resume {spec}: no MLflow store at {exp.tracking.dir / 'mlflow.db'}")
     if spec == "auto":
         run_id = tracker.resumable_run(config_hash(exp.model_dump(mode="json")))
         return runs / run_id / "last.pt" if run_id and (runs / run_id / "last.pt").is_file() else None
-    if Path(spec).is_file():
-        return Path(spec)
     if tracker.run_exists(spec):
         path = runs / spec / "last.pt"
         if not path.is_file():
@@ -59,9 +65,11 @@ def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None
                             for k in changed[:12])
         raise ConfigError(f"{path}: cannot resume, the experiment differs from the checkpoint's "
                           f"(only trainer.epochs may change):\n  {lines}")
-    if checkpoint["state"]["epoch"] > exp.trainer.epochs and checkpoint["state"]["step_in_epoch"] == 0:
-        raise ConfigError(f"{path}: already trained {checkpoint['state']['epoch'] - 1} epochs; raise "
-                          f"trainer.epochs above that to continue (--set trainer.epochs=N)")
+    epoch, step = checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]
+    if epoch > exp.trainer.epochs:
+        done = f"already trained {epoch - 1} epochs" + (f" and {step} batches of epoch {epoch}" if step else "")
+        raise ConfigError(f"{path}: {done}; set trainer.epochs to at least {epoch} to continue "
+                          f"(--set trainer.epochs=N)")
 
 
 def check_weights_fit(checkpoint: dict, model: torch.nn.Module, path: Path) -> None:

@@ -40,7 +40,7 @@ from cityseg.engine.resume import (
     load_checkpoint,
 )
 from cityseg.engine.trainer import FitResult, StopFlag, Trainer, TrainerSettings, TrainState
-from cityseg.errors import DataError, Interrupted, TrainingDiverged
+from cityseg.errors import ConfigError, DataError, Interrupted, TrainingDiverged
 from cityseg.metrics import multiclass_scores
 from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, BuildContext, Params
 
@@ -79,7 +79,10 @@ def _ignore_sigint(worker_id: int) -> None:
 def _loaders(splits: DataSplits, exp: Experiment, device: torch.device) -> tuple[DataLoader, EpochSampler, DataLoader]:
     common = {"batch_size": exp.data.batch_size, "num_workers": exp.data.num_workers,
               "pin_memory": device.type == "cuda", "persistent_workers": exp.data.num_workers > 0,
-              "worker_init_fn": _ignore_sigint}
+              "worker_init_fn": _ignore_sigint,
+              # the loader's own generator: creating an iterator must not draw from the global RNG
+              # (dropout uses it), or a resumed run would differ from an uninterrupted one
+              "generator": torch.Generator().manual_seed(exp.seed)}
     sampler = EpochSampler(len(splits.train), seed=exp.seed, shuffle=True)
     return DataLoader(splits.train, sampler=sampler, **common), sampler, DataLoader(splits.val, **common)
 
@@ -131,15 +134,16 @@ def run(exp: Experiment, *, display=None, resume: str | None = None, run_name: s
     ctx = BuildContext(task=task, out_channels=1 if task == "binary" else len(TRAIN_CLASSES),
                        ignore_index=IGNORE_INDEX, image_size=exp.data.image_size, seed=exp.seed)
 
-    tracker = None  # opened late for a new run, so a data error leaves no store behind
-    if resume:
-        tracker = tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
+    # the store is opened late for a new run, so a data error leaves nothing behind; resuming
+    # reads an existing one (and never creates it)
+    has_store = (exp.tracking.dir / "mlflow.db").is_file()
+    tracker = tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment) if resume and has_store else None
     checkpoint_path = find_checkpoint(resume, exp, tracker) if resume else None
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None:
         check_same_experiment(checkpoint, exp, checkpoint_path)
     elif resume == "auto":
-        display.message("--resume auto: no unfinished run of this experiment and config; starting a new one")
+        display.message("--resume auto: no interrupted run of this experiment and config; starting a new one")
 
     if exp.data.cache:
         display.message(f"data: decode cache in {exp.data.cache_dir} (the first use decodes every image)")
@@ -166,32 +170,35 @@ def run(exp: Experiment, *, display=None, resume: str | None = None, run_name: s
     tracker = tracker or tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
     if checkpoint is not None:
         run_id = checkpoint["run_id"]
+        if not tracker.run_exists(run_id):
+            raise ConfigError(f"{checkpoint_path}: its run {run_id} is not in {exp.tracking.dir / 'mlflow.db'}; "
+                              f"resume with the tracking.dir it was trained with")
         tracker.reattach(run_id)
     else:
         run_id = tracker.start(run_name=run_name or exp.name, tags={
             **run_tags(device, amp_dtype), **data_tags, "config_hash": config_hash(config), **(tags or {})})
-    settings = TrainerSettings(
-        task=task, num_classes=len(class_names), class_names=class_names,
-        epochs=exp.trainer.epochs, device=device, amp_dtype=amp_dtype,
-        channels_last=exp.trainer.channels_last, grad_clip_norm=exp.trainer.grad_clip_norm,
-        accumulate=exp.trainer.accumulate, threshold=exp.trainer.threshold,
-        boundary_tolerance=exp.trainer.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
-        patience=exp.trainer.patience, min_delta=exp.trainer.min_delta,
-        checkpoint_dir=exp.tracking.dir / "checkpoints" / run_id)
+    checkpoint_dir = exp.tracking.dir / "checkpoints" / run_id
+    status, result, resumed_from = "FAILED", None, 0
+    try:  # from here on the run always ends with a status, whatever fails
+        settings = TrainerSettings(
+            task=task, num_classes=len(class_names), class_names=class_names,
+            epochs=exp.trainer.epochs, device=device, amp_dtype=amp_dtype,
+            channels_last=exp.trainer.channels_last, grad_clip_norm=exp.trainer.grad_clip_norm,
+            accumulate=exp.trainer.accumulate, threshold=exp.trainer.threshold,
+            boundary_tolerance=exp.trainer.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
+            patience=exp.trainer.patience, min_delta=exp.trainer.min_delta, checkpoint_dir=checkpoint_dir)
 
-    def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
-        tracker.log_metrics(metrics, step=epoch)
-        if sample_arrays is not None:
-            tracker.log_image(viz.sample_panel(*sample_arrays, task=task), f"samples/epoch_{epoch:03d}.png")
+        def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
+            tracker.log_metrics(metrics, step=epoch)
+            if sample_arrays is not None:
+                tracker.log_image(viz.sample_panel(*sample_arrays, task=task), f"samples/epoch_{epoch:03d}.png")
 
-    trainer = Trainer(model=torch.compile(model) if exp.trainer.compile else model, raw_model=model,
-                      loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, train_loader=train_loader,
-                      sampler=sampler, val_loader=val_loader, settings=settings, config=config, run_id=run_id,
-                      samples=samples, on_epoch_end=on_epoch_end, display=display)
-    state = trainer.restore(checkpoint) if checkpoint is not None else TrainState()
-    resumed_from = state.epoch - 1
-    status, result = "FAILED", None
-    try:
+        trainer = Trainer(model=torch.compile(model) if exp.trainer.compile else model, raw_model=model,
+                          loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, train_loader=train_loader,
+                          sampler=sampler, val_loader=val_loader, settings=settings, config=config,
+                          run_id=run_id, samples=samples, on_epoch_end=on_epoch_end, display=display)
+        state = trainer.restore(checkpoint) if checkpoint is not None else TrainState()
+        resumed_from = state.epoch - 1
         if checkpoint is None:
             tracker.log_params({**flatten(config), **loss_logged})
             tracker.log_text(to_yaml(exp), "config.yaml")
@@ -211,9 +218,11 @@ def run(exp: Experiment, *, display=None, resume: str | None = None, run_name: s
         tracker.set_tags({"failure": str(err)})
         raise
     finally:
-        for path in settings.checkpoint_dir.glob("*.pt"):  # whatever was saved, even on failure
-            tracker.log_file(path, "checkpoints")
-        tracker.end(status)
+        try:
+            for path in checkpoint_dir.glob("*.pt"):  # whatever was saved, even on failure
+                tracker.log_file(path, "checkpoints")
+        finally:
+            tracker.end(status)
     return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
                      best_score=result.best_score, checkpoints=result.checkpoints,
                      stopped_early=result.stopped_early, resumed_from=resumed_from)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cityseg.config import Experiment, load_experiment, monitor_choices, read_yaml, to_yaml
 from cityseg.engine.resume import config_hash
-from cityseg.errors import ConfigError
+from cityseg.errors import ConfigError, Interrupted
 
 
 class SweepConfig(BaseModel):
@@ -80,7 +80,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[SweepPoint]]:
             exp = load_experiment(path.parent / sweep.base, overrides)
         except ConfigError as err:
             raise ConfigError(f"{path}: grid point {label_of(values)}: {err}") from None
-        points.append(SweepPoint(values, label_of(values), exp, config_hash(exp.model_dump(mode="json"))))
+        points.append(SweepPoint(values, label_of(values), exp, config_hash(exp.model_dump(mode="json"), resumable=False)))
     allowed = monitor_choices(points[0].experiment.data.task)
     if sweep.metric not in allowed:
         raise ConfigError(f"{path}: metric: {sweep.metric} is not logged by these runs; use one of "
@@ -117,7 +117,7 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
     """Run every point that has no FINISHED child yet, `jobs` at a time; failures do not stop the rest."""
     outcomes, todo = [], []
     for point in points:
-        done = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.config_hash = '{point.config_hash}'",
+        done = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_point = '{point.config_hash}'",
                                  status="FINISHED")
         if done:
             outcomes.append(ChildOutcome(point, done[0].info.run_id, "FINISHED", skipped=True))
@@ -126,7 +126,7 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
             todo.append(point)
 
     def tags_of(point: SweepPoint) -> dict[str, str]:
-        return {"mlflow.parentRunId": parent_id, "sweep_id": sid, "sweep_role": "child",
+        return {"mlflow.parentRunId": parent_id, "sweep_id": sid, "sweep_role": "child", "sweep_point": point.config_hash,
                 **{f"sweep.{k}": str(v) for k, v in point.values.items()}}
 
     if jobs <= 1:
@@ -137,21 +137,28 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
             try:
                 result = run(point.experiment, run_name=point.label, tags=tags_of(point))
                 outcomes.append(ChildOutcome(point, result.run_id, "FINISHED", skipped=False))
+            except Interrupted:
+                raise  # the person wants the whole sweep to stop
             except Exception as err:  # noqa: BLE001  (a failed child is reported, the others go on)
                 outcomes.append(ChildOutcome(point, None, "FAILED", skipped=False, error=str(err)))
             report(f"{point.label}: {outcomes[-1].status}")
         return outcomes
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+    try:
         futures = {pool.submit(_child, p.experiment.model_dump(mode="json"), p.label, tags_of(p), threads): p
                    for p in todo}
         for future in as_completed(futures):
             point = futures[future]
             try:
                 outcomes.append(ChildOutcome(point, future.result(), "FINISHED", skipped=False))
-            except Exception as err:  # noqa: BLE001
+            except Interrupted:
+                raise
+            except Exception as err:  # noqa: BLE001  (a failed child is reported, the others go on)
                 outcomes.append(ChildOutcome(point, None, "FAILED", skipped=False, error=str(err)))
             report(f"{point.label}: {outcomes[-1].status}")
+    finally:  # on Ctrl-C: children not yet started never start
+        pool.shutdown(wait=True, cancel_futures=True)
     return outcomes
 
 
@@ -211,7 +218,7 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
         failed = [o for o in outcomes if o.status != "FINISHED"]
         tracker.set_tags({"failed_children": str(len(failed))})
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         status = "KILLED"
         raise
     finally:
@@ -251,7 +258,7 @@ def _log_summary(tracker, sweep: SweepConfig, points: list[SweepPoint], rows: li
 
 
 def comparison_panel(points: list[SweepPoint], rows: list[dict[str, Any]]):
-    """The same validation images predicted by every finished child, side by side (best first)."""
+    """The same validation images predicted by every finished child's final weights, side by side (best first)."""
     import torch
 
     from cityseg import viz
@@ -275,7 +282,8 @@ def comparison_panel(points: list[SweepPoint], rows: list[dict[str, Any]]):
     by_label = {p.label: p for p in points}
     columns = {}
     for row in rows:
-        checkpoint = base.tracking.dir / "checkpoints" / row["run_id"] / "best.pt" if row["run_id"] else None
+        # last.pt: the weights whose (last-epoch) metrics rank the children
+        checkpoint = base.tracking.dir / "checkpoints" / row["run_id"] / "last.pt" if row["run_id"] else None
         if checkpoint is None or not checkpoint.is_file():
             continue
         model = MODELS.build(by_label[row["child"]].experiment.model, ctx)

@@ -224,7 +224,9 @@ class Trainer:
             with self._autocast():
                 logits = self.model(x)
             loss = self.loss_fn(logits, y)
-            self.scaler.scale(loss / self.s.accumulate).backward()
+            group_start = (batch - 1) // self.s.accumulate * self.s.accumulate
+            group_size = min(self.s.accumulate, batches - group_start)  # the last group may be short
+            self.scaler.scale(loss / group_size).backward()
             at_step = batch % self.s.accumulate == 0 or batch == batches
             if at_step:
                 self._optimizer_step()
@@ -301,13 +303,13 @@ class Trainer:
                 self.display.epoch_end(epoch, metrics, is_best)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics, self.predict_samples())
-                if self.stop.signum and state.epoch <= self.s.epochs:  # signalled during validation or logging
-                    raise Interrupted(self.stop.signum, self.run_id, f"the end of epoch {epoch}")
                 if self.s.patience and state.bad_epochs >= self.s.patience:
                     stopped_early = True
                     self.display.message(f"early stop: {self.s.monitor} has not improved for "
                                          f"{state.bad_epochs} epochs (best {state.best_score:.4f} at epoch {state.best_epoch})")
                     break
+                if self.stop.signum and state.epoch <= self.s.epochs:  # signalled during validation or logging
+                    raise Interrupted(self.stop.signum, self.run_id, f"the end of epoch {epoch}")
         finally:
             self.display.close()
         return FitResult(state.history, state.best_epoch, state.best_score, self.paths, stopped_early)

@@ -87,6 +87,9 @@ def test_interrupted_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path):
         runner.Trainer._optimizer_step = original
     checkpoint = load_checkpoint(tmp_path / "b" / "runs" / "checkpoints" / info.value.run_id / "last.pt")
     assert (checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]) == (2, 2)
+    fewer = experiment("b", epochs=1)  # stopped inside epoch 2: one epoch is not enough to continue
+    with pytest.raises(ConfigError, match=r"already trained 1 epochs and 2 batches of epoch 2; set trainer.epochs to at least 2"):
+        runner.run(fewer, resume=info.value.run_id)
     resumed = runner.run(exp, resume=info.value.run_id)
     assert resumed.resumed_from == 1
     without_speed = [{k: v for k, v in m.items() if k != "throughput/img_s"} for m in (resumed.metrics, straight.metrics)]

@@ -1,5 +1,8 @@
 """Sweeps: a parent with nested children, parallel jobs, skipping finished children, summaries."""
 
+import pickle
+import signal
+
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -7,7 +10,7 @@ from mlflow import MlflowClient
 from cityseg.cli import main
 from cityseg.engine import runner
 from cityseg.engine.sweep import load_sweep, run_sweep
-from cityseg.errors import ConfigError
+from cityseg.errors import ConfigError, Interrupted
 from cityseg.tracking import tracking_uri
 from tests.conftest import QUICKSTART, tiny_overrides
 
@@ -64,7 +67,9 @@ def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tm
     assert again.parent_id == parent.info.run_id
 
 
-def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), Interrupted(signal.SIGTERM, "run", "epoch 1")],
+                         ids=["keyboard", "signal"])
+def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monkeypatch, stop):
     path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2, 4]})
     real_run = runner.run
     calls = {"n": 0}
@@ -72,11 +77,11 @@ def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monk
     def interrupt_second_child(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt
+            raise stop  # what a child's run raises on Ctrl-C / SIGTERM: the sweep must stop too
         return real_run(*args, **kwargs)
 
     monkeypatch.setattr(runner, "run", interrupt_second_child)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(type(stop)):
         run_sweep(path, jobs=1, report=lambda line: None)
     client, parents, children = runs(tmp_path)
     assert parents[0].info.status == "KILLED" and len(children) == 1
@@ -115,3 +120,14 @@ def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys):
     high, low = sorted(result.rows, key=lambda row: -row["val/dice"])
     assert high["val/dice"] > low["val/dice"]
     assert out.index(high["run_id"][:8]) < out.index(low["run_id"][:8])
+
+
+def test_interrupted_crosses_process_boundaries():
+    again = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM, "abc", "epoch 2, batch 3 of 9")))
+    assert (again.signum, again.run_id, again.where) == (signal.SIGTERM, "abc", "epoch 2, batch 3 of 9")
+
+
+def test_changing_epochs_makes_new_children(tmp_path):
+    short = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}))[1]
+    longer = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}, set={"trainer.epochs": 5}))[1]
+    assert {p.config_hash for p in short}.isdisjoint(p.config_hash for p in longer)
