@@ -8,6 +8,7 @@ so the quickstart trains on the same data on every machine with no download.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -225,21 +226,26 @@ def ensure_dataset(root: Path, *, num_train: int, num_val: int, size: tuple[int,
     """Generate the dataset at `root` unless an identical one is there; True if it was written.
 
     Written to a temporary sibling and renamed, so an interrupted generation never leaves a
-    half-written dataset that a later run would mistake for a complete one.
+    half-written dataset, under a lock, so parallel runs (sweep children on a fresh checkout)
+    generate it once and never delete it under each other.
     """
     spec = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
     manifest = root / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()) == spec:
         return False
-    if root.exists() and not manifest.is_file():
-        raise DataError(f"{root} exists but is not a synthetic dataset (no {MANIFEST}); "
-                              f"choose another data.root")
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_dataset(tmp, num_train=num_train, num_val=num_val, size=size, seed=seed)
-    (tmp / MANIFEST).write_text(json.dumps(spec))
-    if root.exists():
-        shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if manifest.is_file() and json.loads(manifest.read_text()) == spec:
+            return False  # another process wrote it while this one waited
+        if root.exists() and not manifest.is_file():
+            raise DataError(f"{root} exists but is not a synthetic dataset (no {MANIFEST}); "
+                            f"choose another data.root")
+        tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_dataset(tmp, num_train=num_train, num_val=num_val, size=size, seed=seed)
+        (tmp / MANIFEST).write_text(json.dumps(spec))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
     return True

@@ -200,12 +200,15 @@ class Trainer:
         set_rng_state(checkpoint["rng"])
         return TrainState(**checkpoint["state"])
 
-    def _diverged(self, epoch: int, step: int) -> TrainingDiverged:
+    def _diverged(self, epoch: int, step: int | None) -> TrainingDiverged:
+        """step: the first batch (from 1) with a non-finite loss; None: the loss stayed finite
+        but the weights did not (an overflowing update)."""
         last = self.paths["last"]
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        return TrainingDiverged(f"training loss became NaN or infinite at epoch {epoch}, step {step} "
-                                f"(batch {step} of that epoch, counting from 1); {kept}. Lower "
-                                f"optimizer.lr, set trainer.grad_clip_norm, or check the data")
+        what = (f"training loss became NaN or infinite at epoch {epoch}, step {step} (batch {step} of that "
+                f"epoch, counting from 1)" if step else f"model weights became NaN or infinite in epoch {epoch}")
+        return TrainingDiverged(f"{what}; {kept}. Lower optimizer.lr, set trainer.grad_clip_norm, "
+                                f"or check the data")
 
     # ------------------------------------------------------------------ loops
 
@@ -246,9 +249,12 @@ class Trainer:
                 state.step_in_epoch, state.loss_sum, state.seen = batch, total_loss.item(), seen
                 save_atomic(self._checkpoint(state, {}), self.paths["last"])
                 raise Interrupted(self.stop.signum, self.run_id, f"epoch {epoch}, batch {batch} of {batches}")
-        loss_sum, bad = torch.stack([total_loss, first_bad.double()]).tolist()  # the epoch's sync
+        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().double()
+        loss_sum, bad, weights_ok = torch.stack([total_loss, first_bad.double(), finite]).tolist()  # the epoch's sync
         if bad > 0:
             raise self._diverged(epoch, int(bad))
+        if not weights_ok:  # a finite loss but an overflowing update: never checkpoint such weights
+            raise self._diverged(epoch, None)
         elapsed = time.perf_counter() - start
         return {"train/loss": loss_sum / max(seen, 1), "throughput/img_s": (seen - state.seen) / elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
