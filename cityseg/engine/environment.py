@@ -69,15 +69,16 @@ def _git(*args: str) -> str | None:
 
 def run_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, str]:
     """Git commit (and whether the tree was dirty), package versions, device and host."""
-    import mlflow
     import torchvision
+
+    from cityseg.tracking import mlflow_version
 
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     return {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
             "cityseg_version": cityseg.__version__, "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__, "mlflow_version": mlflow.__version__,
+            "torchvision_version": torchvision.__version__, "mlflow_version": mlflow_version(),
             "python_version": platform.python_version(), "host": socket.gethostname(),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "precision": names[amp_dtype]}

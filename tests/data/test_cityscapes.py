@@ -12,6 +12,7 @@ from cityseg.data.cityscapes import (
     train_ids_lut,
     valid_values,
 )
+from tests.conftest import CITYSCAPES_MINI
 
 
 def test_label_table_matches_cityscapes():
@@ -61,3 +62,15 @@ def test_foreground_stats_by_hand():
     fraction, ratio = foreground_stats(counts, ["car", "person"])
     assert fraction == pytest.approx(30 / 100) and ratio == pytest.approx(70 / 30)
     assert foreground_stats(counts, ["bus"]) == (0.0, float("inf"))
+
+
+@pytest.mark.skipif(not CITYSCAPES_MINI.is_dir(), reason="../shared/data/cityscapes-mini is absent")
+def test_training_loader_reads_real_frames():
+    from cityseg.data.datasets import DataParams, DiskReader, SegmentationDataset, task_lut
+    from cityseg.data.layouts import index_dataset
+
+    index = index_dataset(CITYSCAPES_MINI)
+    reader = DiskReader(index.samples["val"], layout=index.layout, encoding=index.encoding, size=(256, 512))
+    image, mask = SegmentationDataset(reader, lut=task_lut(DataParams()), transform=None)[0]
+    assert image.shape == (3, 256, 512) and mask.shape == (256, 512)
+    assert set(mask.unique().tolist()) == {0, 1, 255}  # background, vehicles/persons, void
