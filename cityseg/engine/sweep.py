@@ -93,14 +93,14 @@ def sweep_id(sweep: SweepConfig, points: list[SweepPoint]) -> str:
     return f"{sweep.name}-{digest}"
 
 
-def _child(config: dict, label: str, tags: dict[str, str], threads: int) -> str:
-    """Run one child in a worker process; returns its run id."""
+def _child(config: dict, label: str, tags: dict[str, str], resume: str | None, threads: int) -> str:
+    """Run (or resume) one child in a worker process; returns its run id."""
     import torch
 
     from cityseg.engine.runner import run
 
     torch.set_num_threads(threads)
-    return run(Experiment.model_validate(config), run_name=label, tags=tags).run_id
+    return run(Experiment.model_validate(config), run_name=label, tags=tags, resume=resume).run_id
 
 
 @dataclass
@@ -115,15 +115,19 @@ class ChildOutcome:
 def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: int, tracker,
                  report) -> list[ChildOutcome]:
     """Run every point that has no FINISHED child yet, `jobs` at a time; failures do not stop the rest."""
-    outcomes, todo = [], []
+    outcomes, todo, resume = [], [], {}
     for point in points:
-        done = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_point = '{point.config_hash}'",
-                                 status="FINISHED")
+        earlier = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_point = '{point.config_hash}'")
+        done = [r for r in earlier if r.info.status == "FINISHED"]
         if done:
             outcomes.append(ChildOutcome(point, done[0].info.run_id, "FINISHED", skipped=True))
             report(f"{point.label}: already FINISHED ({done[0].info.run_id}), skipped")
-        else:
-            todo.append(point)
+            continue
+        todo.append(point)
+        if earlier and earlier[0].info.status == "KILLED":  # interrupted: continue from its checkpoint
+            checkpoint = point.experiment.tracking.dir / "checkpoints" / earlier[0].info.run_id / "last.pt"
+            if checkpoint.is_file():
+                resume[point.label] = earlier[0].info.run_id
 
     def tags_of(point: SweepPoint) -> dict[str, str]:
         return {"mlflow.parentRunId": parent_id, "sweep_id": sid, "sweep_role": "child", "sweep_point": point.config_hash,
@@ -133,9 +137,10 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
         from cityseg.engine.runner import run
 
         for point in todo:
-            report(f"{point.label}: training")
+            again = resume.get(point.label)
+            report(f"{point.label}: " + (f"resuming {again}" if again else "training"))
             try:
-                result = run(point.experiment, run_name=point.label, tags=tags_of(point))
+                result = run(point.experiment, run_name=point.label, tags=tags_of(point), resume=again)
                 outcomes.append(ChildOutcome(point, result.run_id, "FINISHED", skipped=False))
             except Interrupted:
                 raise  # the person wants the whole sweep to stop
@@ -146,8 +151,8 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
     try:
-        futures = {pool.submit(_child, p.experiment.model_dump(mode="json"), p.label, tags_of(p), threads): p
-                   for p in todo}
+        futures = {pool.submit(_child, p.experiment.model_dump(mode="json"), p.label, tags_of(p),
+                               resume.get(p.label), threads): p for p in todo}
         for future in as_completed(futures):
             point = futures[future]
             try:

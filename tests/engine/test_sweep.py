@@ -131,3 +131,31 @@ def test_changing_epochs_makes_new_children(tmp_path):
     short = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}))[1]
     longer = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}, set={"trainer.epochs": 5}))[1]
     assert {p.config_hash for p in short}.isdisjoint(p.config_hash for p in longer)
+
+
+def test_a_child_interrupted_mid_training_is_resumed_not_restarted(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2]})
+    original = runner.Trainer._optimizer_step
+    steps = {"n": 0}
+
+    def signal_in_second_child(self):  # 2 children x 2 epochs x 2 batches: step 6 is child 2, epoch 1, batch 2
+        original(self)
+        steps["n"] += 1
+        if steps["n"] == 6:
+            self.stop.signum = signal.SIGTERM
+
+    monkeypatch.setattr(runner.Trainer, "_optimizer_step", signal_in_second_child)
+    with pytest.raises(Interrupted):
+        run_sweep(path, jobs=1, report=lambda line: None)
+    client, parents, children = runs(tmp_path)
+    killed = [c for c in children if c.info.status == "KILLED"]
+    assert len(killed) == 1 and parents[0].info.status == "KILLED"
+
+    monkeypatch.setattr(runner.Trainer, "_optimizer_step", original)
+    lines = []
+    run_sweep(path, jobs=1, report=lines.append)
+    client, parents, children = runs(tmp_path)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert killed[0].info.run_id in {c.info.run_id for c in children}  # the same run, continued
+    assert any(f"resuming {killed[0].info.run_id}" in line for line in lines)
+    assert [m.step for m in client.get_metric_history(killed[0].info.run_id, "val/dice")] == [1, 2]
