@@ -222,6 +222,12 @@ def _switch_component(section: dict, registry: Registry, new_name: Any) -> None:
         del section[key]
 
 
+def _list_index(items: list, key: str, text: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"--set {text}: {key!r} is not an index of a {len(items)}-item list")
+    return int(key)
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Set each dotted key (list items by index: augment.0.p=1) after merging, before validation."""
     for text in overrides:
@@ -231,10 +237,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         node: Any = raw
         for depth, key in enumerate(keys[:-1]):
             if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
-                    raise ConfigError(f"--set {text}: {'.'.join(keys[:depth])} has {len(node)} "
-                                      f"items; {key!r} is not an index of it")
-                node = node[int(key)]
+                node = node[_list_index(node, key, text)]
             else:
                 if not isinstance(node.get(key, {}), (dict, list)):
                     raise ConfigError(f"--set {text}: {'.'.join(keys[:depth + 1])} is a value, "
@@ -243,9 +246,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 node = node.setdefault(key, {"name": DEFAULT_COMPONENTS[key]} if depth == 0 and key in DEFAULT_COMPONENTS else {})
         last = keys[-1]
         if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"--set {text}: {last!r} is not an index of a {len(node)}-item list")
-            node[int(last)] = value
+            node[_list_index(node, last, text)] = value
         else:
             if registry is not None and is_component:
                 _switch_component(node, registry, value)

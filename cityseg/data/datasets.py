@@ -88,6 +88,7 @@ class DiskReader:
 
     def __init__(self, samples: list[Sample], *, layout: str, encoding: Encoding, size: tuple[int, int]) -> None:
         self.samples, self.layout, self.encoding, self.size = samples, layout, encoding, size
+        self._counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,10 +97,12 @@ class DiskReader:
         return read_resized(self.samples[i], layout=self.layout, encoding=self.encoding, size=self.size)
 
     def class_counts(self) -> np.ndarray:
-        counts = np.zeros(256, dtype=np.int64)
-        for i in range(len(self)):
-            counts += np.bincount(self[i][1].ravel(), minlength=256)
-        return counts
+        """Pixels per train id, decoded once (pos_weight auto and the run's data report both ask)."""
+        if self._counts is None:
+            self._counts = np.zeros(256, dtype=np.int64)
+            for i in range(len(self)):
+                self._counts += np.bincount(self[i][1].ravel(), minlength=256)
+        return self._counts
 
 
 class CachedReader:

@@ -11,6 +11,7 @@ down to the batch when a signal stopped it mid-epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -123,13 +124,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@functools.lru_cache(maxsize=8)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std (x 255) on the device, made once per device rather than per batch."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
 def model_inputs(images: torch.Tensor, masks: torch.Tensor, *, device: torch.device,
                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batch -> normalised float images (channels_last if asked) and long masks on the device."""
     images = images.to(device, non_blocking=True)
     masks = masks.to(device, non_blocking=True).long()  # (B, H, W)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    mean, std = _normalisation(device)
     x = (images.float() - mean) / std  # (B, 3, H, W)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), masks
 
