@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="val", help="split to evaluate (default val)")
             p.add_argument("--data-root", type=Path, help="dataset folder, if not the one trained on")
             p.add_argument("--full-resolution", action="store_true",
-                           help="score against full-size labels (prediction resized back, nearest)")
+                           help="score against full-size labels, predicted exactly as predict "
+                                "predicts them (logits upsampled bilinearly)")
             p.add_argument("--calibrate", action="store_true",
                            help="find the threshold that maximises Dice (binary models)")
             p.add_argument("--write-threshold", action="store_true",
@@ -285,15 +286,17 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
-    from cityseg.engine import inference
+    from cityseg.engine import checkpoints, inference
 
     overrides = [*args.overrides, *([f"data.root={args.data_root}"] if args.data_root else [])]
     trained = inference.load_trained(run_id=args.run, checkpoint=args.checkpoint, runs=args.runs,
                                      overrides=overrides, device=args.device)
     if args.write_threshold and not args.calibrate:
         raise CitysegError("--write-threshold needs --calibrate")
-    if args.write_threshold and args.run and not (args.runs / "checkpoints" / args.run / "best.pt").is_file():
-        raise CitysegError("--write-threshold needs a local checkpoint file; use --checkpoint PATH")
+    local = checkpoints.path_of(args.runs, args.run, "best") if args.run else None
+    if args.write_threshold and local is not None and not local.is_file():
+        raise CitysegError("--write-threshold needs a local checkpoint file; "
+                           "use --checkpoint PATH")
     found, confusion = inference.evaluate(trained, split=args.split, full_resolution=args.full_resolution)
     resolution = "full-resolution labels" if args.full_resolution else f"{list(trained.exp.data.image_size)}"
     table = Table("metric", "value", title=f"{trained.exp.name} on {args.split} ({resolution}), "
@@ -328,7 +331,7 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
     written, skipped = inference.predict_files(trained, args.inputs, args.out, probabilities=args.probabilities,
                                                progress=progress)
     out.print(f"{len(written)} image(s) -> {args.out} (*_mask.png, *_overlay.png"
-              f"{', *_prob.png' if args.probabilities and trained.task == 'binary' else ''})")
+              f"{', *_prob.png' if args.probabilities and trained.task.thresholded else ''})")
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
     return EXIT_USAGE if skipped else 0

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # Importing the component packages fills the registries that the unions below are made of.
 from cityseg import data, losses, models, optim  # noqa: F401
+from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.data.tasks import TASKS, Task
 from cityseg.errors import ConfigError
 from cityseg.registry import (
     AUGMENTATIONS,
@@ -24,6 +26,7 @@ from cityseg.registry import (
     MODELS,
     OPTIMIZERS,
     SCHEDULERS,
+    BuildContext,
     Registry,
     suggest,
 )
@@ -107,7 +110,7 @@ class Experiment(Section):
             fitting = [n for n in LOSSES.names() if task in LOSSES.get(n).params.tasks]
             raise ValueError(f"loss.name: {self.loss.name} is a loss for the {' or '.join(self.loss.tasks)} "
                              f"task but data.task is {task}; use one of {', '.join(fitting)}")
-        allowed = monitor_choices(task)
+        allowed = self.task.monitors
         if self.trainer.monitor not in ("auto", *allowed):
             raise ValueError(f"trainer.monitor: {self.trainer.monitor} is not a per-epoch metric of the {task} "
                              f"task{suggest(self.trainer.monitor, list(allowed))}; use auto, {', '.join(allowed)}")
@@ -118,7 +121,7 @@ class Experiment(Section):
         """The metric that picks the best checkpoint, with auto resolved for the task."""
         if self.trainer.monitor != "auto":
             return self.trainer.monitor
-        return monitor_choices(self.data.task)[0]
+        return self.task.monitors[0]
 
     @property
     def monitor_mode(self) -> str:
@@ -127,14 +130,16 @@ class Experiment(Section):
             return self.trainer.mode
         return "min" if self.monitor.endswith("loss") else "max"
 
+    @property
+    def task(self) -> Task:
+        """The entry of the task table for data.task."""
+        return TASKS[self.data.task]
 
-def monitor_choices(task: str) -> tuple[str, ...]:
-    """Metrics a run of this task logs per epoch, the default monitor first."""
-    if task == "binary":
-        scores = ("val/dice", "val/iou", "val/precision", "val/recall", "val/accuracy")
-    else:  # not per-class IoU: a class absent from an epoch's data has none
-        scores = ("val/miou", "val/pixel_accuracy")
-    return (*scores, "val/boundary_f1", "val/loss", "train/loss")
+    def build_context(self) -> BuildContext:
+        """What component builders may know about this experiment besides their own params."""
+        return BuildContext(task=self.data.task, out_channels=self.task.out_channels,
+                            ignore_index=IGNORE_INDEX, image_size=self.data.image_size,
+                            seed=self.seed)
 
 
 REGISTRY_FIELDS = {"data": DATASETS, "augment": AUGMENTATIONS, "model": MODELS,

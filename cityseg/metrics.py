@@ -1,7 +1,7 @@
 """Segmentation metrics from a confusion matrix accumulated over a whole dataset.
 
-The matrix lives on the model's device and is updated with one bincount per batch; nothing
-is copied to the host until `compute()`, once per epoch. Scores are dataset-level: pixel
+The matrix lives on the model's device and is updated with one bincount per batch; the caller
+copies the counts to the host once per epoch and turns them into scores here. Scores are dataset-level: pixel
 counts are summed over every validation image first, then turned into ratios (not a mean of
 per-batch or per-image scores).
 """
@@ -27,9 +27,6 @@ class ConfusionMatrix:
         valid = target != self.ignore_index
         index = target[valid].long() * self.num_classes + pred[valid].long()
         self.counts += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
-
-    def reset(self) -> None:
-        self.counts.zero_()
 
 
 def binary_predictions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -80,20 +77,6 @@ def multiclass_scores(counts: torch.Tensor, class_names: tuple[str, ...]) -> dic
         if here:
             scores[f"iou/{name.replace(' ', '_')}"] = value
     return scores
-
-
-def predict(logits: torch.Tensor, *, task: str, threshold: float) -> torch.Tensor:
-    """(B, C, H, W) logits -> (B, H, W) class predictions for the task."""
-    if task == "binary":
-        return binary_predictions(logits, threshold)
-    return logits.argmax(dim=1)
-
-
-def scores(counts: torch.Tensor, *, task: str, class_names: tuple[str, ...]) -> dict[str, float]:
-    """The task's metrics (without the val/ prefix) from its confusion matrix."""
-    if task == "binary":
-        return binary_scores(counts)
-    return multiclass_scores(counts, class_names)
 
 
 def _max_pool(x: torch.Tensor, radius: int) -> torch.Tensor:

@@ -6,10 +6,12 @@ The store is always explicit: `sqlite:///<dir>/mlflow.db` with artifacts under
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -20,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from cityseg.errors import CitysegError
+from cityseg.errors import CitysegError, Interrupted
 
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -72,24 +74,40 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         self.run_id: str | None = None
 
-    def find_runs(self, filter_string: str, *, status: str = "") -> list:
-        """Runs of this experiment matching an MLflow filter (newest first), optionally of one status."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+    def find_runs(self, filter_string: str) -> list:
+        """Runs of this experiment matching an MLflow filter, newest first."""
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string,
                                        order_by=["attributes.start_time DESC"])
-        return [r for r in runs if not status or r.info.status == status]
 
     def get_run(self, run_id: str):
         return self.client.get_run(run_id)
 
-    def start(self, *, run_name: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        return self.run_id
-
-    def reattach(self, run_id: str) -> None:
-        """Continue logging to an earlier run (resume): it is RUNNING again until end()."""
-        self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+    @contextlib.contextmanager
+    def session(self, *, run_name: str = "", tags: dict[str, str] | None = None,
+                reattach: str | None = None) -> Iterator[str]:
+        """The lifecycle of one run: start it (or reattach to the run id `reattach`, which is
+        RUNNING again), yield its id, and always end it: FINISHED when the block completes,
+        KILLED on Ctrl-C or SIGTERM (Interrupted), FAILED otherwise, with the error as the
+        run's `failure` tag."""
+        if reattach is None:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name,
+                                                 tags=tags or {}).info.run_id
+        else:
+            self.client.update_run(reattach, status="RUNNING")
+            self.run_id = reattach
+        status = "FAILED"
+        try:
+            yield self.run_id
+            status = "FINISHED"
+        except (Interrupted, KeyboardInterrupt):
+            status = "KILLED"
+            raise
+        except BaseException as err:
+            with contextlib.suppress(Exception):  # the store's trouble must not hide the error
+                self.set_tags({"failure": str(err) or type(err).__name__})
+            raise
+        finally:
+            self._end(status)
 
     def resumable_run(self, config_hash: str) -> str | None:
         """The newest run of this experiment with this config, if it was interrupted (KILLED).
@@ -118,7 +136,7 @@ class Tracker:
         with torch.inference_mode():
             output = model(torch.from_numpy(example)).float().numpy()
         signature = infer_signature(example, output)
-        # start_run's exit marks the run FINISHED; end() sets the true status right after
+        # start_run's exit marks the run FINISHED; the session sets the true status at its end
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
                                             serialization_format="pickle",  # loads back as the UNet class
@@ -148,10 +166,8 @@ class Tracker:
     def log_file(self, path: Path, artifact_path: str) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def end(self, status: str) -> None:
+    def _end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED (never left RUNNING)."""
-        if status not in ("FINISHED", "FAILED", "KILLED"):
-            raise ValueError(f"not a terminal run status: {status!r}")
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -159,7 +175,7 @@ def mlflow_version() -> str:
     return mlflow.__version__
 
 
-def _download(root: Path, run_id: str, artifact: str, missing: str) -> Path:
+def download_artifact(root: Path, run_id: str, artifact: str, *, missing: str) -> Path:
     """One artifact of a run into a temporary folder; CitysegError if the run or the file is not there."""
     _require_store(root)
     client = MlflowClient(tracking_uri=tracking_uri(root))
@@ -175,7 +191,7 @@ def _download(root: Path, run_id: str, artifact: str, missing: str) -> Path:
 
 def fetch_config(root: Path, run_id: str) -> Path:
     """The resolved config.yaml that run `run_id` logged (a local copy)."""
-    return _download(root, run_id, "config.yaml", "has no config.yaml artifact")
+    return download_artifact(root, run_id, "config.yaml", missing="has no config.yaml artifact")
 
 
 def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") -> list:
@@ -189,15 +205,6 @@ def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") 
             names = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} (experiments: {names})")
     return client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string)
-
-
-def fetch_checkpoint(root: Path, run_id: str) -> Path:
-    """A run's best checkpoint: the local file training wrote, else the run's MLflow artifact."""
-    local = root / "checkpoints" / run_id / "best.pt"
-    if local.is_file():
-        return local
-    return _download(root, run_id, "checkpoints/best.pt",
-                     "has no model: no checkpoints/best.pt (it may have failed before its first epoch ended)")
 
 
 def _require_store(root: Path) -> None:

@@ -6,29 +6,28 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cityseg.data.cityscapes import IGNORE_INDEX, train_id_colors
+from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.data.tasks import Task
 
 COLUMNS = ("Input", "Ground truth", "Prediction", "Error")
 IGNORED = (110, 110, 110)
-# Binary error colours: true positive white, false positive red, false negative blue.
+# Error colours of a thresholded task: true positive white, false positive red, false negative
+# blue; of any other task: a wrong pixel red.
 TP, FP, FN = (255, 255, 255), (230, 40, 40), (40, 120, 255)
-WRONG = (230, 40, 40)  # multiclass: a wrong pixel
+WRONG = (230, 40, 40)
 MIN_HEIGHT = 128  # small training images are upscaled so the panel stays readable
 
 
-def _labels_rgb(labels: np.ndarray, task: str) -> np.ndarray:
-    """Binary: foreground white on black; multiclass: Cityscapes colours; ignore grey."""
-    if task == "binary":
-        rgb = np.repeat((labels == 1)[..., None] * np.uint8(255), 3, axis=2)
-    else:
-        rgb = train_id_colors()[labels]
+def _labels_rgb(labels: np.ndarray, task: Task) -> np.ndarray:
+    """Labels in the task's colours (binary: foreground white on black); ignore grey."""
+    rgb = task.colors[labels]
     rgb[labels == IGNORE_INDEX] = IGNORED
     return rgb
 
 
-def _error_rgb(target: np.ndarray, pred: np.ndarray, task: str) -> np.ndarray:
+def _error_rgb(target: np.ndarray, pred: np.ndarray, task: Task) -> np.ndarray:
     rgb = np.zeros((*target.shape, 3), dtype=np.uint8)
-    if task == "binary":
+    if task.thresholded:  # labels are 0 (background) and 1 (foreground)
         rgb[(target == 1) & (pred == 1)] = TP
         rgb[(target == 0) & (pred == 1)] = FP
         rgb[(target == 1) & (pred == 0)] = FN
@@ -58,7 +57,8 @@ def _panel(rows: list[list[np.ndarray]], titles: tuple[str, ...]) -> np.ndarray:
     return _with_header(grid, titles)
 
 
-def sample_panel(images: np.ndarray, targets: np.ndarray, preds: np.ndarray, *, task: str = "binary") -> np.ndarray:
+def sample_panel(images: np.ndarray, targets: np.ndarray, preds: np.ndarray, *,
+                 task: Task) -> np.ndarray:
     """(N, 3, H, W) uint8 images, (N, H, W) targets and predictions -> one RGB panel (uint8)."""
     rows = [[image.transpose(1, 2, 0), _labels_rgb(target, task), _labels_rgb(pred, task),
              _error_rgb(target, pred, task)]
@@ -148,9 +148,10 @@ def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.nda
 
 
 def comparison_panel(images: np.ndarray, targets: np.ndarray, columns: dict[str, np.ndarray], *,
-                     task: str) -> np.ndarray:
+                     task: Task) -> np.ndarray:
     """Input | Ground truth | one prediction column per label (e.g. per sweep child)."""
-    rows = [[image.transpose(1, 2, 0), _labels_rgb(target, task), *(_labels_rgb(pred[i], task) for pred in columns.values())]
+    rows = [[image.transpose(1, 2, 0), _labels_rgb(target, task),
+             *(_labels_rgb(pred[i], task) for pred in columns.values())]
             for i, (image, target) in enumerate(zip(images, targets, strict=True))]
     return _panel(rows, ("Input", "Ground truth", *columns))
 

@@ -1,13 +1,14 @@
 import numpy as np
 
 from cityseg import viz
+from cityseg.data.tasks import TASKS
 
 
 def test_sample_panel_error_colours_and_layout():
     image = np.zeros((1, 3, 4, 4), dtype=np.uint8)
     target = np.array([[[1, 1, 0, 0], [255, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]])
     pred = np.array([[[1, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]])
-    panel = viz.sample_panel(image, target, pred)
+    panel = viz.sample_panel(image, target, pred, task=TASKS["binary"])
     scale = -(-viz.MIN_HEIGHT // 4)
     cell = 8 * scale  # 4 pixels + 2 + 2 padding, upscaled
     assert panel.shape == (18 + cell, 4 * cell, 3)
@@ -23,7 +24,8 @@ def test_sample_panel_error_colours_and_layout():
 def test_comparison_panel_has_a_column_per_child():
     images = np.zeros((2, 3, 8, 16), dtype=np.uint8)
     targets = np.zeros((2, 8, 16), dtype=np.int64)
-    panel = viz.comparison_panel(images, targets, {"a": targets, "b": targets, "c": targets}, task="multiclass")
+    columns = {"a": targets, "b": targets, "c": targets}
+    panel = viz.comparison_panel(images, targets, columns, task=TASKS["multiclass"])
     assert panel.shape[1] == 5 * (16 + 4) * -(-viz.MIN_HEIGHT // 8)
 
 

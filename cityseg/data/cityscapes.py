@@ -144,11 +144,6 @@ def nearest_palette(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             dist[np.arange(len(unique)), nearest][inverse].reshape(shape))
 
 
-def color_to_train_id_lut() -> dict[tuple[int, int, int], int]:
-    """Exact palette colour -> train id (for writing colour masks)."""
-    return {tuple(int(c) for c in color): int(t) for color, t in zip(PALETTE, PALETTE_TRAIN_IDS, strict=True)}
-
-
 def train_id_colors() -> np.ndarray:
     """(256, 3) uint8: the colour of each train id (black for ignore), for drawing masks."""
     colors = np.zeros((256, 3), dtype=np.uint8)

@@ -15,26 +15,21 @@ from torchvision.transforms import v2
 
 from cityseg.data import synthetic
 from cityseg.data.cache import DecodedSplit, fingerprint, load_or_build
-from cityseg.data.cityscapes import (
-    DEFAULT_FOREGROUND,
-    IGNORE_INDEX,
-    TRAIN_CLASSES,
-    train_id_to_binary_lut,
-)
+from cityseg.data.cityscapes import DEFAULT_FOREGROUND, TRAIN_CLASSES
 from cityseg.data.layouts import DatasetIndex, Encoding, Sample, index_dataset, read_resized
+from cityseg.data.tasks import TASKS
 from cityseg.errors import DataError
 from cityseg.registry import DATASETS, BuildContext, Params
 
 TrainClass = Literal[TRAIN_CLASSES]  # type: ignore[valid-type]
-TASK_CLASSES = {"binary": 2, "multiclass": len(TRAIN_CLASSES)}
 
 
 class DataParams(Params):
     """Fields every dataset shares: task, sizes, loading and caching."""
 
-    task: Literal["binary", "multiclass"] = Field(
-        "binary", description="binary: the foreground classes vs the rest; multiclass: the 19 "
-                              "Cityscapes train classes; void pixels are ignored in both")
+    task: Literal[tuple(TASKS)] = Field(  # type: ignore[valid-type]
+        "binary", description="; ".join(f"{t.name}: {t.description}" for t in TASKS.values())
+        + "; void pixels are ignored in every task")
     foreground: list[TrainClass] = Field(
         list(DEFAULT_FOREGROUND), min_length=1,
         description="Cityscapes train classes that count as foreground in the binary task")
@@ -76,11 +71,7 @@ class SyntheticParams(DataParams):
 
 def task_lut(p: DataParams) -> np.ndarray:
     """Train id -> label of the configured task (255 = ignore)."""
-    if p.task == "binary":
-        return train_id_to_binary_lut(p.foreground)
-    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    lut[: len(TRAIN_CLASSES)] = np.arange(len(TRAIN_CLASSES))
-    return lut
+    return TASKS[p.task].lut(p.foreground)
 
 
 class DiskReader:

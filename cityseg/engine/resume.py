@@ -1,18 +1,30 @@
-"""Finding the checkpoint a run resumes from, and refusing one trained on another experiment."""
+"""The rules of resuming: which checkpoint a run continues from, and when it may not."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from cityseg.config import Experiment, flatten
+from cityseg.engine import checkpoints
 from cityseg.errors import ConfigError
 from cityseg.tracking import Tracker
 
 RESUMABLE_CHANGES = {"trainer.epochs"}  # what may differ between a checkpoint and its resumed run
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A loaded checkpoint that the experiment may continue from."""
+
+    path: Path
+    checkpoint: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.checkpoint["run_id"]
 
 
 def config_hash(config: dict, *, resumable: bool = True) -> str:
@@ -23,36 +35,48 @@ def config_hash(config: dict, *, resumable: bool = True) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A cityseg checkpoint, loaded safely (weights_only); ConfigError if it is not one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ConfigError(f"{path}: cannot load checkpoint ({err})") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state" not in checkpoint:
-        raise ConfigError(f"{path}: not a cityseg training checkpoint")
-    return checkpoint
+def store_path(exp: Experiment) -> Path:
+    return exp.tracking.dir / "mlflow.db"
 
 
 def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path | None:
     """RUN_ID, a checkpoint path or auto -> the checkpoint to resume from (None: auto found nothing)."""
-    runs = exp.tracking.dir / "checkpoints"
+    root = exp.tracking.dir
     if Path(spec).is_file():
         return Path(spec)
     if tracker is None:  # no store yet
         if spec == "auto":
             return None
-        raise ConfigError(f"--resume {spec}: no MLflow store at {exp.tracking.dir / 'mlflow.db'}")
+        raise ConfigError(f"--resume {spec}: no MLflow store at {store_path(exp)}")
     if spec == "auto":
         run_id = tracker.resumable_run(config_hash(exp.model_dump(mode="json")))
-        return runs / run_id / "last.pt" if run_id and (runs / run_id / "last.pt").is_file() else None
+        found = checkpoints.path_of(root, run_id, "last") if run_id else None
+        return found if found is not None and found.is_file() else None
     if tracker.run_exists(spec):
-        path = runs / spec / "last.pt"
+        path = checkpoints.path_of(root, spec, "last")
         if not path.is_file():
             raise ConfigError(f"--resume {spec}: the run has no checkpoint at {path}")
         return path
     raise ConfigError(f"--resume {spec}: neither a checkpoint file nor a run of MLflow experiment "
-                      f"'{exp.tracking.experiment}' in {exp.tracking.dir / 'mlflow.db'}")
+                      f"'{exp.tracking.experiment}' in {store_path(exp)}")
+
+
+def resume_point(spec: str, exp: Experiment, tracker: Tracker | None) -> ResumePoint | None:
+    """The checkpoint `--resume spec` continues from, checked against the experiment; None when
+    `auto` finds no interrupted run."""
+    path = find_checkpoint(spec, exp, tracker)
+    if path is None:
+        return None
+    point = ResumePoint(path, checkpoints.load(path))
+    check_same_experiment(point.checkpoint, exp, path)
+    return point
+
+
+def check_run_exists(point: ResumePoint, exp: Experiment, tracker: Tracker) -> None:
+    """A checkpoint continues its own run, which must be in this store."""
+    if not tracker.run_exists(point.run_id):
+        raise ConfigError(f"{point.path}: its run {point.run_id} is not in {store_path(exp)}; "
+                          f"resume with the tracking.dir it was trained with")
 
 
 def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None:
@@ -61,21 +85,14 @@ def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None
     changed = sorted(k for k in saved.keys() | now.keys()
                      if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
-        lines = "\n  ".join(f"{k}: {saved.get(k, '(absent)')} in the checkpoint, {now.get(k, '(absent)')} now"
-                            for k in changed[:12])
+        lines = "\n  ".join(f"{k}: {saved.get(k, '(absent)')} in the checkpoint, "
+                            f"{now.get(k, '(absent)')} now" for k in changed[:12])
         raise ConfigError(f"{path}: cannot resume, the experiment differs from the checkpoint's "
                           f"(only trainer.epochs may change):\n  {lines}")
     epoch, step = checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]
     if epoch > exp.trainer.epochs:
-        done = f"already trained {epoch - 1} epochs" + (f" and {step} batches of epoch {epoch}" if step else "")
+        done = f"already trained {epoch - 1} epochs"
+        if step:
+            done += f" and {step} batches of epoch {epoch}"
         raise ConfigError(f"{path}: {done}; set trainer.epochs to at least {epoch} to continue "
                           f"(--set trainer.epochs=N)")
-
-
-def check_weights_fit(checkpoint: dict, model: torch.nn.Module, path: Path) -> None:
-    """A clear error, before anything is written, when the weights are of another architecture."""
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise ConfigError(f"{path}: the checkpoint's weights do not fit this model: {detail}") from None

@@ -1,9 +1,9 @@
 """run(experiment): config -> components -> trainer -> tracking.
 
 Components are built (and data located or generated) before the MLflow run opens, so a
-missing dataset fails without leaving an empty run behind. Once open, the run always ends:
-FINISHED; FAILED if training raised or diverged; KILLED on SIGINT/SIGTERM, after a checkpoint
-that `--resume` continues from.
+missing dataset fails without leaving an empty run behind. Once open, the run session always
+ends it: FINISHED; FAILED if training raised or diverged; KILLED on SIGINT/SIGTERM, after a
+checkpoint that `--resume` continues from.
 """
 
 from __future__ import annotations
@@ -24,25 +24,19 @@ from cityseg.config import Experiment, flatten, to_yaml
 from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES, foreground_stats
 from cityseg.data.datasets import DataSplits, EpochSampler
 from cityseg.data.transforms import build_augmentations
+from cityseg.engine import checkpoints
 from cityseg.engine.display import NullDisplay
 from cityseg.engine.environment import (
     resolve_device,
-    resolve_precision,
     run_tags,
     seed_everything,
     set_deterministic,
 )
-from cityseg.engine.resume import (
-    check_same_experiment,
-    check_weights_fit,
-    config_hash,
-    find_checkpoint,
-    load_checkpoint,
-)
+from cityseg.engine.predictor import Predictor
+from cityseg.engine.resume import ResumePoint, check_run_exists, config_hash, resume_point
 from cityseg.engine.trainer import FitResult, StopFlag, Trainer, TrainerSettings, TrainState
-from cityseg.errors import ConfigError, DataError, Interrupted, TrainingDiverged
-from cityseg.metrics import multiclass_scores
-from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, BuildContext, Params
+from cityseg.errors import DataError, Interrupted  # noqa: F401  (Interrupted: tests catch it here)
+from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, Params
 
 
 @dataclass
@@ -54,6 +48,188 @@ class RunResult:
     checkpoints: dict[str, Path]
     stopped_early: bool
     resumed_from: int  # epochs already done when this call started (0: a fresh run)
+
+
+@dataclass
+class Components:
+    """Everything a run trains with, built before its MLflow run opens."""
+
+    splits: DataSplits
+    train_loader: DataLoader
+    sampler: EpochSampler
+    val_loader: DataLoader
+    samples: tuple[torch.Tensor, torch.Tensor] | None  # fixed validation images for panels
+    model: torch.nn.Module
+    predictor: Predictor  # around the model that trains (compiled if asked)
+    loss_fn: torch.nn.Module
+    loss_logged: dict[str, str]  # the pos_weight that `auto` chose
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    data_tags: dict[str, str]
+    class_frequencies: dict
+
+
+def run(exp: Experiment, *, display=None, resume: str | None = None,
+        run_name: str | None = None, tags: dict[str, str] | None = None) -> RunResult:
+    """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow.
+
+    run_name defaults to the experiment's name; tags are added to the run's (sweeps use both).
+    """
+    display = display or NullDisplay()
+    seed_everything(exp.seed)
+    set_deterministic(exp.trainer.deterministic)
+    tracker, point = _find_resume_point(exp, resume, display)
+    parts = build_components(exp, display, point)
+    tracker = tracker or tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
+    if point is not None:
+        check_run_exists(point, exp, tracker)
+    new_tags = _new_run_tags(exp, parts, tags) if point is None else None
+    with tracker.session(run_name=run_name or exp.name, tags=new_tags,
+                         reattach=point.run_id if point else None) as run_id:
+        trainer = _trainer(exp, parts, run_id, tracker, display)
+        state = trainer.restore(point.checkpoint) if point is not None else TrainState()
+        resumed_from = state.epoch - 1
+        _log_start(tracker, exp, parts, state, resumed=point is not None)
+        try:
+            with stop_on_signals(trainer.stop):
+                result = trainer.fit(state)
+            _log_summary(tracker, trainer, result, exp, parts.model)
+        finally:  # whatever was saved, even on failure
+            for path in checkpoints.run_dir(exp.tracking.dir, run_id).glob("*.pt"):
+                tracker.log_file(path, "checkpoints")
+    return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
+                     best_score=result.best_score, checkpoints=result.checkpoints,
+                     stopped_early=result.stopped_early, resumed_from=resumed_from)
+
+
+# ---------------------------------------------------------------- steps of a run
+
+
+def _find_resume_point(exp: Experiment, resume: str | None, display
+                       ) -> tuple[tracking.Tracker | None, ResumePoint | None]:
+    """The store (only if resuming from one that exists: never created here) and the point."""
+    if not resume:
+        return None, None
+    has_store = (exp.tracking.dir / "mlflow.db").is_file()
+    tracker = (tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
+               if has_store else None)
+    point = resume_point(resume, exp, tracker)
+    if point is None:
+        display.message("--resume auto: no interrupted run of this experiment and config; "
+                        "starting a new one")
+    return tracker, point
+
+
+def build_components(exp: Experiment, display, point: ResumePoint | None) -> Components:
+    """Data, loaders, model, loss, optimizer and schedule; a checkpoint's weights must fit."""
+    ctx = exp.build_context()
+    if exp.data.cache:
+        display.message(f"data: decode cache in {exp.data.cache_dir} "
+                        f"(the first use decodes every image)")
+    splits = DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
+    device = resolve_device(exp.trainer.device)
+    train_loader, sampler, val_loader = _loaders(splits, exp, pin_memory=device.type == "cuda")
+    samples = None
+    if count := min(exp.tracking.num_samples, len(splits.val)):
+        pairs = [splits.val[i] for i in range(count)]
+        samples = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+    loss_params, loss_logged = resolve_loss(exp, splits)
+    model = MODELS.build(exp.model, ctx)
+    if point is not None:
+        checkpoints.check_weights_fit(point.checkpoint, model, point.path)
+    predictor = Predictor.for_experiment(exp, model)  # moves the model to the device
+    if exp.trainer.compile:
+        predictor.model = torch.compile(model)
+    optimizer = OPTIMIZERS.build(exp.optimizer, model)
+    steps_per_epoch = math.ceil(len(train_loader) / exp.trainer.accumulate)
+    schedule = SCHEDULERS.build(exp.scheduler, optimizer, steps_per_epoch=steps_per_epoch,
+                                epochs=exp.trainer.epochs, mode=exp.monitor_mode)
+    data_tags, frequencies = _data_report(exp, splits)
+    return Components(splits, train_loader, sampler, val_loader, samples, model, predictor,
+                      LOSSES.build(loss_params, ctx), loss_logged, optimizer, schedule,
+                      data_tags, frequencies)
+
+
+def _new_run_tags(exp: Experiment, parts: Components, extra: dict[str, str] | None
+                  ) -> dict[str, str]:
+    return {**run_tags(parts.predictor.device, parts.predictor.amp_dtype), **parts.data_tags,
+            "config_hash": config_hash(exp.model_dump(mode="json")), **(extra or {})}
+
+
+def _trainer(exp: Experiment, parts: Components, run_id: str, tracker: tracking.Tracker,
+             display) -> Trainer:
+    t = exp.trainer
+    settings = TrainerSettings(
+        epochs=t.epochs, grad_clip_norm=t.grad_clip_norm, accumulate=t.accumulate,
+        boundary_tolerance=t.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
+        patience=t.patience, min_delta=t.min_delta, tracking_dir=exp.tracking.dir)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
+        tracker.log_metrics(metrics, step=epoch)
+        if sample_arrays is not None:
+            tracker.log_image(viz.sample_panel(*sample_arrays, task=exp.task),
+                              f"samples/epoch_{epoch:03d}.png")
+
+    return Trainer(predictor=parts.predictor, raw_model=parts.model, loss_fn=parts.loss_fn,
+                   optimizer=parts.optimizer, schedule=parts.schedule,
+                   train_loader=parts.train_loader, sampler=parts.sampler,
+                   val_loader=parts.val_loader, settings=settings,
+                   config=exp.model_dump(mode="json"), run_id=run_id, samples=parts.samples,
+                   on_epoch_end=on_epoch_end, display=display)
+
+
+def _log_start(tracker: tracking.Tracker, exp: Experiment, parts: Components, state: TrainState,
+               *, resumed: bool) -> None:
+    """A new run: params, config and class frequencies; a resumed one: where it went on."""
+    if resumed:
+        tracker.set_tags({"resumed_at": f"epoch {state.epoch}, batch {state.step_in_epoch + 1}",
+                          "trainer.epochs_now": str(exp.trainer.epochs)})
+        return
+    tracker.log_params({**flatten(exp.model_dump(mode="json")), **parts.loss_logged})
+    tracker.log_text(to_yaml(exp), "config.yaml")
+    tracker.log_text(json.dumps(parts.class_frequencies, indent=2), "data/class_frequencies.json")
+
+
+def _log_summary(tracker: tracking.Tracker, trainer: Trainer, result: FitResult,
+                 exp: Experiment, model: torch.nn.Module) -> None:
+    """End of a successful run: learning curves, confusion report, and the best model."""
+    tracker.set_tags({"best_epoch": str(result.best_epoch),
+                      "stopped_early": str(result.stopped_early).lower()})
+    tracker.log_image(viz.learning_curves(result.history, exp.monitor), "learning_curves.png")
+    _log_confusion(tracker, trainer.confusion, exp)
+    if not exp.tracking.log_model:
+        return
+    best = checkpoints.load(result.checkpoints["best"])
+    model = model.to("cpu", memory_format=torch.contiguous_format)
+    model.load_state_dict(best["model"])
+    height, width = exp.data.image_size
+    example = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
+    tracker.log_model(model, example)
+
+
+def _log_confusion(tracker: tracking.Tracker, counts: torch.Tensor | None,
+                   exp: Experiment) -> None:
+    """The last epoch's confusion matrix (JSON), and where the task asks for it, its image and
+    a per-class IoU table."""
+    if counts is None:
+        return
+    task, matrix = exp.task, counts.cpu().numpy()
+    tracker.log_text(json.dumps({"rows": "ground truth", "columns": "prediction",
+                                 "classes": list(task.class_names), "counts": matrix.tolist()},
+                                indent=2), "confusion_matrix.json")
+    if not task.per_class_report:
+        return
+    tracker.log_image(viz.confusion_image(matrix, task.class_names), "confusion_matrix.png")
+    found = task.scores(counts)
+    lines = ["| class | IoU |", "|---|---|"]
+    for name in task.class_names:
+        key = f"iou/{name.replace(' ', '_')}"
+        lines.append(f"| {name} | {found[key]:.4f} |" if key in found else f"| {name} | absent |")
+    lines.append(f"| **mean (present classes)** | {found['miou']:.4f} |")
+    tracker.log_text("\n".join(lines) + "\n", "per_class_iou.md")
+
+
+# ---------------------------------------------------------------- pieces
 
 
 @contextmanager
@@ -76,20 +252,22 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _loaders(splits: DataSplits, exp: Experiment, device: torch.device) -> tuple[DataLoader, EpochSampler, DataLoader]:
+def _loaders(splits: DataSplits, exp: Experiment, *, pin_memory: bool
+             ) -> tuple[DataLoader, EpochSampler, DataLoader]:
     common = {"batch_size": exp.data.batch_size, "num_workers": exp.data.num_workers,
-              "pin_memory": device.type == "cuda", "persistent_workers": exp.data.num_workers > 0,
-              "worker_init_fn": _ignore_sigint,
-              # the loader's own generator: creating an iterator must not draw from the global RNG
-              # (dropout uses it), or a resumed run would differ from an uninterrupted one
+              "pin_memory": pin_memory,
+              "persistent_workers": exp.data.num_workers > 0, "worker_init_fn": _ignore_sigint,
+              # the loader's own generator: creating an iterator must not draw from the global
+              # RNG (dropout uses it), or a resumed run would differ from an uninterrupted one
               "generator": torch.Generator().manual_seed(exp.seed)}
     sampler = EpochSampler(len(splits.train), seed=exp.seed, shuffle=True)
-    return DataLoader(splits.train, sampler=sampler, **common), sampler, DataLoader(splits.val, **common)
+    return (DataLoader(splits.train, sampler=sampler, **common), sampler,
+            DataLoader(splits.val, **common))
 
 
 def resolve_loss(exp: Experiment, splits: DataSplits) -> tuple[Params, dict[str, str]]:
-    """The loss params with `pos_weight: auto` replaced by the training split's background/foreground
-    pixel ratio, and the params to log about it."""
+    """The loss params with `pos_weight: auto` replaced by the training split's
+    background/foreground pixel ratio, and the params to log about it."""
     loss = exp.loss
     if "pos_weight" not in type(loss).model_fields or loss.pos_weight != "auto":
         return loss, {}
@@ -113,151 +291,7 @@ def _data_report(exp: Experiment, splits: DataSplits) -> tuple[dict[str, str], d
             "data.foreground_fraction": f"{fraction:.5f}"}
     frequencies = {"split": "train", "resized_to": list(exp.data.image_size),
                    "ignored_pixels": int(counts[IGNORE_INDEX]), "labelled_pixels": labelled,
-                   "classes": {name: {"pixels": int(counts[i]), "frequency": int(counts[i]) / max(1, labelled)}
+                   "classes": {name: {"pixels": int(counts[i]),
+                                      "frequency": int(counts[i]) / max(1, labelled)}
                                for i, name in enumerate(TRAIN_CLASSES)}}
     return tags, frequencies
-
-
-def run(exp: Experiment, *, display=None, resume: str | None = None, run_name: str | None = None,
-        tags: dict[str, str] | None = None) -> RunResult:
-    """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow.
-
-    run_name defaults to the experiment's name; tags are added to the run's (sweeps use both).
-    """
-    display = display or NullDisplay()
-    seed_everything(exp.seed)
-    set_deterministic(exp.trainer.deterministic)
-    device = resolve_device(exp.trainer.device)
-    amp_dtype = resolve_precision(exp.trainer.precision, device)
-    task = exp.data.task
-    class_names = ("background", "foreground") if task == "binary" else TRAIN_CLASSES
-    ctx = BuildContext(task=task, out_channels=1 if task == "binary" else len(TRAIN_CLASSES),
-                       ignore_index=IGNORE_INDEX, image_size=exp.data.image_size, seed=exp.seed)
-
-    # the store is opened late for a new run, so a data error leaves nothing behind; resuming
-    # reads an existing one (and never creates it)
-    has_store = (exp.tracking.dir / "mlflow.db").is_file()
-    tracker = tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment) if resume and has_store else None
-    checkpoint_path = find_checkpoint(resume, exp, tracker) if resume else None
-    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    if checkpoint is not None:
-        check_same_experiment(checkpoint, exp, checkpoint_path)
-    elif resume == "auto":
-        display.message("--resume auto: no interrupted run of this experiment and config; starting a new one")
-
-    if exp.data.cache:
-        display.message(f"data: decode cache in {exp.data.cache_dir} (the first use decodes every image)")
-    splits = DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
-    train_loader, sampler, val_loader = _loaders(splits, exp, device)
-    sample_ids = range(min(exp.tracking.num_samples, len(splits.val)))
-    samples = None
-    if sample_ids:
-        pairs = [splits.val[i] for i in sample_ids]
-        samples = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
-
-    loss_params, loss_logged = resolve_loss(exp, splits)
-    model = MODELS.build(exp.model, ctx)
-    if checkpoint is not None:
-        check_weights_fit(checkpoint, model, checkpoint_path)
-    loss_fn = LOSSES.build(loss_params, ctx)
-    optimizer = OPTIMIZERS.build(exp.optimizer, model)
-    steps_per_epoch = math.ceil(len(train_loader) / exp.trainer.accumulate)
-    schedule = SCHEDULERS.build(exp.scheduler, optimizer, steps_per_epoch=steps_per_epoch,
-                                epochs=exp.trainer.epochs, mode=exp.monitor_mode)
-    data_tags, frequencies = _data_report(exp, splits)
-    config = exp.model_dump(mode="json")
-
-    tracker = tracker or tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
-    if checkpoint is not None:
-        run_id = checkpoint["run_id"]
-        if not tracker.run_exists(run_id):
-            raise ConfigError(f"{checkpoint_path}: its run {run_id} is not in {exp.tracking.dir / 'mlflow.db'}; "
-                              f"resume with the tracking.dir it was trained with")
-        tracker.reattach(run_id)
-    else:
-        run_id = tracker.start(run_name=run_name or exp.name, tags={
-            **run_tags(device, amp_dtype), **data_tags, "config_hash": config_hash(config), **(tags or {})})
-    checkpoint_dir = exp.tracking.dir / "checkpoints" / run_id
-    status, result, resumed_from = "FAILED", None, 0
-    try:  # from here on the run always ends with a status, whatever fails
-        settings = TrainerSettings(
-            task=task, num_classes=len(class_names), class_names=class_names,
-            epochs=exp.trainer.epochs, device=device, amp_dtype=amp_dtype,
-            channels_last=exp.trainer.channels_last, grad_clip_norm=exp.trainer.grad_clip_norm,
-            accumulate=exp.trainer.accumulate, threshold=exp.trainer.threshold,
-            boundary_tolerance=exp.trainer.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
-            patience=exp.trainer.patience, min_delta=exp.trainer.min_delta, checkpoint_dir=checkpoint_dir)
-
-        def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
-            tracker.log_metrics(metrics, step=epoch)
-            if sample_arrays is not None:
-                tracker.log_image(viz.sample_panel(*sample_arrays, task=task), f"samples/epoch_{epoch:03d}.png")
-
-        trainer = Trainer(model=torch.compile(model) if exp.trainer.compile else model, raw_model=model,
-                          loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, train_loader=train_loader,
-                          sampler=sampler, val_loader=val_loader, settings=settings, config=config,
-                          run_id=run_id, samples=samples, on_epoch_end=on_epoch_end, display=display)
-        state = trainer.restore(checkpoint) if checkpoint is not None else TrainState()
-        resumed_from = state.epoch - 1
-        if checkpoint is None:
-            tracker.log_params({**flatten(config), **loss_logged})
-            tracker.log_text(to_yaml(exp), "config.yaml")
-            tracker.log_text(json.dumps(frequencies, indent=2), "data/class_frequencies.json")
-        else:
-            tracker.set_tags({"resumed_at": f"epoch {state.epoch}, batch {state.step_in_epoch + 1}",
-                              "trainer.epochs_now": str(exp.trainer.epochs)})
-        with stop_on_signals(trainer.stop):
-            result = trainer.fit(state)
-        tracker.set_tags({"best_epoch": str(result.best_epoch), "stopped_early": str(result.stopped_early).lower()})
-        _log_summary(tracker, trainer, result, exp, model)
-        status = "FINISHED"
-    except (Interrupted, KeyboardInterrupt):
-        status = "KILLED"
-        raise
-    except TrainingDiverged as err:
-        tracker.set_tags({"failure": str(err)})
-        raise
-    finally:
-        try:
-            for path in checkpoint_dir.glob("*.pt"):  # whatever was saved, even on failure
-                tracker.log_file(path, "checkpoints")
-        finally:
-            tracker.end(status)
-    return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
-                     best_score=result.best_score, checkpoints=result.checkpoints,
-                     stopped_early=result.stopped_early, resumed_from=resumed_from)
-
-
-def _log_summary(tracker: tracking.Tracker, trainer: Trainer, result: FitResult, exp: Experiment,
-                 model: torch.nn.Module) -> None:
-    """End of a successful run: learning curves, confusion report, and the best model."""
-    tracker.log_image(viz.learning_curves(result.history, exp.monitor), "learning_curves.png")
-    _log_confusion(tracker, trainer.confusion, trainer.s.class_names, exp.data.task)
-    if not exp.tracking.log_model:
-        return
-    best = torch.load(result.checkpoints["best"], map_location="cpu", weights_only=True)
-    model = model.to("cpu", memory_format=torch.contiguous_format)
-    model.load_state_dict(best["model"])
-    height, width = exp.data.image_size
-    example = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
-    tracker.log_model(model, example)
-
-
-def _log_confusion(tracker: tracking.Tracker, counts: torch.Tensor | None, class_names: tuple[str, ...],
-                   task: str) -> None:
-    """The last epoch's confusion matrix (JSON), and for multiclass its image and a per-class IoU table."""
-    if counts is None:
-        return
-    matrix = counts.cpu().numpy()
-    tracker.log_text(json.dumps({"rows": "ground truth", "columns": "prediction", "classes": list(class_names),
-                                 "counts": matrix.tolist()}, indent=2), "confusion_matrix.json")
-    if task == "binary":
-        return
-    tracker.log_image(viz.confusion_image(matrix, class_names), "confusion_matrix.png")
-    found = multiclass_scores(counts, class_names)
-    lines = ["| class | IoU |", "|---|---|"]
-    for name in class_names:
-        key = f"iou/{name.replace(' ', '_')}"
-        lines.append(f"| {name} | {found[key]:.4f} |" if key in found else f"| {name} | absent |")
-    lines.append(f"| **mean (present classes)** | {found['miou']:.4f} |")
-    tracker.log_text("\n".join(lines) + "\n", "per_class_iou.md")

@@ -21,7 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cityseg.config import Experiment, load_experiment, monitor_choices, read_yaml, to_yaml
+from cityseg.config import Experiment, load_experiment, read_yaml, to_yaml
+from cityseg.engine import checkpoints
 from cityseg.engine.resume import config_hash
 from cityseg.errors import ConfigError, Interrupted
 
@@ -81,7 +82,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[SweepPoint]]:
         except ConfigError as err:
             raise ConfigError(f"{path}: grid point {label_of(values)}: {err}") from None
         points.append(SweepPoint(values, label_of(values), exp, config_hash(exp.model_dump(mode="json"), resumable=False)))
-    allowed = monitor_choices(points[0].experiment.data.task)
+    allowed = points[0].experiment.task.monitors
     if sweep.metric not in allowed:
         raise ConfigError(f"{path}: metric: {sweep.metric} is not logged by these runs; use one of "
                           f"{', '.join(m for m in allowed if not m.startswith('val/iou/'))}")
@@ -125,9 +126,9 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
             continue
         todo.append(point)
         if earlier and earlier[0].info.status == "KILLED":  # interrupted: continue from its checkpoint
-            checkpoint = point.experiment.tracking.dir / "checkpoints" / earlier[0].info.run_id / "last.pt"
-            if checkpoint.is_file():
-                resume[point.label] = earlier[0].info.run_id
+            run_id = earlier[0].info.run_id
+            if checkpoints.path_of(point.experiment.tracking.dir, run_id, "last").is_file():
+                resume[point.label] = run_id
 
     def tags_of(point: SweepPoint) -> dict[str, str]:
         return {"mlflow.parentRunId": parent_id, "sweep_id": sid, "sweep_role": "child", "sweep_point": point.config_hash,
@@ -197,19 +198,19 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
     sid = sweep_id(sweep, points)
     tracker = tracking.Tracker(root=base.tracking.dir, experiment=base.tracking.experiment)
     parents = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_role = 'parent'")
-    if parents:
-        parent_id = parents[0].info.run_id
-        tracker.reattach(parent_id)
-        report(f"sweep {sid}: continuing parent run {parent_id}")
-    else:
-        parent_id = tracker.start(run_name=sweep.name, tags={"sweep_id": sid, "sweep_role": "parent"})
-        tracker.log_params({"sweep.grid": json.dumps(sweep.grid), "sweep.set": json.dumps(sweep.set),
-                            "sweep.base": sweep.base, "sweep.metric": sweep.metric, "sweep.children": str(len(points))})
-        tracker.log_text(sweep_yaml(sweep, points), "sweep.yaml")
-        report(f"sweep {sid}: parent run {parent_id}, {len(points)} children")
-    status = "FAILED"
-    try:
-        outcomes = run_children(points, parent_id=parent_id, sid=sid, jobs=jobs, tracker=tracker, report=report)
+    existing = parents[0].info.run_id if parents else None
+    with tracker.session(run_name=sweep.name, tags={"sweep_id": sid, "sweep_role": "parent"},
+                         reattach=existing) as parent_id:
+        if existing:
+            report(f"sweep {sid}: continuing parent run {parent_id}")
+        else:
+            tracker.log_params({"sweep.grid": json.dumps(sweep.grid),
+                                "sweep.set": json.dumps(sweep.set), "sweep.base": sweep.base,
+                                "sweep.metric": sweep.metric, "sweep.children": str(len(points))})
+            tracker.log_text(sweep_yaml(sweep, points), "sweep.yaml")
+            report(f"sweep {sid}: parent run {parent_id}, {len(points)} children")
+        outcomes = run_children(points, parent_id=parent_id, sid=sid, jobs=jobs, tracker=tracker,
+                                report=report)
         rows = []
         for outcome in outcomes:
             row: dict[str, Any] = {"child": outcome.point.label, "run_id": outcome.run_id or "",
@@ -222,12 +223,6 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
         _log_summary(tracker, sweep, points, rows, best, viz)
         failed = [o for o in outcomes if o.status != "FINISHED"]
         tracker.set_tags({"failed_children": str(len(failed))})
-        status = "FINISHED"
-    except (KeyboardInterrupt, Interrupted):
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end(status)
     return SweepResult(sid, parent_id, rows, best, failed)
 
 
@@ -263,36 +258,36 @@ def _log_summary(tracker, sweep: SweepConfig, points: list[SweepPoint], rows: li
 
 
 def comparison_panel(points: list[SweepPoint], rows: list[dict[str, Any]]):
-    """The same validation images predicted by every finished child's final weights, side by side (best first)."""
+    """The same validation images predicted by every finished child's final weights, side by
+    side (best first)."""
     import torch
 
     from cityseg import viz
-    from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES
     from cityseg.data.transforms import build_augmentations
-    from cityseg.engine.trainer import MEAN, STD
-    from cityseg.metrics import predict
-    from cityseg.registry import DATASETS, MODELS, BuildContext
+    from cityseg.engine.predictor import Predictor
+    from cityseg.registry import DATASETS, MODELS
 
     base = points[0].experiment
     if any(p.experiment.data != base.data for p in points) or base.tracking.num_samples == 0:
         return None  # children saw different data: no common images to compare
-    task = base.data.task
-    ctx = BuildContext(task=task, out_channels=1 if task == "binary" else len(TRAIN_CLASSES),
-                       ignore_index=IGNORE_INDEX, image_size=base.data.image_size, seed=base.seed)
+    ctx = base.build_context()
     val = DATASETS.build(base.data, ctx, train_transform=build_augmentations([], ctx)).val
     pairs = [val[i] for i in range(min(base.tracking.num_samples, len(val)))]
     images = torch.stack([p[0] for p in pairs])
     targets = torch.stack([p[1] for p in pairs]).numpy()
-    x = (images.float() - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
     by_label = {p.label: p for p in points}
     columns = {}
     for row in rows:
         # last.pt: the weights whose (last-epoch) metrics rank the children
-        checkpoint = base.tracking.dir / "checkpoints" / row["run_id"] / "last.pt" if row["run_id"] else None
+        checkpoint = (checkpoints.path_of(base.tracking.dir, row["run_id"], "last")
+                      if row["run_id"] else None)
         if checkpoint is None or not checkpoint.is_file():
             continue
-        model = MODELS.build(by_label[row["child"]].experiment.model, ctx)
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
-        with torch.inference_mode():
-            columns[row["child"]] = predict(model.eval()(x), task=task, threshold=base.trainer.threshold).numpy()
-    return viz.comparison_panel(images.numpy(), targets, columns, task=task) if columns else None
+        child = by_label[row["child"]].experiment
+        model = MODELS.build(child.model, ctx)
+        model.load_state_dict(checkpoints.load(checkpoint)["model"])
+        predictor = Predictor.for_experiment(child, model)
+        columns[row["child"]] = predictor.predict(images).cpu().numpy()
+    if not columns:
+        return None
+    return viz.comparison_panel(images.numpy(), targets, columns, task=base.task)

@@ -10,54 +10,38 @@ down to the batch when a signal stopped it mid-epoch.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.datasets import EpochSampler
+from cityseg.engine import checkpoints
 from cityseg.engine.display import NullDisplay
+from cityseg.engine.predictor import Predictor
 from cityseg.errors import Interrupted, TrainingDiverged
-from cityseg.metrics import BoundaryF1, ConfusionMatrix, boundary_f1, predict, scores
 from cityseg.optim import Schedule
 
-# ImageNet statistics: the usual choice, and harmless for a network trained from scratch.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 PROGRESS_REFRESH_S = 0.5
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
 class TrainerSettings:
-    task: str  # binary | multiclass
-    num_classes: int  # of the confusion matrix: 2 for binary
-    class_names: tuple[str, ...]
     epochs: int
-    device: torch.device
-    amp_dtype: torch.dtype | None  # None: plain fp32
-    channels_last: bool
     grad_clip_norm: float
     accumulate: int
-    threshold: float
     boundary_tolerance: int
     monitor: str
     mode: str  # max | min
     patience: int  # 0: no early stopping
     min_delta: float
-    checkpoint_dir: Path
+    tracking_dir: Path  # checkpoints go to checkpoints.run_dir(tracking_dir, run_id)
 
 
 @dataclass
@@ -93,76 +77,25 @@ class StopFlag:
 EpochCallback = Callable[[int, dict[str, float], tuple | None], None]
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    """Python, NumPy and torch RNG states in types `torch.load(weights_only=True)` accepts."""
-    version, py_state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(py_state), gauss], "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_rest": [pos, has_gauss, cached], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    pos, has_gauss, cached = state["numpy_rest"]
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@functools.lru_cache(maxsize=8)
-def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std (x 255) on the device, made once per device rather than per batch."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
-            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
-
-
-def model_inputs(images: torch.Tensor, masks: torch.Tensor, *, device: torch.device,
-                 channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 batch -> normalised float images (channels_last if asked) and long masks on the device."""
-    images = images.to(device, non_blocking=True)
-    masks = masks.to(device, non_blocking=True).long()  # (B, H, W)
-    mean, std = _normalisation(device)
-    x = (images.float() - mean) / std  # (B, 3, H, W)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), masks
-
-
-def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 class Trainer:
     """Trains a segmentation model and keeps best and last checkpoints."""
 
-    def __init__(self, *, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: Schedule, train_loader: DataLoader, sampler: EpochSampler,
-                 val_loader: DataLoader, settings: TrainerSettings, config: dict, run_id: str,
-                 raw_model: nn.Module | None = None, samples: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 on_epoch_end: EpochCallback | None = None, display=None, stop: StopFlag | None = None) -> None:
+    def __init__(self, *, predictor: Predictor, loss_fn: nn.Module,
+                 optimizer: torch.optim.Optimizer, schedule: Schedule, train_loader: DataLoader,
+                 sampler: EpochSampler, val_loader: DataLoader, settings: TrainerSettings,
+                 config: dict, run_id: str, raw_model: nn.Module | None = None,
+                 samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 on_epoch_end: EpochCallback | None = None, display=None,
+                 stop: StopFlag | None = None) -> None:
         self.s = settings
-        self.device = settings.device
-        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format)
-        self.raw_model = raw_model if raw_model is not None else model  # not torch.compile'd: its state_dict is plain
-        self.loss_fn = loss_fn.to(self.device)
+        self.predictor = predictor
+        self.model = predictor.model  # trained in place (maybe torch.compile'd)
+        # not torch.compile'd: its state_dict is plain
+        self.raw_model = raw_model if raw_model is not None else self.model
+        self.loss_fn = loss_fn.to(predictor.device)
         self.optimizer, self.schedule = optimizer, schedule
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(predictor.device.type,
+                                           enabled=predictor.amp_dtype == torch.float16)
         self.train_loader, self.sampler, self.val_loader = train_loader, sampler, val_loader
         self.config, self.run_id = config, run_id  # saved inside every checkpoint
         self.samples = samples  # fixed validation images for the per-epoch panel
@@ -170,18 +103,10 @@ class Trainer:
         self.display = display or NullDisplay()
         self.stop = stop or StopFlag()
         self.confusion: torch.Tensor | None = None  # of the last validation
-        self.paths = {"last": settings.checkpoint_dir / "last.pt", "best": settings.checkpoint_dir / "best.pt"}
+        self.paths = {which: checkpoints.path_of(settings.tracking_dir, run_id, which)
+                      for which in ("last", "best")}
 
     # ------------------------------------------------------------------ pieces
-
-    def _inputs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return model_inputs(images, masks, device=self.device, channels_last=self.s.channels_last)
-
-    def _autocast(self):
-        return autocast_for(self.device, self.s.amp_dtype)
-
-    def _predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return predict(logits, task=self.s.task, threshold=self.s.threshold)
 
     def _optimizer_step(self) -> None:
         if self.s.grad_clip_norm > 0:
@@ -193,19 +118,16 @@ class Trainer:
         self.schedule.after_step()
 
     def _checkpoint(self, state: TrainState, metrics: dict[str, float]) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "epoch": state.epoch - (state.step_in_epoch == 0),
-                "metrics": metrics, "config": self.config, "run_id": self.run_id, "state": asdict(state),
-                "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state()}
+        return checkpoints.pack(state=state, metrics=metrics, config=self.config,
+                                run_id=self.run_id, model=self.raw_model,
+                                optimizer=self.optimizer, schedule=self.schedule,
+                                scaler=self.scaler)
 
     def restore(self, checkpoint: dict) -> TrainState:
-        """Load a checkpoint's weights, optimizer, scheduler, scaler and RNG states; its loop position."""
-        self.raw_model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.schedule.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        return TrainState(**checkpoint["state"])
+        """Load a checkpoint's weights, optimizer, scheduler, scaler, RNG states; its position."""
+        return TrainState(**checkpoints.unpack(checkpoint, model=self.raw_model,
+                                               optimizer=self.optimizer, schedule=self.schedule,
+                                               scaler=self.scaler))
 
     def _diverged(self, epoch: int, step: int | None) -> TrainingDiverged:
         """step: the first batch (from 1) with a non-finite loss; None: the loss stayed finite
@@ -225,15 +147,14 @@ class Trainer:
         self.sampler.set_epoch(epoch, start=first_batch * self.train_loader.batch_size)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = torch.full((), state.loss_sum, dtype=torch.float64, device=self.device)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # 1-based batch
+        device = self.predictor.device
+        total_loss = torch.full((), state.loss_sum, dtype=torch.float64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # 1-based batch
         seen, last_refresh, start = state.seen, 0.0, time.perf_counter()
         self.display.epoch_start(epoch, self.s.epochs, batches, done=first_batch)
         for batch, (images, masks) in enumerate(self.train_loader, start=first_batch + 1):
-            x, y = self._inputs(images, masks)
-            with self._autocast():
-                logits = self.model(x)
-            loss = self.loss_fn(logits, y)
+            x, y = self.predictor.inputs(images), self.predictor.targets(masks)
+            loss = self.loss_fn(self.predictor.logits(x), y)
             group_start = (batch - 1) // self.s.accumulate * self.s.accumulate
             group_size = min(self.s.accumulate, batches - group_start)  # the last group may be short
             self.scaler.scale(loss / group_size).backward()
@@ -254,7 +175,7 @@ class Trainer:
                 if first_bad.item() > 0:
                     raise self._diverged(epoch, first_bad.item())
                 state.step_in_epoch, state.loss_sum, state.seen = batch, total_loss.item(), seen
-                save_atomic(self._checkpoint(state, {}), self.paths["last"])
+                checkpoints.save_atomic(self._checkpoint(state, {}), self.paths["last"])
                 raise Interrupted(self.stop.signum, self.run_id, f"epoch {epoch}, batch {batch} of {batches}")
         finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().double()
         loss_sum, bad, weights_ok = torch.stack([total_loss, first_bad.double(), finite]).tolist()  # the epoch's sync
@@ -267,23 +188,16 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def validate(self) -> dict[str, float]:
-        scores_, self.confusion = evaluate_batches(
-            self.model, self.val_loader, prepare=self._inputs, autocast=self._autocast, threshold=self.s.threshold,
-            loss_fn=self.loss_fn, num_classes=self.s.num_classes, class_names=self.s.class_names,
-            task=self.s.task, tolerance=self.s.boundary_tolerance, device=self.device)
-        return {f"val/{k}": v for k, v in scores_.items()}
+        found, self.confusion = self.predictor.evaluate(
+            self.val_loader, tolerance=self.s.boundary_tolerance, loss_fn=self.loss_fn)
+        return {f"val/{k}": v for k, v in found.items()}
 
-    @torch.inference_mode()
     def predict_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(images, targets, predictions) of the fixed validation samples, as numpy arrays."""
         if self.samples is None:
             return None
         images, masks = self.samples
-        self.model.eval()
-        x, _ = self._inputs(images, masks)
-        with self._autocast():
-            pred = self._predict(self.model(x))
-        return images.numpy(), masks.numpy(), pred.cpu().numpy()
+        return images.numpy(), masks.numpy(), self.predictor.predict(images).cpu().numpy()
 
     def _improved(self, score: float, best: float | None) -> bool:
         if best is None:
@@ -295,7 +209,7 @@ class Trainer:
     def fit(self, state: TrainState | None = None) -> FitResult:
         """Train from `state` (a fresh one, or one restored from a checkpoint) to the last epoch."""
         state = state or TrainState()
-        self.s.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.paths["last"].parent.mkdir(parents=True, exist_ok=True)
         stopped_early = False
         try:
             while state.epoch <= self.s.epochs:
@@ -310,9 +224,9 @@ class Trainer:
                 self.schedule.after_epoch(metrics[self.s.monitor])
                 state.epoch, state.step_in_epoch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
                 checkpoint = self._checkpoint(state, metrics)
-                save_atomic(checkpoint, self.paths["last"])
+                checkpoints.save_atomic(checkpoint, self.paths["last"])
                 if is_best:
-                    save_atomic(checkpoint, self.paths["best"])
+                    checkpoints.save_atomic(checkpoint, self.paths["best"])
                 self.display.epoch_end(epoch, metrics, is_best)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics, self.predict_samples())
@@ -326,41 +240,3 @@ class Trainer:
         finally:
             self.display.close()
         return FitResult(state.history, state.best_epoch, state.best_score, self.paths, stopped_early)
-
-
-@torch.inference_mode()
-def evaluate_batches(model: nn.Module, batches, *, prepare, autocast, threshold: float, loss_fn: nn.Module | None,
-                     num_classes: int, class_names: tuple[str, ...], task: str, tolerance: int,
-                     device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
-    """Scores (and the confusion matrix) of a model over batches of (uint8 images, masks).
-
-    Masks larger than the model's input (full-resolution evaluation) are scored against the
-    prediction resized to their size with nearest neighbour; the loss is then not computed.
-    Counts accumulate on the device; the host copies them once, at the end.
-    """
-    model.eval()
-    confusion = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=device)
-    boundary = BoundaryF1(tolerance=tolerance, ignore_index=IGNORE_INDEX, device=device)
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
-    for images, masks in batches:
-        x, y = prepare(images, masks)
-        with autocast():
-            logits = model(x)
-        if loss_fn is not None:
-            total_loss += loss_fn(logits, y).double() * len(images)
-        pred = predict(logits, task=task, threshold=threshold)
-        if pred.shape[-2:] != y.shape[-2:]:
-            pred = F.interpolate(pred[:, None].float(), size=y.shape[-2:], mode="nearest")[:, 0].long()
-        confusion.update(pred, y)
-        boundary.update(pred, y)
-        seen += len(images)
-    n = num_classes
-    host = torch.cat([total_loss.view(1), confusion.counts.double().flatten(),
-                      boundary.counts.double()]).cpu()  # one copy; float64 holds counts below 2**53 exactly
-    counts = host[1 : 1 + n * n].long().view(n, n)
-    found = scores(counts, task=task, class_names=class_names)
-    found["boundary_f1"] = boundary_f1(host[1 + n * n :].long())
-    if loss_fn is not None:
-        found = {"loss": host[0].item() / max(seen, 1), **found}
-    return found, counts

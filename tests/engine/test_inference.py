@@ -3,17 +3,19 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow import MlflowClient
 from PIL import Image
 
 from cityseg.cli import main
 from cityseg.config import load_experiment
+from cityseg.data.cityscapes import id_to_train_id_lut
 from cityseg.data.datasets import data_index, task_lut
 from cityseg.data.layouts import read_sample
-from cityseg.engine import inference, runner
+from cityseg.engine import checkpoints, inference, runner
 from cityseg.errors import CitysegError
 from cityseg.tracking import tracking_uri
-from tests.conftest import QUICKSTART, tiny_overrides
+from tests.conftest import CITYSCAPES_MINI, QUICKSTART, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -36,32 +38,84 @@ def test_evaluate_reproduces_the_validation_metrics_training_logged(trained_run)
         assert found[key] == pytest.approx(logged, abs=1e-9), key
 
 
-def test_full_resolution_scores_the_upsampled_prediction_against_full_labels(trained_run):
+def _by_hand(model, photo, size, threshold):
+    """Independent reference of full-resolution prediction: PIL bilinear resize to the training
+    size, ImageNet normalisation written out, an fp32 forward, bilinear logit upsampling."""
+    height, width = size
+    small = np.asarray(Image.fromarray(photo).resize((width, height), Image.BILINEAR), np.float32)
+    x = (small / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    x = torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        logits = F.interpolate(model.float()(x), size=photo.shape[:2], mode="bilinear",
+                               align_corners=False)
+    return (torch.sigmoid(logits[0, 0]) > threshold).numpy().astype(np.uint8)
+
+
+def _binary_counts(pred, target):
+    valid = target != 255
+    return (int(np.sum((pred == 1) & (target == 1) & valid)),
+            int(np.sum((pred == 1) & (target == 0) & valid)),
+            int(np.sum((pred == 0) & (target == 1) & valid)))
+
+
+def test_full_resolution_scores_the_upsampled_logits_against_full_labels(trained_run):
     tmp_path, result = trained_run
-    trained = inference.load_trained(run_id=result.run_id, checkpoint=None, runs=tmp_path / "runs")
+    trained = inference.load_trained(run_id=result.run_id, checkpoint=None,
+                                     runs=tmp_path / "runs", overrides=["trainer.precision=fp32"])
     found, counts = inference.evaluate(trained, split="val", full_resolution=True)
-    # independent reference: PIL nearest upsampling of the training-size prediction, numpy counts
     index = data_index(trained.exp.data, ("val",))
     lut = task_lut(trained.exp.data)
-    tp = fp = fn = 0
+    tp = fp = fn = labelled = 0
     for sample in index.samples["val"]:
         photo, train_ids = read_sample(sample, layout=index.layout, encoding=index.encoding)
-        small = np.array(Image.fromarray(photo).resize((64, 32), Image.BILINEAR))
-        x = torch.from_numpy(small).permute(2, 0, 1)[None]
-        xin, _ = inference.model_inputs(x, torch.zeros(1, 1, 1), device=trained.device, channels_last=True)
-        with torch.inference_mode(), inference.autocast_for(trained.device, trained.amp_dtype):
-            prob = torch.sigmoid(trained.model(xin)[0, 0].float()).numpy()
-        pred = np.array(Image.fromarray((prob > trained.threshold).astype(np.uint8)).resize(
-            (photo.shape[1], photo.shape[0]), Image.NEAREST))
         target = lut[train_ids]
-        valid = target != 255
-        tp += np.sum((pred == 1) & (target == 1) & valid)
-        fp += np.sum((pred == 1) & (target == 0) & valid)
-        fn += np.sum((pred == 0) & (target == 1) & valid)
-    assert counts.sum() == sum((lut[read_sample(s, layout=index.layout, encoding=index.encoding)[1]] != 255).sum()
-                               for s in index.samples["val"])  # every full-size labelled pixel counted
-    expected = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    assert found["dice"] == pytest.approx(expected)
+        pred = _by_hand(trained.predictor.model, photo, (32, 64), trained.threshold)
+        t, f, n = _binary_counts(pred, target)
+        tp, fp, fn, labelled = tp + t, fp + f, fn + n, labelled + int((target != 255).sum())
+    assert counts.sum() == labelled  # every full-size labelled pixel counted
+    assert (counts[1, 1], counts[0, 1], counts[1, 0]) == (tp, fp, fn)
+    assert found["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+
+
+@pytest.mark.skipif(not CITYSCAPES_MINI.is_dir(), reason="../shared/data/cityscapes-mini absent")
+def test_evaluate_full_resolution_scores_exactly_what_predict_writes_on_real_frames(
+        trained_run, tmp_path):
+    source_dir, result = trained_run
+    runs = source_dir / "runs"
+    photos = sorted((CITYSCAPES_MINI / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))
+    # a threshold at which the barely trained model finds some foreground and misses some: the
+    # mean foreground probability over the foreground pixels of the first frame
+    lut = task_lut(load_experiment(QUICKSTART).data)  # the quickstart's foreground classes
+
+    def target_of(photo):
+        stem = photo.name.removesuffix("_leftImg8bit.png")
+        label_ids = np.asarray(Image.open(next(CITYSCAPES_MINI.rglob(f"{stem}_gtFine_labelIds.png"))))
+        return lut[id_to_train_id_lut()[label_ids]]
+
+    trained = inference.load_trained(run_id=None, checkpoint=result.checkpoints["best"], runs=runs)
+    _, prob = trained.predictor.predict_photo(np.asarray(Image.open(photos[0]).convert("RGB")))
+    checkpoint = tmp_path / "model.pt"
+    threshold = float(prob[target_of(photos[0]) == 1].mean())
+    checkpoints.save_atomic({**trained.checkpoint, "threshold": threshold}, checkpoint)
+    out = tmp_path / "masks"
+    assert main(["predict", "--checkpoint", str(checkpoint), *map(str, photos),
+                 "--out", str(out)]) == 0
+    # the written masks, scored by hand against the official labelIds
+    tp = fp = fn = 0
+    for photo in photos:
+        target = target_of(photo)
+        mask = np.asarray(Image.open(out / f"{photo.stem}_mask.png"))
+        assert mask.shape == target.shape == (1024, 2048)
+        t, f, n = _binary_counts(mask // 255, target)
+        tp, fp, fn = tp + t, fp + f, fn + n
+    assert tp > 0 and fp > 0 and fn > 0  # not a degenerate all-background prediction
+    trained = inference.load_trained(run_id=None, checkpoint=checkpoint, runs=runs,
+                                     overrides=[f"data.root={CITYSCAPES_MINI}"])
+    found, counts = inference.evaluate(trained, split="val", full_resolution=True)
+    assert (counts[1, 1], counts[0, 1], counts[1, 0]) == (tp, fp, fn)
+    assert found["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
+    assert found["recall"] == pytest.approx(tp / (tp + fn))
+    assert found["iou"] == pytest.approx(tp / (tp + fp + fn))
 
 
 def test_calibration_never_lowers_dice_and_the_threshold_reaches_predict(trained_run, tmp_path):

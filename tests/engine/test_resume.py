@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from cityseg.cli import main
 from cityseg.config import load_experiment
 from cityseg.engine import runner
-from cityseg.engine.resume import load_checkpoint
+from cityseg.engine.checkpoints import load as load_checkpoint
 from cityseg.errors import ConfigError, TrainingDiverged
 from cityseg.losses import WeightedBCE
 from cityseg.models.unet import UNet

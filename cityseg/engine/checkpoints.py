@@ -1,0 +1,120 @@
+"""Checkpoints: the format, where a run's files live, atomic save, safe load, and lookup.
+
+A checkpoint is a dict holding everything needed to continue exactly: weights, optimizer,
+scheduler, gradient scaler, RNG states and the loop's position (down to the batch when a
+signal stopped a run mid-epoch), plus the resolved config and the run id it belongs to.
+Training writes `<tracking.dir>/checkpoints/<run id>/{last,best}.pt`; the run also uploads
+them as MLflow artifacts, where any command finds them when the local files are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from cityseg import tracking
+from cityseg.errors import ConfigError
+
+FORMAT = 1
+Which = Literal["last", "best"]
+
+
+def run_dir(root: Path, run_id: str) -> Path:
+    """The folder of a run's checkpoints under a tracking dir."""
+    return root / "checkpoints" / run_id
+
+
+def path_of(root: Path, run_id: str, which: Which) -> Path:
+    """`last.pt` (where training continues from) or `best.pt` (the monitored best) of a run."""
+    return run_dir(root, run_id) / f"{which}.pt"
+
+
+def pack(*, state, metrics: dict[str, float], config: dict, run_id: str, model: nn.Module,
+         optimizer: torch.optim.Optimizer, schedule, scaler: torch.amp.GradScaler) -> dict:
+    """A checkpoint of the training loop at `state` (a TrainState)."""
+    return {"format": FORMAT, "epoch": state.epoch - (state.step_in_epoch == 0),
+            "metrics": metrics, "config": config, "run_id": run_id, "state": asdict(state),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
+
+
+def unpack(checkpoint: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
+           scaler: torch.amp.GradScaler) -> dict:
+    """Load weights, optimizer, scheduler, scaler and RNG states; returns the loop's state."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    schedule.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["state"]
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict:
+    """A cityseg checkpoint, loaded safely (weights_only); ConfigError if it is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ConfigError(f"{path}: cannot load checkpoint ({err})") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state" not in checkpoint:
+        raise ConfigError(f"{path}: not a cityseg training checkpoint")
+    return checkpoint
+
+
+def check_weights_fit(checkpoint: dict, model: nn.Module, path: Path) -> None:
+    """A clear error, before anything is written, when the weights are of another architecture."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ConfigError(f"{path}: the checkpoint's weights do not fit this model: {detail}") from None
+
+
+def fetch(root: Path, run_id: str, which: Which) -> Path:
+    """A run's checkpoint: the local file training wrote, else the run's MLflow artifact."""
+    local = path_of(root, run_id, which)
+    if local.is_file():
+        return local
+    return tracking.download_artifact(
+        root, run_id, f"checkpoints/{which}.pt",
+        missing=f"has no model: no checkpoints/{which}.pt "
+                f"(it may have failed before its first epoch ended)")
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states in types `torch.load(weights_only=True)` accepts."""
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(py_state), gauss],
+             "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [pos, has_gauss, cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    pos, has_gauss, cached = state["numpy_rest"]
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

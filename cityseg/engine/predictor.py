@@ -1,0 +1,175 @@
+"""The one inference path: uint8 images -> model inputs -> logits -> labels, and their scores.
+
+Training, validation, evaluate, calibrate, predict and the sweep's side-by-side panel all go
+through a Predictor, so they cannot drift apart: the same normalisation (on the device), memory
+layout, autocast precision, threshold and resizing everywhere. A photo of any size is resized
+to the training size as the data pipeline resizes (PIL bilinear), and its logits are upsampled
+bilinearly to the photo's size before they become labels: what `predict` writes is exactly what
+`evaluate --full-resolution` scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cityseg.config import Experiment
+from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.data.tasks import Task
+from cityseg.engine.environment import resolve_device, resolve_precision
+from cityseg.metrics import BoundaryF1, ConfusionMatrix, boundary_f1
+
+# ImageNet statistics: the usual choice, and harmless for a network trained from scratch.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std (x 255) on the device, made once per device rather than per batch."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
+class Predictor:
+    """A model with everything that decides what it predicts: device, precision, memory layout,
+    task, threshold and the image size it was trained at."""
+
+    def __init__(self, *, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
+                 channels_last: bool, task: Task, threshold: float,
+                 image_size: tuple[int, int]) -> None:
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.task, self.threshold, self.image_size = task, threshold, tuple(image_size)
+
+    @classmethod
+    def for_experiment(cls, exp: Experiment, model: nn.Module, *, device: str | None = None,
+                       threshold: float | None = None) -> Predictor:
+        """The predictor an experiment trains and validates with (device: override trainer.device)."""
+        dev = resolve_device(device or exp.trainer.device)
+        model = model.to(dev, memory_format=torch.channels_last if exp.trainer.channels_last
+                         else torch.contiguous_format)
+        return cls(model=model, device=dev, amp_dtype=resolve_precision(exp.trainer.precision, dev),
+                   channels_last=exp.trainer.channels_last, task=exp.task,
+                   threshold=exp.trainer.threshold if threshold is None else threshold,
+                   image_size=exp.data.image_size)
+
+    # ------------------------------------------------------------------ steps
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> normalised float on the device, in the model's memory layout."""
+        mean, std = _normalisation(self.device)
+        x = (images.to(self.device, non_blocking=True).float() - mean) / std
+        return x.contiguous(memory_format=self.memory_format)
+
+    def targets(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) uint8 labels -> long on the device."""
+        return masks.to(self.device, non_blocking=True).long()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits under autocast (gradients flow if the caller allows them)."""
+        autocast = (contextlib.nullcontext() if self.amp_dtype is None
+                    else torch.autocast(device_type=self.device.type, dtype=self.amp_dtype))
+        with autocast:
+            return self.model(x)
+
+    def labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) logits -> (B, H, W) labels of the task at this threshold."""
+        return self.task.labels(logits, threshold=self.threshold)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 at the training size -> (B, H, W) labels on the device."""
+        self.model.eval()
+        return self.labels(self.logits(self.inputs(images)))
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 at the training size -> (B, H, W) foreground probability."""
+        self.model.eval()
+        return self.task.probabilities(self.logits(self.inputs(images)))
+
+    @torch.inference_mode()
+    def photo_logits(self, photo: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 photo of any size -> (1, C, H, W) float logits at the photo's size."""
+        self.model.eval()
+        height, width = self.image_size
+        small = np.asarray(Image.fromarray(photo).resize((width, height), Image.BILINEAR))
+        logits = self.logits(self.inputs(torch.from_numpy(small.copy()).permute(2, 0, 1)[None]))
+        return F.interpolate(logits.float(), size=photo.shape[:2], mode="bilinear",
+                             align_corners=False)
+
+    @torch.inference_mode()
+    def predict_photo(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(H, W, 3) uint8 photo -> (labels at its size, foreground probability or None)."""
+        logits = self.photo_logits(photo)
+        labels = self.labels(logits)[0].cpu().numpy().astype(np.uint8)
+        if not self.task.thresholded:
+            return labels, None
+        return labels, self.task.probabilities(logits)[0].cpu().numpy()
+
+    # ------------------------------------------------------------------ scores
+
+    @torch.inference_mode()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                 tolerance: int, loss_fn: nn.Module | None = None
+                 ) -> tuple[dict[str, float], torch.Tensor]:
+        """Scores (with `loss` if loss_fn is given) and confusion counts over batches of
+        (uint8 images, masks) at the training size."""
+        self.model.eval()
+        tally = _Tally(self.task, tolerance=tolerance, device=self.device)
+        for images, masks in batches:
+            logits, y = self.logits(self.inputs(images)), self.targets(masks)
+            loss = loss_fn(logits, y) if loss_fn is not None else None
+            tally.add(self.labels(logits), y, loss=loss)
+        return tally.result(with_loss=loss_fn is not None)
+
+    @torch.inference_mode()
+    def evaluate_photos(self, samples: Iterable[tuple[np.ndarray, np.ndarray]], *,
+                        tolerance: int) -> tuple[dict[str, float], torch.Tensor]:
+        """Scores and confusion counts over (photo, labels) pairs of any size, predicted exactly
+        as predict_photo predicts them (full-resolution evaluation)."""
+        tally = _Tally(self.task, tolerance=tolerance, device=self.device)
+        for photo, labels in samples:
+            pred = self.labels(self.photo_logits(photo))
+            tally.add(pred, self.targets(torch.from_numpy(labels)[None]))
+        return tally.result(with_loss=False)
+
+
+class _Tally:
+    """Confusion, boundary and loss counts of a dataset, kept on the device; one host copy."""
+
+    def __init__(self, task: Task, *, tolerance: int, device: torch.device) -> None:
+        self.task = task
+        self.confusion = ConfusionMatrix(task.num_classes, ignore_index=IGNORE_INDEX, device=device)
+        self.boundary = BoundaryF1(tolerance=tolerance, ignore_index=IGNORE_INDEX, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.seen = 0
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor, *, loss: torch.Tensor | None = None
+            ) -> None:
+        self.confusion.update(pred, target)
+        self.boundary.update(pred, target)
+        if loss is not None:
+            self.loss_sum += loss.double() * len(target)
+        self.seen += len(target)
+
+    def result(self, *, with_loss: bool) -> tuple[dict[str, float], torch.Tensor]:
+        n = self.task.num_classes
+        # one copy; float64 holds counts below 2**53 exactly
+        host = torch.cat([self.loss_sum.view(1), self.confusion.counts.double().flatten(),
+                          self.boundary.counts.double()]).cpu()
+        counts = host[1 : 1 + n * n].long().view(n, n)
+        found = {**self.task.scores(counts), "boundary_f1": boundary_f1(host[1 + n * n :].long())}
+        if with_loss:
+            found = {"loss": host[0].item() / max(self.seen, 1), **found}
+        return found, counts

@@ -1,0 +1,109 @@
+"""The one inference path: inputs, labels, full-size photos and dataset-level scores."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cityseg.data.cityscapes import LABEL_BY_NAME
+from cityseg.data.tasks import TASKS
+from cityseg.engine.predictor import MEAN, STD, Predictor
+
+
+class ChannelMean(nn.Module):
+    """A fixed 'model' whose single logit is the mean of the input channels, times a gain."""
+
+    def __init__(self, out_channels: int = 1, gain: float = 4.0) -> None:
+        super().__init__()
+        self.out_channels, self.gain = out_channels, gain
+
+    def forward(self, x):
+        return (x.mean(1, keepdim=True) * self.gain).repeat(1, self.out_channels, 1, 1)
+
+
+def predictor(task="binary", *, channels_last=False, size=(8, 16), model=None, threshold=0.5):
+    task = TASKS[task] if isinstance(task, str) else task
+    return Predictor(model=model or ChannelMean(task.out_channels), device=torch.device("cpu"),
+                     amp_dtype=None, channels_last=channels_last, task=task, threshold=threshold,
+                     image_size=size)
+
+
+def test_inputs_are_normalised_on_the_device_in_the_asked_layout():
+    images = torch.randint(0, 256, (2, 3, 8, 16), dtype=torch.uint8)
+    x = predictor(channels_last=True).inputs(images)
+    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, expected, atol=1e-5)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+
+
+def test_predict_photo_resizes_like_the_data_and_upsamples_the_logits():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    labels, prob = predictor().predict_photo(photo)
+    # by hand: PIL bilinear to (8, 16), normalise, the model, bilinear back, sigmoid > 0.5
+    small = np.asarray(Image.fromarray(photo).resize((16, 8), Image.BILINEAR), np.float32) / 255
+    x = torch.from_numpy((small - np.array(MEAN)) / np.array(STD)).float().permute(2, 0, 1)[None]
+    logits = F.interpolate(ChannelMean()(x), size=(37, 53), mode="bilinear", align_corners=False)
+    assert np.allclose(prob, torch.sigmoid(logits[0, 0]).numpy(), atol=1e-6)
+    assert labels.shape == (37, 53) and (labels == (prob > 0.5)).all()
+    assert 0 < labels.mean() < 1
+
+
+def test_evaluate_photos_scores_what_predict_photo_predicts():
+    rng = np.random.default_rng(1)
+    photos = [rng.integers(0, 256, (20 + i, 30 + 2 * i, 3), dtype=np.uint8) for i in range(3)]
+    targets = [rng.integers(0, 2, p.shape[:2]).astype(np.uint8) for p in photos]
+    targets[0][:2] = 255  # ignored
+    p = predictor()
+    found, counts = p.evaluate_photos(zip(photos, targets, strict=True), tolerance=1)
+    tp = fp = fn = 0
+    for photo, target in zip(photos, targets, strict=True):
+        labels, _ = p.predict_photo(photo)
+        valid = target != 255
+        tp += np.sum((labels == 1) & (target == 1) & valid)
+        fp += np.sum((labels == 1) & (target == 0) & valid)
+        fn += np.sum((labels == 0) & (target == 1) & valid)
+    assert (counts[1, 1], counts[0, 1], counts[1, 0]) == (tp, fp, fn)
+    assert found["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+
+
+def test_evaluate_is_dataset_level_and_reports_the_mean_loss():
+    rng = np.random.default_rng(2)
+    batches = [(torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 16), dtype=np.uint8)),
+                torch.from_numpy(rng.integers(0, 2, (n, 8, 16)).astype(np.uint8))) for n in (3, 1)]
+    p = predictor()
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def loss(logits, y):
+        return loss_fn(logits[:, 0], y.float())
+
+    found, counts = p.evaluate(batches, tolerance=1, loss_fn=loss)
+    labels = [p.predict(images) for images, _ in batches]
+    targets = torch.cat([m for _, m in batches]).long()
+    pred = torch.cat(labels)
+    assert counts[1, 1] == ((pred == 1) & (targets == 1)).sum()
+    assert counts.sum() == targets.numel()
+    by_batch = [loss(p.logits(p.inputs(i)), m.long()).item() * len(i) for i, m in batches]
+    assert found["loss"] == pytest.approx(sum(by_batch) / 4, rel=1e-6)
+
+
+def test_a_new_task_is_one_entry_of_the_table():
+    """Drivable area (road vs the rest) written as one Task: labels, scores and writing follow."""
+    drivable = dataclasses.replace(
+        TASKS["binary"], name="drivable", description="road vs the rest",
+        label_lut=lambda foreground: TASKS["binary"].lut(["road"]))
+    road = LABEL_BY_NAME["road"].train_id
+    lut = drivable.lut([])
+    assert lut[road] == 1 and lut[LABEL_BY_NAME["car"].train_id] == 0
+    p = predictor(drivable)
+    train_ids = np.full((8, 16), LABEL_BY_NAME["building"].train_id, dtype=np.uint8)
+    train_ids[4:] = road
+    image = np.zeros((8, 16, 3), dtype=np.uint8)
+    image[4:] = 255  # bright road, dark buildings: the channel-mean model finds the road
+    found, counts = p.evaluate_photos([(image, lut[train_ids])], tolerance=0)
+    assert counts.tolist() == [[64, 0], [0, 64]] and found["iou"] == 1.0
+    assert drivable.mask_values[p.predict_photo(image)[0]].max() == 255

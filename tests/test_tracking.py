@@ -1,0 +1,42 @@
+"""The run session: every run it opens ends FINISHED, FAILED (with the reason) or KILLED."""
+
+import signal
+
+import pytest
+from mlflow import MlflowClient
+
+from cityseg import tracking
+from cityseg.errors import Interrupted
+
+
+def status_and_tags(root, run_id):
+    run = MlflowClient(tracking_uri=tracking.tracking_uri(root)).get_run(run_id)
+    return run.info.status, run.data.tags
+
+
+def test_a_session_ends_finished_failed_or_killed(tmp_path):
+    tracker = tracking.Tracker(root=tmp_path, experiment="e")
+    with tracker.session(run_name="ok", tags={"k": "v"}) as finished:
+        assert status_and_tags(tmp_path, finished)[0] == "RUNNING"
+    status, tags = status_and_tags(tmp_path, finished)
+    assert status == "FINISHED" and tags["k"] == "v" and "failure" not in tags
+
+    with pytest.raises(RuntimeError, match="boom"), tracker.session(run_name="bad") as failed:
+        raise RuntimeError("boom")
+    status, tags = status_and_tags(tmp_path, failed)
+    assert status == "FAILED" and tags["failure"] == "boom"
+
+    with pytest.raises(Interrupted), tracker.session(run_name="stopped") as killed:
+        raise Interrupted(signal.SIGTERM, "x", "epoch 1")
+    status, tags = status_and_tags(tmp_path, killed)
+    assert status == "KILLED" and "failure" not in tags
+
+
+def test_a_session_reattaches_to_an_earlier_run(tmp_path):
+    tracker = tracking.Tracker(root=tmp_path, experiment="e")
+    with pytest.raises(KeyboardInterrupt), tracker.session(run_name="first") as run_id:
+        raise KeyboardInterrupt
+    assert status_and_tags(tmp_path, run_id)[0] == "KILLED"
+    with tracker.session(reattach=run_id) as again:
+        assert again == run_id and status_and_tags(tmp_path, run_id)[0] == "RUNNING"
+    assert status_and_tags(tmp_path, run_id)[0] == "FINISHED"
