@@ -71,7 +71,8 @@ class Tracker:
             self.experiment_id = found.experiment_id
         else:
             location = (root / "artifacts").resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(experiment,
+                                                               artifact_location=location)
         self.run_id: str | None = None
 
     def find_runs(self, filter_string: str) -> list:
@@ -130,17 +131,19 @@ class Tracker:
         from mlflow.models import infer_signature
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
-        logging.getLogger("torch._export").setLevel(logging.ERROR)  # export notes on the example's batch size
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # pickle caveat: documented in the README
+        # quiet: export notes on the example's batch size; the pickle caveat (in the README)
+        logging.getLogger("torch._export").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         model.eval()
         with torch.inference_mode():
             output = model(torch.from_numpy(example)).float().numpy()
         signature = infer_signature(example, output)
         # start_run's exit marks the run FINISHED; the session sets the true status at its end
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                            serialization_format="pickle",  # loads back as the UNet class
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=signature, input_example=example,
+                serialization_format="pickle",  # loads back as the UNet class
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         self.client.set_tag(self.run_id, "model_uri", info.model_uri)
         return info.model_uri
 
@@ -151,7 +154,8 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -176,7 +180,8 @@ def mlflow_version() -> str:
 
 
 def download_artifact(root: Path, run_id: str, artifact: str, *, missing: str) -> Path:
-    """One artifact of a run into a temporary folder; CitysegError if the run or the file is not there."""
+    """One artifact of a run, downloaded into a temporary folder; CitysegError if the run or
+    the file is not there (`missing` says what is missing)."""
     _require_store(root)
     client = MlflowClient(tracking_uri=tracking_uri(root))
     try:
@@ -184,7 +189,8 @@ def download_artifact(root: Path, run_id: str, artifact: str, *, missing: str) -
     except MlflowException:
         raise CitysegError(f"run {run_id!r} not found in {root / 'mlflow.db'}") from None
     try:
-        return Path(client.download_artifacts(run_id, artifact, tempfile.mkdtemp(prefix="cityseg-")))
+        folder = tempfile.mkdtemp(prefix="cityseg-")
+        return Path(client.download_artifacts(run_id, artifact, folder))
     except (MlflowException, OSError):
         raise CitysegError(f"run {run_id} {missing}") from None
 
@@ -195,7 +201,7 @@ def fetch_config(root: Path, run_id: str) -> Path:
 
 
 def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") -> list:
-    """Runs in the store under `root`, of one MLflow experiment or of all (for `cityseg compare`)."""
+    """Runs in the store under `root`, of one MLflow experiment or of all (`cityseg compare`)."""
     _require_store(root)
     client = MlflowClient(tracking_uri=tracking_uri(root))
     experiments = client.search_experiments()
@@ -203,12 +209,13 @@ def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") 
         experiments = [e for e in experiments if e.name == experiment]
         if not experiments:
             names = ", ".join(e.name for e in client.search_experiments()) or "none"
-            raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} (experiments: {names})")
+            raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} "
+                               f"(experiments: {names})")
     return client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string)
 
 
 def _require_store(root: Path) -> None:
     """Reading a store that is not there must not create an empty one."""
     if not (root / "mlflow.db").is_file():
-        raise CitysegError(f"no MLflow store at {root / 'mlflow.db'}; train something first (make run), "
-                           f"or point --runs at the folder holding mlflow.db")
+        raise CitysegError(f"no MLflow store at {root / 'mlflow.db'}; train something first "
+                           f"(make run), or point --runs at the folder holding mlflow.db")

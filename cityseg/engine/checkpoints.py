@@ -83,7 +83,8 @@ def check_weights_fit(checkpoint: dict, model: nn.Module, path: Path) -> None:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise ConfigError(f"{path}: the checkpoint's weights do not fit this model: {detail}") from None
+        raise ConfigError(f"{path}: the checkpoint's weights do not fit this model: "
+                          f"{detail}") from None
 
 
 def fetch(root: Path, run_id: str, which: Which) -> Path:

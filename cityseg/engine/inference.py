@@ -126,14 +126,17 @@ def calibrate(trained: Trained, *, split: str) -> Calibration:
     bg = torch.zeros_like(fg)
     for images, masks in split_loader(trained, split):
         prob, y = predictor.probabilities(images), predictor.targets(masks)
-        # bin k holds p in (k/1000, (k+1)/1000], so "bin >= k" is exactly "p > k/1000", as predictions use
+        # bin k holds p in (k/1000, (k+1)/1000], so "bin >= k" is exactly "p > k/1000", as
+        # predictions use
         bins = (torch.ceil(prob * HISTOGRAM_BINS) - 1).long().clamp_(0, HISTOGRAM_BINS)
         fg += torch.bincount(bins[y == 1], minlength=HISTOGRAM_BINS + 1)
         bg += torch.bincount(bins[y == 0], minlength=HISTOGRAM_BINS + 1)
-    fg_at_least = fg.flip(0).cumsum(0).flip(0).cpu().numpy()  # pixels with bin >= k: predicted foreground
+    # pixels with bin >= k: predicted foreground at threshold k/1000
+    fg_at_least = fg.flip(0).cumsum(0).flip(0).cpu().numpy()
     bg_at_least = bg.flip(0).cumsum(0).flip(0).cpu().numpy()
     # thresholds k/1000 for k = 1..999 (a valid trainer.threshold lies strictly between 0 and 1)
-    tp, fp = fg_at_least[1:HISTOGRAM_BINS].astype(np.float64), bg_at_least[1:HISTOGRAM_BINS].astype(np.float64)
+    tp = fg_at_least[1:HISTOGRAM_BINS].astype(np.float64)
+    fp = bg_at_least[1:HISTOGRAM_BINS].astype(np.float64)
     fn = fg.sum().item() - tp
     with np.errstate(divide="ignore", invalid="ignore"):
         dice = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 1.0)
@@ -171,7 +174,8 @@ def overlay(photo: np.ndarray, labels: np.ndarray, task: Task) -> np.ndarray:
 
 def predict_files(trained: Trained, inputs: list[Path], out: Path, *, probabilities: bool,
                   progress=lambda files: files) -> tuple[list[Path], list[str]]:
-    """Write <stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) per image; (written, skipped)."""
+    """Write <stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) per image;
+    returns (written, skipped)."""
     out.mkdir(parents=True, exist_ok=True)
     written, skipped, used = [], [], set()
     for path in progress(_inputs_of(inputs)):
@@ -217,8 +221,9 @@ def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution:
         if calibration is not None:
             best = calibration.best
             tracker.log_image(viz.pr_curve(calibration), "precision_recall.png")
-            tracker.log_metrics({f"{split}/calibrated_threshold": float(calibration.thresholds[best]),
-                                 f"{split}/calibrated_dice": float(calibration.dice[best])}, step=0)
+            tracker.log_metrics({
+                f"{split}/calibrated_threshold": float(calibration.thresholds[best]),
+                f"{split}/calibrated_dice": float(calibration.dice[best])}, step=0)
     return run_id
 
 

@@ -52,7 +52,8 @@ class Predictor:
     @classmethod
     def for_experiment(cls, exp: Experiment, model: nn.Module, *, device: str | None = None,
                        threshold: float | None = None) -> Predictor:
-        """The predictor an experiment trains and validates with (device: override trainer.device)."""
+        """The predictor an experiment trains and validates with (device overrides
+        trainer.device)."""
         dev = resolve_device(device or exp.trainer.device)
         model = model.to(dev, memory_format=torch.channels_last if exp.trainer.channels_last
                          else torch.contiguous_format)

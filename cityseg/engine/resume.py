@@ -40,7 +40,8 @@ def store_path(exp: Experiment) -> Path:
 
 
 def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path | None:
-    """RUN_ID, a checkpoint path or auto -> the checkpoint to resume from (None: auto found nothing)."""
+    """RUN_ID, a checkpoint path or auto -> the checkpoint to resume from (None: auto found
+    nothing)."""
     root = exp.tracking.dir
     if Path(spec).is_file():
         return Path(spec)

@@ -33,11 +33,14 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[\w.-]+$", description="sweep name: the parent run's name")
-    base: str = Field(description="experiment file the children start from, relative to the sweep file")
-    grid: dict[str, list[Any]] = Field(min_length=1, description="dotted key -> values; one child per combination")
+    base: str = Field(description="experiment file the children start from, relative to the "
+                                  "sweep file")
+    grid: dict[str, list[Any]] = Field(
+        min_length=1, description="dotted key -> values; one child per combination")
     set: dict[str, Any] = Field({}, description="dotted key -> value applied to every child")
     metric: str = Field("val/dice", description="metric the children are ranked by")
-    mode: Literal["max", "min"] = Field("max", description="whether a higher or lower metric is better")
+    mode: Literal["max", "min"] = Field("max",
+                                        description="whether a higher or lower metric is better")
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class SweepPoint:
 
 
 def _override(key: str, value: Any) -> str:
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"{key}={text}"
 
 
 def label_of(values: dict[str, Any]) -> str:
@@ -63,12 +67,13 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[SweepPoint]]:
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        lines = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
+                 for e in err.errors()]
         raise ConfigError(f"{path}: {len(lines)} error(s)\n  " + "\n  ".join(lines)) from None
     for key in (*sweep.grid, *sweep.set):
         if key in ("tracking.dir", "tracking.experiment"):
-            raise ConfigError(f"{path}: {key}: a sweep's children share the base experiment's MLflow store "
-                              f"and experiment; set it in the base experiment")
+            raise ConfigError(f"{path}: {key}: a sweep's children share the base experiment's "
+                              f"MLflow store and experiment; set it in the base experiment")
     for key, values in sweep.grid.items():
         if not values:
             raise ConfigError(f"{path}: grid.{key}: give at least one value")
@@ -81,7 +86,8 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[SweepPoint]]:
             exp = load_experiment(path.parent / sweep.base, overrides)
         except ConfigError as err:
             raise ConfigError(f"{path}: grid point {label_of(values)}: {err}") from None
-        points.append(SweepPoint(values, label_of(values), exp, config_hash(exp.model_dump(mode="json"), resumable=False)))
+        identity = config_hash(exp.model_dump(mode="json"), resumable=False)
+        points.append(SweepPoint(values, label_of(values), exp, identity))
     allowed = points[0].experiment.task.monitors
     if sweep.metric not in allowed:
         raise ConfigError(f"{path}: metric: {sweep.metric} is not logged by these runs; use one of "
@@ -90,7 +96,8 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[SweepPoint]]:
 
 
 def sweep_id(sweep: SweepConfig, points: list[SweepPoint]) -> str:
-    digest = hashlib.sha256(json.dumps(sorted(p.config_hash for p in points)).encode()).hexdigest()[:8]
+    hashes = json.dumps(sorted(p.config_hash for p in points))
+    digest = hashlib.sha256(hashes.encode()).hexdigest()[:8]
     return f"{sweep.name}-{digest}"
 
 
@@ -115,23 +122,27 @@ class ChildOutcome:
 
 def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: int, tracker,
                  report) -> list[ChildOutcome]:
-    """Run every point that has no FINISHED child yet, `jobs` at a time; failures do not stop the rest."""
+    """Run every point that has no FINISHED child yet, `jobs` at a time; failures do not stop
+    the rest."""
     outcomes, todo, resume = [], [], {}
     for point in points:
-        earlier = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_point = '{point.config_hash}'")
+        earlier = tracker.find_runs(f"tags.sweep_id = '{sid}' and "
+                                    f"tags.sweep_point = '{point.config_hash}'")
         done = [r for r in earlier if r.info.status == "FINISHED"]
         if done:
             outcomes.append(ChildOutcome(point, done[0].info.run_id, "FINISHED", skipped=True))
             report(f"{point.label}: already FINISHED ({done[0].info.run_id}), skipped")
             continue
         todo.append(point)
-        if earlier and earlier[0].info.status == "KILLED":  # interrupted: continue from its checkpoint
+        # interrupted: continue from its checkpoint
+        if earlier and earlier[0].info.status == "KILLED":
             run_id = earlier[0].info.run_id
             if checkpoints.path_of(point.experiment.tracking.dir, run_id, "last").is_file():
                 resume[point.label] = run_id
 
     def tags_of(point: SweepPoint) -> dict[str, str]:
-        return {"mlflow.parentRunId": parent_id, "sweep_id": sid, "sweep_role": "child", "sweep_point": point.config_hash,
+        return {"mlflow.parentRunId": parent_id, "sweep_id": sid, "sweep_role": "child",
+                "sweep_point": point.config_hash,
                 **{f"sweep.{k}": str(v) for k, v in point.values.items()}}
 
     if jobs <= 1:
@@ -141,7 +152,8 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
             again = resume.get(point.label)
             report(f"{point.label}: " + (f"resuming {again}" if again else "training"))
             try:
-                result = run(point.experiment, run_name=point.label, tags=tags_of(point), resume=again)
+                result = run(point.experiment, run_name=point.label, tags=tags_of(point),
+                             resume=again)
                 outcomes.append(ChildOutcome(point, result.run_id, "FINISHED", skipped=False))
             except Interrupted:
                 raise  # the person wants the whole sweep to stop
@@ -170,8 +182,9 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
 
 def sweep_yaml(sweep: SweepConfig, points: list[SweepPoint]) -> str:
     """The sweep and its first resolved child, for the parent's artifacts."""
-    return yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False) + "\n# first child:\n" + "\n".join(
-        f"# {line}" for line in to_yaml(points[0].experiment).splitlines())
+    child = "\n".join(f"# {line}" for line in to_yaml(points[0].experiment).splitlines())
+    text = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+    return f"{text}\n# first child:\n{child}"
 
 
 @dataclass
@@ -226,7 +239,8 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
     return SweepResult(sid, parent_id, rows, best, failed)
 
 
-SUMMARY_METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/miou", "val/boundary_f1", "val/loss")
+SUMMARY_METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/miou",
+                   "val/boundary_f1", "val/loss")
 
 
 def _log_summary(tracker, sweep: SweepConfig, points: list[SweepPoint], rows: list[dict[str, Any]],
@@ -235,9 +249,11 @@ def _log_summary(tracker, sweep: SweepConfig, points: list[SweepPoint], rows: li
     import io
 
     keys = list(sweep.grid)
-    metrics = [m for m in dict.fromkeys((sweep.metric, *SUMMARY_METRICS)) if any(m in r for r in rows)]
+    metrics = [m for m in dict.fromkeys((sweep.metric, *SUMMARY_METRICS))
+               if any(m in r for r in rows)]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["rank", "child", *keys, "status", *metrics, "run_id"],
+    writer = csv.DictWriter(buffer,
+                            fieldnames=["rank", "child", *keys, "status", *metrics, "run_id"],
                             extrasaction="ignore")
     writer.writeheader()
     for rank, row in enumerate(rows, start=1):

@@ -133,9 +133,11 @@ class Trainer:
         """step: the first batch (from 1) with a non-finite loss; None: the loss stayed finite
         but the weights did not (an overflowing update)."""
         last = self.paths["last"]
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        what = (f"training loss became NaN or infinite at epoch {epoch}, step {step} (batch {step} of that "
-                f"epoch, counting from 1)" if step else f"model weights became NaN or infinite in epoch {epoch}")
+        kept = (f"the last good checkpoint is {last}" if last.exists()
+                else "no checkpoint was written yet")
+        what = (f"training loss became NaN or infinite at epoch {epoch}, step {step} (batch {step} "
+                f"of that epoch, counting from 1)" if step
+                else f"model weights became NaN or infinite in epoch {epoch}")
         return TrainingDiverged(f"{what}; {kept}. Lower optimizer.lr, set trainer.grad_clip_norm, "
                                 f"or check the data")
 
@@ -156,7 +158,8 @@ class Trainer:
             x, y = self.predictor.inputs(images), self.predictor.targets(masks)
             loss = self.loss_fn(self.predictor.logits(x), y)
             group_start = (batch - 1) // self.s.accumulate * self.s.accumulate
-            group_size = min(self.s.accumulate, batches - group_start)  # the last group may be short
+            # the last group may be short
+            group_size = min(self.s.accumulate, batches - group_start)
             self.scaler.scale(loss / group_size).backward()
             at_step = batch % self.s.accumulate == 0 or batch == batches
             if at_step:
@@ -176,15 +179,18 @@ class Trainer:
                     raise self._diverged(epoch, first_bad.item())
                 state.step_in_epoch, state.loss_sum, state.seen = batch, total_loss.item(), seen
                 checkpoints.save_atomic(self._checkpoint(state, {}), self.paths["last"])
-                raise Interrupted(self.stop.signum, self.run_id, f"epoch {epoch}, batch {batch} of {batches}")
+                raise Interrupted(self.stop.signum, self.run_id,
+                                  f"epoch {epoch}, batch {batch} of {batches}")
         finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().double()
-        loss_sum, bad, weights_ok = torch.stack([total_loss, first_bad.double(), finite]).tolist()  # the epoch's sync
+        # the epoch's sync
+        loss_sum, bad, weights_ok = torch.stack([total_loss, first_bad.double(), finite]).tolist()
         if bad > 0:
             raise self._diverged(epoch, int(bad))
         if not weights_ok:  # a finite loss but an overflowing update: never checkpoint such weights
             raise self._diverged(epoch, None)
         elapsed = time.perf_counter() - start
-        return {"train/loss": loss_sum / max(seen, 1), "throughput/img_s": (seen - state.seen) / elapsed,
+        return {"train/loss": loss_sum / max(seen, 1),
+                "throughput/img_s": (seen - state.seen) / elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def validate(self) -> dict[str, float]:
@@ -218,7 +224,8 @@ class Trainer:
                 state.history.append(metrics)
                 is_best = self._improved(metrics[self.s.monitor], state.best_score)
                 if is_best:
-                    state.best_score, state.best_epoch, state.bad_epochs = metrics[self.s.monitor], epoch, 0
+                    state.best_score, state.best_epoch = metrics[self.s.monitor], epoch
+                    state.bad_epochs = 0
                 else:
                     state.bad_epochs += 1
                 self.schedule.after_epoch(metrics[self.s.monitor])
@@ -233,10 +240,13 @@ class Trainer:
                 if self.s.patience and state.bad_epochs >= self.s.patience:
                     stopped_early = True
                     self.display.message(f"early stop: {self.s.monitor} has not improved for "
-                                         f"{state.bad_epochs} epochs (best {state.best_score:.4f} at epoch {state.best_epoch})")
+                                         f"{state.bad_epochs} epochs (best {state.best_score:.4f} "
+                                         f"at epoch {state.best_epoch})")
                     break
-                if self.stop.signum and state.epoch <= self.s.epochs:  # signalled during validation or logging
+                # signalled during validation or logging
+                if self.stop.signum and state.epoch <= self.s.epochs:
                     raise Interrupted(self.stop.signum, self.run_id, f"the end of epoch {epoch}")
         finally:
             self.display.close()
-        return FitResult(state.history, state.best_epoch, state.best_score, self.paths, stopped_early)
+        return FitResult(state.history, state.best_epoch, state.best_score, self.paths,
+                         stopped_early)
