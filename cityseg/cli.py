@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID|CHECKPOINT|auto",
                    help="continue a stopped run: its MLflow run id, a checkpoint file, or auto (the newest "
                         "unfinished run of the same experiment and config)")
+    p.add_argument("--fallback-best", action="store_true",
+                   help="with --resume: if the run's last.pt is corrupt, continue from its best.pt")
     p.add_argument("--from-run", metavar="RUN_ID", help="re-run exactly the config an earlier run logged")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir of --from-run (default runs)")
     _add_overrides(p)
@@ -96,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
             p.add_argument("--out", type=Path, required=True, help="output folder")
             p.add_argument("--probabilities", action="store_true", help="also write <name>_prob.png (binary)")
+    p = sub.add_parser("runs", help="look after the runs in the MLflow store")
+    runs = p.add_subparsers(dest="runs_command", required=True)
+    p = runs.add_parser("clean", help="mark crashed runs (RUNNING, but their process is gone) "
+                                      "FAILED with a `crashed` tag; live runs are left alone")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="only list them")
     sub.add_parser("schema", help="print the JSON Schema of experiment files")
     sub.add_parser("list", help="list the registered components")
     return parser
@@ -119,7 +128,8 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     out.print(f"[bold]{exp.name}[/]: {exp.data.name} data ({exp.data.task}), {exp.model.name}, "
               f"{exp.loss.name} loss, {exp.trainer.epochs} epochs")
     try:
-        result = run(exp, display=RichDisplay(out), resume=args.resume)
+        result = run(exp, display=RichDisplay(out), resume=args.resume,
+                     fallback_best=args.fallback_best)
     except TrainingDiverged as err:
         print(f"error: run failed: {err}", file=sys.stderr)
         return 1
@@ -257,7 +267,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, out: Console) -> int:
-    from cityseg.tracking import search_runs
+    from cityseg.tracking import search_runs, shown_status
 
     runs = search_runs(args.runs, experiment=args.experiment,
                        filter_string=f"tags.sweep_id = '{args.sweep}' and tags.sweep_role = 'child'" if args.sweep else "")
@@ -276,9 +286,11 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
                if any(m in r.data.metrics for r in runs)]
     table = Table(title=f"sorted by {args.metric}", box=None, header_style="bold")
     for header in ("run", "status", *varying, *metrics, "run id"):
-        table.add_column(header, no_wrap=True)
+        # long param values (paths) give way first; status, metrics and ids stay whole
+        fixed = header in ("status", "run id", *metrics)
+        table.add_column(header, no_wrap=True, min_width=max(len(header), 8) if fixed else None)
     for r in runs:
-        table.add_row(r.info.run_name, r.info.status, *(r.data.params.get(k, "-") for k in varying),
+        table.add_row(r.info.run_name, shown_status(r), *(r.data.params.get(k, "-") for k in varying),
                       *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in metrics),
                       r.info.run_id[:8])
     out.print(table)
@@ -337,7 +349,20 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
     return EXIT_USAGE if skipped else 0
 
 
-COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate, "show": cmd_show,
+def cmd_runs(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.tracking import clean_stale
+
+    stale = clean_stale(args.runs, experiment=args.experiment, dry_run=args.dry_run)
+    verb = "would mark" if args.dry_run else "marked"
+    for run, reason in stale:
+        out.print(f"{run.info.run_id[:8]} {run.info.run_name}: {reason}; {verb} FAILED (crashed)",
+                  markup=False)
+    out.print(f"{len(stale)} crashed run(s) {verb} FAILED; live runs left alone. "
+              f"`cityseg run EXP --resume auto` continues the newest one of an experiment.")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "runs": cmd_runs, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate, "show": cmd_show,
             "schema": cmd_schema, "list": cmd_list}
 
 

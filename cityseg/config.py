@@ -60,6 +60,10 @@ class TrainerConfig(Section):
         "auto", description="whether the monitored metric should rise or fall; auto: min for losses, else max")
     patience: int = Field(0, ge=0, description="stop after this many epochs without improvement; 0 disables")
     min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+    checkpoint_minutes: float = Field(
+        10.0, ge=0.0, description="also write last.pt mid-epoch, at the next optimizer step once "
+                                  "this many minutes have passed, so a crash loses minutes, not "
+                                  "an epoch; 0: at epoch ends only")
 
 
 class TrackingConfig(Section):

@@ -13,6 +13,11 @@ class DataError(CitysegError):
     """A dataset is missing or broken; the message names the path and what to do."""
 
 
+class StorageError(CitysegError):
+    """A file or store could not be written (full disk, no permission); the message names the
+    path and what was being written."""
+
+
 class TrainingDiverged(Exception):
     """The training loss became NaN or infinite; the message names the epoch and step."""
 

@@ -7,11 +7,16 @@ The store is always explicit: `sqlite:///<dir>/mlflow.db` with artifacts under
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import random
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -22,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from cityseg.errors import CitysegError, Interrupted
+from cityseg.errors import CitysegError, Interrupted, StorageError
 
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -32,13 +37,17 @@ def tracking_uri(root: Path) -> str:
 
 
 RETRIES = 10  # SQLite allows one writer at a time: parallel sweep children wait their turn
+# what SQLite and the OS say when a store cannot be written, whatever the layer that reports it
+_STORAGE_TROUBLE = ("disk is full", "disk i/o error", "readonly database", "read-only file system",
+                    "no space left", "unable to open database", "permission denied")
 
 
 class _RetryingClient:
-    """MlflowClient whose calls retry with exponential backoff while SQLite says it is locked."""
+    """MlflowClient whose calls retry with exponential backoff while SQLite says it is locked,
+    and turn a full disk or an unwritable store into a StorageError naming the store."""
 
-    def __init__(self, client: MlflowClient) -> None:
-        self._client = client
+    def __init__(self, client: MlflowClient, store: str) -> None:
+        self._client, self._store = client, store
 
     def __getattr__(self, name: str):
         attr = getattr(self._client, name)
@@ -49,8 +58,13 @@ class _RetryingClient:
             for attempt in range(RETRIES):
                 try:
                     return attr(*args, **kwargs)
-                except Exception as err:  # MlflowException or SQLAlchemy OperationalError
-                    if "locked" not in str(err).lower() or attempt == RETRIES - 1:
+                except Exception as err:  # MlflowException, SQLAlchemy OperationalError, OSError
+                    text = str(err).lower()
+                    if any(trouble in text for trouble in _STORAGE_TROUBLE):
+                        reason = str(err).splitlines()[0][:200]
+                        raise StorageError(f"MLflow store {self._store}: cannot "
+                                           f"{name.replace('_', ' ')}: {reason}") from None
+                    if "locked" not in text or attempt == RETRIES - 1:
                         raise
                     time.sleep(0.05 * 2**attempt * (1 + random.random()))
             raise AssertionError("unreachable")
@@ -58,14 +72,110 @@ class _RetryingClient:
         return call
 
 
+# ---------------------------------------------------------------- heartbeats
+
+HEARTBEAT_TAG = "cityseg.heartbeat"  # {"host", "pid", "time"} of the process writing the run
+HEARTBEAT_EVERY_S = 60.0
+# a RUNNING run whose heartbeat is older than this is stale wherever it ran (on its own host,
+# a dead pid says so at once)
+STALE_AFTER_S = 300.0
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Whether a RUNNING run's process is still there, and why we think so."""
+
+    alive: bool
+    reason: str  # "pid 123 on host h is gone", "heartbeat 40 s ago from pid 123 on host h", ...
+    host: str | None
+    pid: int | None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def liveness(run, *, now: float | None = None) -> Liveness | None:
+    """Liveness of a RUNNING run from its heartbeat tag (None for runs that ended)."""
+    if run.info.status != "RUNNING":
+        return None
+    now = time.time() if now is None else now
+    try:
+        beat = json.loads(run.data.tags[HEARTBEAT_TAG])
+        host, pid, last = str(beat["host"]), int(beat["pid"]), float(beat["time"])
+    except (KeyError, ValueError, TypeError):  # no heartbeat (yet, or an older cityseg)
+        host, pid, last = None, None, run.info.start_time / 1000
+    age = now - last
+    where = f"pid {pid} on host {host}" if pid is not None else "no heartbeat"
+    if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
+        return Liveness(False, f"{where} is gone", host, pid)
+    if age > STALE_AFTER_S:
+        return Liveness(False, f"{where}: silent for {age / 60:.0f} minutes "
+                               f"(stale after {STALE_AFTER_S / 60:.0f})", host, pid)
+    return Liveness(True, f"heartbeat {age:.0f} s ago from {where}", host, pid)
+
+
+def is_stale(run) -> bool:
+    """RUNNING, but its process is gone: a crash (kill -9, OOM, power loss, lost node)."""
+    state = liveness(run)
+    return state is not None and not state.alive
+
+
+def interrupted(run) -> bool:
+    """Stopped before its end and worth continuing: KILLED (Ctrl-C, SIGTERM) or crashed (a
+    stale RUNNING run, or one `cityseg runs clean` marked FAILED with a `crashed` tag)."""
+    status = run.info.status
+    return (status == "KILLED" or is_stale(run)
+            or (status == "FAILED" and "crashed" in run.data.tags))
+
+
+def shown_status(run) -> str:
+    """The run's status as people should read it: a stale RUNNING run is CRASHED."""
+    return "CRASHED" if is_stale(run) else run.info.status
+
+
+class _Heartbeat:
+    """Refreshes a run's heartbeat tag every `every` seconds from a daemon thread."""
+
+    def __init__(self, beat, every: float) -> None:
+        self._beat, self._every = beat, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cityseg-heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            with contextlib.suppress(Exception):  # a missed beat is not worth a failed run
+                self._beat()
+
+    def __enter__(self) -> _Heartbeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 class Tracker:
     """One MLflow run: params, per-epoch metrics, images and files, ended with a status."""
 
     def __init__(self, *, root: Path, experiment: str) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot create the tracking dir {root} (tracking.dir): "
+                               f"{err.strerror or err}") from None
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
         self.root = root
-        self.client = _RetryingClient(MlflowClient(tracking_uri=tracking_uri(root)))
+        self.client = _RetryingClient(MlflowClient(tracking_uri=tracking_uri(root)),
+                                      store=str(root / "mlflow.db"))
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
@@ -87,9 +197,9 @@ class Tracker:
     def session(self, *, run_name: str = "", tags: dict[str, str] | None = None,
                 reattach: str | None = None) -> Iterator[str]:
         """The lifecycle of one run: start it (or reattach to the run id `reattach`, which is
-        RUNNING again), yield its id, and always end it: FINISHED when the block completes,
-        KILLED on Ctrl-C or SIGTERM (Interrupted), FAILED otherwise, with the error as the
-        run's `failure` tag."""
+        RUNNING again), keep its heartbeat fresh, yield its id, and always end it: FINISHED
+        when the block completes, KILLED on Ctrl-C or SIGTERM (Interrupted), FAILED otherwise,
+        with the error as the run's `failure` tag."""
         if reattach is None:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name,
                                                  tags=tags or {}).info.run_id
@@ -98,7 +208,8 @@ class Tracker:
             self.run_id = reattach
         status = "FAILED"
         try:
-            yield self.run_id
+            with _Heartbeat(self.beat, HEARTBEAT_EVERY_S):
+                yield self.run_id
             status = "FINISHED"
         except (Interrupted, KeyboardInterrupt):
             status = "KILLED"
@@ -108,16 +219,30 @@ class Tracker:
                 self.set_tags({"failure": str(err) or type(err).__name__})
             raise
         finally:
-            self._end(status)
+            if status == "FINISHED":
+                self._end(status)
+            else:  # an unwritable store leaves the run RUNNING, stale: `cityseg runs clean`
+                with contextlib.suppress(Exception):
+                    self._end(status)
+
+    def beat(self) -> None:
+        """Refresh the heartbeat: this process, on this host, is writing the run now."""
+        self.client.set_tag(self.run_id, HEARTBEAT_TAG, json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time(), 1)}))
 
     def resumable_run(self, config_hash: str) -> str | None:
-        """The newest run of this experiment with this config, if it was interrupted (KILLED).
+        """The newest run of this experiment with this config, if it was interrupted (KILLED)
+        or crashed (RUNNING but stale, or marked crashed by `cityseg runs clean`).
 
-        A newer FINISHED run means there is nothing to resume; a RUNNING one may be alive in
+        A newer FINISHED run means there is nothing to resume; a live RUNNING one belongs to
         another process; a FAILED one diverged and would diverge again.
         """
         runs = self.find_runs(f"tags.config_hash = '{config_hash}'")
-        return runs[0].info.run_id if runs and runs[0].info.status == "KILLED" else None
+        return runs[0].info.run_id if runs and interrupted(runs[0]) else None
+
+    def metric_steps(self, key: str) -> list[int]:
+        """The steps at which the current run logged `key`."""
+        return [m.step for m in self.client.get_metric_history(self.run_id, key)]
 
     def run_exists(self, run_id: str) -> bool:
         try:
@@ -162,13 +287,25 @@ class Tracker:
             self.client.set_tag(self.run_id, key, value)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        with self._artifact(artifact_file):
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        with self._artifact(artifact_file):
+            self.client.log_text(self.run_id, text, artifact_file)
 
     def log_file(self, path: Path, artifact_path: str) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with self._artifact(f"{artifact_path}/{path.name}"):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @contextlib.contextmanager
+    def _artifact(self, name: str) -> Iterator[None]:
+        """An artifact that cannot be written is a StorageError naming it."""
+        try:
+            yield
+        except OSError as err:
+            raise StorageError(f"cannot write artifact {name} of run {self.run_id} under "
+                               f"{self.root / 'artifacts'}: {err.strerror or err}") from None
 
     def _end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED (never left RUNNING)."""
@@ -212,6 +349,25 @@ def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") 
             raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} "
                                f"(experiments: {names})")
     return client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string)
+
+
+def clean_stale(root: Path, *, experiment: str | None, dry_run: bool = False
+                ) -> list[tuple[object, str]]:
+    """Mark every stale RUNNING run (its process is gone) FAILED with a `crashed` tag saying
+    why; live runs are never touched. Returns (run, reason) of each stale run."""
+    found = []
+    client = _RetryingClient(MlflowClient(tracking_uri=tracking_uri(root)),
+                             store=str(root / "mlflow.db"))
+    for run in search_runs(root, experiment=experiment,
+                           filter_string="attributes.status = 'RUNNING'"):
+        state = liveness(run)
+        if state is None or state.alive:
+            continue
+        if not dry_run:
+            client.set_tag(run.info.run_id, "crashed", state.reason)
+            client.set_terminated(run.info.run_id, status="FAILED")
+        found.append((run, state.reason))
+    return found
 
 
 def _require_store(root: Path) -> None:

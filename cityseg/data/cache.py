@@ -5,13 +5,16 @@ list with sizes and modification times, the layout, the mask encoding and the ta
 change any input and a new cache is built, keep them and every later epoch and run reads
 arrays instead of decoding PNGs. Masks are stored as train ids, so the binary and multiclass
 tasks (and any choice of foreground classes) share one cache. A cache is built under a
-temporary name and renamed when complete, so two runs building it at once are both safe.
+temporary name and renamed when complete, so two runs building it at once are both safe. Its
+manifest records the arrays' sizes and a checksum of itself: a cache truncated or damaged
+later (a full disk, a crash while copying it) is detected, named, and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -24,8 +27,14 @@ import numpy as np
 
 from cityseg.data.layouts import Encoding, Sample, read_resized
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest holds array sizes and its own checksum
 MANIFEST = "manifest.json"
+ARRAYS = ("images.npy", "masks.npy")
+log = logging.getLogger(__name__)
+
+
+class CorruptCache(Exception):
+    """A cache folder whose manifest or arrays do not match what was written."""
 
 
 def fingerprint(samples: list[Sample], *, layout: str, encoding: Encoding, size: tuple[int, int]) -> str:
@@ -54,10 +63,25 @@ class DecodedSplit:
                 np.load(self.path / "masks.npy", mmap_mode="r"))
 
 
+def _checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _open(path: Path) -> DecodedSplit:
-    manifest = json.loads((path / MANIFEST).read_text())
-    return DecodedSplit(path, manifest["fingerprint"], manifest["count"],
-                        np.array(manifest["class_counts"], dtype=np.int64))
+    """A complete cache folder, checked: CorruptCache says what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("checksum") != _checksum(manifest):
+            raise CorruptCache(f"{path / MANIFEST} does not match its checksum")
+        for name in ARRAYS:
+            size, expected = (path / name).stat().st_size, manifest["bytes"][name]
+            if size != expected:
+                raise CorruptCache(f"{path / name} has {size} bytes, {expected} were written")
+        return DecodedSplit(path, manifest["fingerprint"], manifest["count"],
+                            np.array(manifest["class_counts"], dtype=np.int64))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptCache(f"{path}: unreadable ({err})") from None
 
 
 def load_or_build(samples: list[Sample], *, layout: str, encoding: Encoding, size: tuple[int, int],
@@ -65,8 +89,12 @@ def load_or_build(samples: list[Sample], *, layout: str, encoding: Encoding, siz
     """The cached split for these samples, decoding them (in `workers` processes) if needed."""
     key = fingerprint(samples, layout=layout, encoding=encoding, size=size)
     final = cache_dir / key
-    if (final / MANIFEST).is_file():
-        return _open(final)
+    if final.exists():
+        try:
+            return _open(final)
+        except CorruptCache as err:
+            log.warning("decode cache is corrupt: %s; rebuilding %s", err, final)
+            shutil.rmtree(final, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -91,8 +119,10 @@ def load_or_build(samples: list[Sample], *, layout: str, encoding: Encoding, siz
         images.flush()
         masks.flush()
         del images, masks
-        (tmp / MANIFEST).write_text(json.dumps({"fingerprint": key, "count": len(samples),
-                                                "size": list(size), "class_counts": counts.tolist()}))
+        manifest = {"fingerprint": key, "count": len(samples), "size": list(size),
+                    "class_counts": counts.tolist(),
+                    "bytes": {name: (tmp / name).stat().st_size for name in ARRAYS}}
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "checksum": _checksum(manifest)}))
         try:
             os.rename(tmp, final)
         except OSError:  # another run finished the same cache first: use theirs

@@ -9,7 +9,9 @@ them as MLflow artifacts, where any command finds them when the local files are 
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from cityseg import tracking
-from cityseg.errors import ConfigError
+from cityseg.errors import ConfigError, StorageError
 
 FORMAT = 1
 Which = Literal["last", "best"]
@@ -57,23 +59,41 @@ def unpack(checkpoint: dict, *, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill never leaves half a checkpoint."""
+    """torch.save to a temporary file, fsync, rename: a kill never leaves half a checkpoint, and
+    a full disk leaves the previous one intact (StorageError naming the file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # serialised in memory first: torch's writer hides a full disk behind an "unexpected pos"
+    # RuntimeError, a plain write reports ENOSPC as it is
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.is_file() else ""
+        raise StorageError(f"cannot write checkpoint {path}: {err.strerror or err}{kept}. Free "
+                           f"space there or point tracking.dir elsewhere, then resume") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load(path: Path) -> dict:
-    """A cityseg checkpoint, loaded safely (weights_only); ConfigError if it is not one."""
+def load(path: Path, *, name: str | None = None) -> dict:
+    """A cityseg checkpoint, loaded safely (weights_only); ConfigError naming the file (or
+    `name`, e.g. an artifact of a run) if it is unreadable, truncated or not a checkpoint."""
+    shown = name or str(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ConfigError(f"{path}: cannot load checkpoint ({err})") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ConfigError(f"{shown}: cannot load checkpoint ({reason}); the file is truncated "
+                          f"or corrupt (a crash or a full disk while it was copied?)") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state" not in checkpoint:
-        raise ConfigError(f"{path}: not a cityseg training checkpoint")
+        raise ConfigError(f"{shown}: not a cityseg training checkpoint")
     return checkpoint
 
 
@@ -87,15 +107,26 @@ def check_weights_fit(checkpoint: dict, model: nn.Module, path: Path) -> None:
                           f"{detail}") from None
 
 
-def fetch(root: Path, run_id: str, which: Which) -> Path:
-    """A run's checkpoint: the local file training wrote, else the run's MLflow artifact."""
+def fetch(root: Path, run_id: str, which: Which) -> tuple[Path, dict]:
+    """A run's checkpoint, (path, loaded): the local file training wrote, else the run's MLflow
+    artifact. A corrupt one is a ConfigError that names it and the other places to look."""
     local = path_of(root, run_id, which)
+    other = path_of(root, run_id, "last" if which == "best" else "best")
+    advice = (f"; try the run's other checkpoint (--checkpoint {other}) if it is there, or "
+              f"re-train (cityseg run --from-run {run_id})")
     if local.is_file():
-        return local
-    return tracking.download_artifact(
-        root, run_id, f"checkpoints/{which}.pt",
-        missing=f"has no model: no checkpoints/{which}.pt "
-                f"(it may have failed before its first epoch ended)")
+        try:
+            return local, load(local)
+        except ConfigError as err:
+            raise ConfigError(f"{err}{advice}") from None
+    artifact = f"checkpoints/{which}.pt"
+    path = tracking.download_artifact(
+        root, run_id, artifact,
+        missing=f"has no model: no {artifact} (it may have failed before its first epoch ended)")
+    try:
+        return path, load(path, name=f"artifact {artifact} of run {run_id}")
+    except ConfigError as err:
+        raise ConfigError(f"{err}{advice}") from None
 
 
 def rng_state() -> dict:

@@ -51,8 +51,10 @@ def load_trained(*, run_id: str | None, checkpoint: Path | None, runs: Path,
     """The best checkpoint of a run (local, else the run's artifact) or a checkpoint file."""
     if (run_id is None) == (checkpoint is None):
         raise CitysegError("give --run RUN_ID or --checkpoint PATH (one of them)")
-    path = checkpoint if checkpoint is not None else checkpoints.fetch(runs, run_id, "best")
-    saved = checkpoints.load(path)
+    if checkpoint is not None:
+        path, saved = checkpoint, checkpoints.load(checkpoint)
+    else:
+        path, saved = checkpoints.fetch(runs, run_id, "best")
     raw = apply_overrides(copy.deepcopy(saved["config"]), overrides)
     exp = validate(raw, source=f"config of checkpoint {path}")
     model = MODELS.build(exp.model, exp.build_context())

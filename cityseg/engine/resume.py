@@ -10,9 +10,11 @@ from pathlib import Path
 from cityseg.config import Experiment, flatten
 from cityseg.engine import checkpoints
 from cityseg.errors import ConfigError
-from cityseg.tracking import Tracker
+from cityseg.tracking import Liveness, Tracker, liveness
 
-RESUMABLE_CHANGES = {"trainer.epochs"}  # what may differ between a checkpoint and its resumed run
+# what may differ between a checkpoint and its resumed run: the length of training, and how
+# often it checkpoints
+RESUMABLE_CHANGES = {"trainer.epochs", "trainer.checkpoint_minutes"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path
         found = checkpoints.path_of(root, run_id, "last") if run_id else None
         return found if found is not None and found.is_file() else None
     if tracker.run_exists(spec):
+        refuse_if_alive(tracker, spec)
         path = checkpoints.path_of(root, spec, "last")
         if not path.is_file():
             raise ConfigError(f"--resume {spec}: the run has no checkpoint at {path}")
@@ -62,22 +65,47 @@ def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path
                       f"'{exp.tracking.experiment}' in {store_path(exp)}")
 
 
-def resume_point(spec: str, exp: Experiment, tracker: Tracker | None) -> ResumePoint | None:
+def resume_point(spec: str, exp: Experiment, tracker: Tracker | None, *,
+                 fallback_best: bool = False) -> ResumePoint | None:
     """The checkpoint `--resume spec` continues from, checked against the experiment; None when
-    `auto` finds no interrupted run."""
+    `auto` finds no interrupted run. A corrupt last.pt is refused, naming it and the run's
+    best.pt, unless the person asked to fall back to best.pt."""
     path = find_checkpoint(spec, exp, tracker)
     if path is None:
         return None
-    point = ResumePoint(path, checkpoints.load(path))
-    check_same_experiment(point.checkpoint, exp, path)
-    return point
+    try:
+        checkpoint = checkpoints.load(path)
+    except ConfigError as err:
+        best = path.with_name("best.pt")
+        if not (fallback_best and best.is_file()):
+            there = ("is there: resume from it with --fallback-best (the epochs after its own "
+                     "are trained again)" if best.is_file() else "does not exist")
+            raise ConfigError(f"{err}\n  the run's best checkpoint {best} {there}; or train "
+                              f"afresh without --resume") from None
+        path, checkpoint = best, checkpoints.load(best)
+    check_same_experiment(checkpoint, exp, path)
+    return ResumePoint(path, checkpoint)
 
 
-def check_run_exists(point: ResumePoint, exp: Experiment, tracker: Tracker) -> None:
-    """A checkpoint continues its own run, which must be in this store."""
+def check_run_resumable(point: ResumePoint, exp: Experiment, tracker: Tracker) -> str | None:
+    """A checkpoint continues its own run, which must be in this store and not alive in
+    another process (two writers would corrupt it). Returns why a RUNNING run is taken over
+    (its process crashed), or None."""
     if not tracker.run_exists(point.run_id):
         raise ConfigError(f"{point.path}: its run {point.run_id} is not in {store_path(exp)}; "
                           f"resume with the tracking.dir it was trained with")
+    state = refuse_if_alive(tracker, point.run_id)
+    return state.reason if state is not None else None
+
+
+def refuse_if_alive(tracker: Tracker, run_id: str) -> Liveness | None:
+    """ConfigError when the run is RUNNING in a live process; else its liveness (None: ended)."""
+    state = liveness(tracker.get_run(run_id))
+    if state is not None and state.alive:
+        raise ConfigError(f"run {run_id} is RUNNING and alive ({state.reason}); two commands "
+                          f"must not write into one run. Stop that process first (it "
+                          f"checkpoints on Ctrl-C or SIGTERM), then resume")
+    return state
 
 
 def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None:
@@ -89,7 +117,7 @@ def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None
         lines = "\n  ".join(f"{k}: {saved.get(k, '(absent)')} in the checkpoint, "
                             f"{now.get(k, '(absent)')} now" for k in changed[:12])
         raise ConfigError(f"{path}: cannot resume, the experiment differs from the checkpoint's "
-                          f"(only trainer.epochs may change):\n  {lines}")
+                          f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change):\n  {lines}")
     epoch, step = checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]
     if epoch > exp.trainer.epochs:
         done = f"already trained {epoch - 1} epochs"

@@ -8,6 +8,7 @@ checkpoint that `--resume` continues from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -33,7 +34,7 @@ from cityseg.engine.environment import (
     set_deterministic,
 )
 from cityseg.engine.predictor import Predictor
-from cityseg.engine.resume import ResumePoint, check_run_exists, config_hash, resume_point
+from cityseg.engine.resume import ResumePoint, check_run_resumable, config_hash, resume_point
 from cityseg.engine.trainer import FitResult, StopFlag, Trainer, TrainerSettings, TrainState
 from cityseg.errors import DataError, Interrupted  # noqa: F401  (Interrupted: tests catch it here)
 from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, Params
@@ -70,33 +71,36 @@ class Components:
 
 
 def run(exp: Experiment, *, display=None, resume: str | None = None,
-        run_name: str | None = None, tags: dict[str, str] | None = None) -> RunResult:
+        fallback_best: bool = False, run_name: str | None = None,
+        tags: dict[str, str] | None = None) -> RunResult:
     """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow.
 
-    run_name defaults to the experiment's name; tags are added to the run's (sweeps use both).
+    fallback_best: resume from best.pt when last.pt is corrupt. run_name defaults to the
+    experiment's name; tags are added to the run's (sweeps use both).
     """
     display = display or NullDisplay()
     seed_everything(exp.seed)
     set_deterministic(exp.trainer.deterministic)
-    tracker, point = _find_resume_point(exp, resume, display)
+    tracker, point = _find_resume_point(exp, resume, display, fallback_best)
     parts = build_components(exp, display, point)
     tracker = tracker or tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
-    if point is not None:
-        check_run_exists(point, exp, tracker)
+    crash = check_run_resumable(point, exp, tracker) if point is not None else None
     new_tags = _new_run_tags(exp, parts, tags) if point is None else None
     with tracker.session(run_name=run_name or exp.name, tags=new_tags,
                          reattach=point.run_id if point else None) as run_id:
         trainer = _trainer(exp, parts, run_id, tracker, display)
         state = trainer.restore(point.checkpoint) if point is not None else TrainState()
         resumed_from = state.epoch - 1
-        _log_start(tracker, exp, parts, state, resumed=point is not None)
+        _log_start(tracker, exp, parts, state, resumed=point is not None, crash=crash)
         try:
             with stop_on_signals(trainer.stop):
                 result = trainer.fit(state)
-            _log_summary(tracker, trainer, result, exp, parts.model)
-        finally:  # whatever was saved, even on failure
-            for path in checkpoints.run_dir(exp.tracking.dir, run_id).glob("*.pt"):
-                tracker.log_file(path, "checkpoints")
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what was saved; never hide the error
+                _upload_checkpoints(tracker, exp, run_id)
+            raise
+        _upload_checkpoints(tracker, exp, run_id)
+        _log_summary(tracker, trainer, result, exp, parts.model)
     return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
                      best_score=result.best_score, checkpoints=result.checkpoints,
                      stopped_early=result.stopped_early, resumed_from=resumed_from)
@@ -105,7 +109,7 @@ def run(exp: Experiment, *, display=None, resume: str | None = None,
 # ---------------------------------------------------------------- steps of a run
 
 
-def _find_resume_point(exp: Experiment, resume: str | None, display
+def _find_resume_point(exp: Experiment, resume: str | None, display, fallback_best: bool
                        ) -> tuple[tracking.Tracker | None, ResumePoint | None]:
     """The store (only if resuming from one that exists: never created here) and the point."""
     if not resume:
@@ -113,7 +117,7 @@ def _find_resume_point(exp: Experiment, resume: str | None, display
     has_store = (exp.tracking.dir / "mlflow.db").is_file()
     tracker = (tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
                if has_store else None)
-    point = resume_point(resume, exp, tracker)
+    point = resume_point(resume, exp, tracker, fallback_best=fallback_best)
     if point is None:
         display.message("--resume auto: no interrupted run of this experiment and config; "
                         "starting a new one")
@@ -162,9 +166,11 @@ def _trainer(exp: Experiment, parts: Components, run_id: str, tracker: tracking.
     settings = TrainerSettings(
         epochs=t.epochs, grad_clip_norm=t.grad_clip_norm, accumulate=t.accumulate,
         boundary_tolerance=t.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
-        patience=t.patience, min_delta=t.min_delta, tracking_dir=exp.tracking.dir)
+        patience=t.patience, min_delta=t.min_delta, tracking_dir=exp.tracking.dir,
+        checkpoint_every_s=t.checkpoint_minutes * 60)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
+        tracker.beat()
         tracker.log_metrics(metrics, step=epoch)
         if sample_arrays is not None:
             tracker.log_image(viz.sample_panel(*sample_arrays, task=exp.task),
@@ -179,15 +185,28 @@ def _trainer(exp: Experiment, parts: Components, run_id: str, tracker: tracking.
 
 
 def _log_start(tracker: tracking.Tracker, exp: Experiment, parts: Components, state: TrainState,
-               *, resumed: bool) -> None:
-    """A new run: params, config and class frequencies; a resumed one: where it went on."""
+               *, resumed: bool, crash: str | None) -> None:
+    """A new run: params, config and class frequencies. A resumed one: where it went on, and
+    the epochs its checkpoint finished but a crash kept out of MLflow (a kill between saving
+    the checkpoint and logging the epoch's metrics)."""
     if resumed:
         tracker.set_tags({"resumed_at": f"epoch {state.epoch}, batch {state.step_in_epoch + 1}",
-                          "trainer.epochs_now": str(exp.trainer.epochs)})
+                          "trainer.epochs_now": str(exp.trainer.epochs),
+                          **({"resumed_after_crash": crash} if crash else {})})
+        logged = set(tracker.metric_steps(exp.monitor))
+        for epoch, metrics in enumerate(state.history, start=1):
+            if epoch not in logged:
+                tracker.log_metrics(metrics, step=epoch)
         return
     tracker.log_params({**flatten(exp.model_dump(mode="json")), **parts.loss_logged})
     tracker.log_text(to_yaml(exp), "config.yaml")
     tracker.log_text(json.dumps(parts.class_frequencies, indent=2), "data/class_frequencies.json")
+
+
+def _upload_checkpoints(tracker: tracking.Tracker, exp: Experiment, run_id: str) -> None:
+    """The run's checkpoints as artifacts, so any machine with the store can use them."""
+    for path in checkpoints.run_dir(exp.tracking.dir, run_id).glob("*.pt"):
+        tracker.log_file(path, "checkpoints")
 
 
 def _log_summary(tracker: tracking.Tracker, trainer: Trainer, result: FitResult,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cityseg import tracking
 from cityseg.config import Experiment, load_experiment, read_yaml, to_yaml
 from cityseg.engine import checkpoints
 from cityseg.engine.resume import config_hash
@@ -134,8 +135,8 @@ def run_children(points: list[SweepPoint], *, parent_id: str, sid: str, jobs: in
             report(f"{point.label}: already FINISHED ({done[0].info.run_id}), skipped")
             continue
         todo.append(point)
-        # interrupted: continue from its checkpoint
-        if earlier and earlier[0].info.status == "KILLED":
+        # interrupted or crashed: continue from its checkpoint
+        if earlier and tracking.interrupted(earlier[0]):
             run_id = earlier[0].info.run_id
             if checkpoints.path_of(point.experiment.tracking.dir, run_id, "last").is_file():
                 resume[point.label] = run_id
@@ -204,7 +205,7 @@ def _rank(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, 
 
 def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
     """Validate every point, run the missing children, and summarise them on the parent run."""
-    from cityseg import tracking, viz
+    from cityseg import viz
 
     sweep, points = load_sweep(path)
     base = points[0].experiment
@@ -226,10 +227,16 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
                                 report=report)
         rows = []
         for outcome in outcomes:
-            row: dict[str, Any] = {"child": outcome.point.label, "run_id": outcome.run_id or "",
-                                   "status": outcome.status, **outcome.point.values}
-            if outcome.run_id:
-                row.update(tracker.get_run(outcome.run_id).data.metrics)
+            run_id, status = outcome.run_id, outcome.status
+            if run_id is None:  # failed: its run, if it opened one (a crashed one stays RUNNING)
+                found = tracker.find_runs(f"tags.sweep_id = '{sid}' and "
+                                          f"tags.sweep_point = '{outcome.point.config_hash}'")
+                if found:
+                    run_id, status = found[0].info.run_id, tracking.shown_status(found[0])
+            row: dict[str, Any] = {"child": outcome.point.label, "run_id": run_id or "",
+                                   "status": status, **outcome.point.values}
+            if run_id:
+                row.update(tracker.get_run(run_id).data.metrics)
             rows.append(row)
         rows = _rank(rows, sweep.metric, sweep.mode)
         best = rows[0] if rows and isinstance(rows[0].get(sweep.metric), float) else None

@@ -10,6 +10,7 @@ down to the batch when a signal stopped it mid-epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class TrainerSettings:
     patience: int  # 0: no early stopping
     min_delta: float
     tracking_dir: Path  # checkpoints go to checkpoints.run_dir(tracking_dir, run_id)
+    checkpoint_every_s: float = 0.0  # also write last.pt mid-epoch this often; 0: epoch ends only
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Trainer:
         total_loss = torch.full((), state.loss_sum, dtype=torch.float64, device=device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # 1-based batch
         seen, last_refresh, start = state.seen, 0.0, time.perf_counter()
+        last_save = time.monotonic()
         self.display.epoch_start(epoch, self.s.epochs, batches, done=first_batch)
         for batch, (images, masks) in enumerate(self.train_loader, start=first_batch + 1):
             x, y = self.predictor.inputs(images), self.predictor.targets(masks)
@@ -174,13 +177,20 @@ class Trainer:
                 if bad > 0:
                     raise self._diverged(epoch, bad)
             self.display.step(len(images), shown, (seen - state.seen) / max(now - start, 1e-9))
-            if self.stop.signum and at_step and batch < batches:
+            if not at_step or batch == batches:
+                continue
+            due = (self.s.checkpoint_every_s > 0
+                   and time.monotonic() - last_save >= self.s.checkpoint_every_s)
+            if self.stop.signum or due:  # the position after this step, exactly
                 if first_bad.item() > 0:
                     raise self._diverged(epoch, first_bad.item())
-                state.step_in_epoch, state.loss_sum, state.seen = batch, total_loss.item(), seen
-                checkpoints.save_atomic(self._checkpoint(state, {}), self.paths["last"])
-                raise Interrupted(self.stop.signum, self.run_id,
-                                  f"epoch {epoch}, batch {batch} of {batches}")
+                here = dataclasses.replace(state, step_in_epoch=batch,
+                                           loss_sum=total_loss.item(), seen=seen)
+                checkpoints.save_atomic(self._checkpoint(here, {}), self.paths["last"])
+                last_save = time.monotonic()
+                if self.stop.signum:
+                    raise Interrupted(self.stop.signum, self.run_id,
+                                      f"epoch {epoch}, batch {batch} of {batches}")
         finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().double()
         # the epoch's sync
         loss_sum, bad, weights_ok = torch.stack([total_loss, first_bad.double(), finite]).tolist()

@@ -89,3 +89,23 @@ def test_parallel_build_equals_serial_build(index, tmp_path):
     parallel = CachedReader(build(index, tmp_path / "b", workers=2))
     for i in range(4):
         assert all(np.array_equal(s, p) for s, p in zip(serial[i], parallel[i], strict=True))
+
+
+@pytest.mark.parametrize("damage", ["truncate images", "edit manifest", "delete manifest"])
+def test_a_damaged_cache_is_named_and_rebuilt(index, tmp_path, caplog, damage):
+    first = build(index, tmp_path / "cache")
+    expected = [np.array(a) for a in first.arrays()]
+    if damage == "truncate images":
+        images = first.path / "images.npy"
+        images.write_bytes(images.read_bytes()[:-100])
+    elif damage == "edit manifest":
+        manifest = first.path / cache.MANIFEST
+        manifest.write_text(manifest.read_text().replace('"count": 4', '"count": 5'))
+    else:
+        (first.path / cache.MANIFEST).unlink()
+    with caplog.at_level("WARNING", logger="cityseg.data.cache"):
+        again = build(index, tmp_path / "cache")
+    assert "decode cache is corrupt" in caplog.text and str(first.path) in caplog.text
+    assert again.path == first.path and again.count == 4
+    for old, new in zip(expected, again.arrays(), strict=True):
+        assert np.array_equal(old, new)

@@ -45,9 +45,21 @@ def test_fetch_prefers_the_local_file_and_falls_back_to_the_runs_artifact(tmp_pa
         local.parent.mkdir(parents=True)
         checkpoints.save_atomic(minimal(run_id), local)
         tracker.log_file(local, "checkpoints")
-    assert checkpoints.fetch(tmp_path, run_id, "best") == local
+    assert checkpoints.fetch(tmp_path, run_id, "best")[0] == local
     local.unlink()
-    fetched = checkpoints.fetch(tmp_path, run_id, "best")
-    assert fetched != local and checkpoints.load(fetched)["run_id"] == run_id
+    fetched, loaded = checkpoints.fetch(tmp_path, run_id, "best")
+    assert fetched != local and loaded["run_id"] == run_id
     with pytest.raises(CitysegError, match="no checkpoints/last.pt"):
         checkpoints.fetch(tmp_path, run_id, "last")
+
+
+def test_a_corrupt_artifact_is_named_with_what_to_do(tmp_path):
+    tracker = tracking.Tracker(root=tmp_path, experiment="e")
+    with tracker.session(run_name="r") as run_id:
+        broken = tmp_path / "best.pt"
+        broken.write_bytes(b"PK\x03\x04 truncated")
+        tracker.log_file(broken, "checkpoints")
+    with pytest.raises(ConfigError, match=f"artifact checkpoints/best.pt of run {run_id}: "
+                                          f"cannot load checkpoint .* truncated or corrupt.*"
+                                          f"--checkpoint .*last.pt"):
+        checkpoints.fetch(tmp_path, run_id, "best")
