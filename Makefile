@@ -1,5 +1,5 @@
 # cityseg: every target sets itself up (.venv + pip install -e .[dev]) on first use.
-#   make run [EXP=experiments/baseline.yaml] [SET="trainer.epochs=3 loss.pos_weight=8"]
+#   make run [EXP=experiments/baseline.yaml] [SET="trainer.epochs=3 loss.pos_weight=8"] [NPROC=2]
 #   make sweep [SWEEP=experiments/sweeps/fg_weight_quick.yaml] [JOBS=2]; make compare [ARGS="--metric val/iou"]
 #   make test | test-slow | lint | ui | validate | schema | bench
 
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# NPROC=N trains on N processes with PyTorch's launcher (one per GPU; on a CPU, N gloo processes)
+NPROC  ?= 1
 run: $(STAMP)
+ifeq ($(NPROC),1)
 	$(BIN)/cityseg run $(EXP) $(foreach s,$(SET),--set $(s))
+else
+	$(BIN)/torchrun --standalone --nproc-per-node=$(NPROC) -m cityseg run $(EXP) $(foreach s,$(SET),--set $(s))
+endif
 
 SWEEP  ?= experiments/sweeps/fg_weight_quick.yaml
 JOBS   ?= 1

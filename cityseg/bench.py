@@ -79,7 +79,8 @@ def time_loader(dataset: SegmentationDataset, *, workers: int, epochs: int) -> f
 
 
 def bench_data(root: Path, *, workers: int, console: Console, source: str) -> None:
-    """2048x1024 PNGs to 256x512 with the baseline augmentations: decoding each time vs the cache."""
+    """2048x1024 PNGs to 256x512 with the baseline augmentations: decoding each time vs
+    the cache."""
     size = (256, 512)
     index = index_dataset(root, splits=("train",))
     samples = index.samples["train"]
@@ -117,7 +118,8 @@ def bench_steps(device: torch.device, steps_arg: int, console: Console) -> None:
                ("baseline d4 b32", dict(depth=4, base_channels=32), (256, 512), 4 if on_cpu else 16,
                 max(2, steps_arg // 4) if on_cpu else steps_arg)]
     for label, kw, size, batch, steps in configs:
-        model_kw = dict(in_channels=3, out_channels=1, norm="batch", upsample="transpose", dropout=0.0, **kw)
+        model_kw = dict(in_channels=3, out_channels=1, norm="batch", upsample="transpose",
+                        dropout=0.0, **kw)
         speeds = [time_steps(model_kw, size=size, batch=batch, device=device, amp=amp,
                              channels_last=cl, steps=steps)
                   for amp, cl in ((None, False), (None, True), (torch.bfloat16, True))]
@@ -129,9 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--cityscapes", type=Path, help="a Cityscapes copy (any layout) for the data path; "
-                        "default: synthetic 2048x1024 frames")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the data path")
+    parser.add_argument("--cityscapes", type=Path,
+                        help="a Cityscapes copy (any layout) for the data path; "
+                             "default: synthetic 2048x1024 frames")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers for the data path")
     parser.add_argument("--skip-steps", action="store_true", help="only the data path")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -143,7 +147,8 @@ def main() -> None:
     if not args.skip_steps:
         bench_steps(device, args.steps, console)
     if args.cityscapes:
-        bench_data(args.cityscapes, workers=args.workers, console=console, source=str(args.cityscapes))
+        bench_data(args.cityscapes, workers=args.workers, console=console,
+                   source=str(args.cityscapes))
     else:
         root = Path("runs/bench/synthetic-2048")
         ensure_dataset(root, num_train=12, num_val=1, size=(1024, 2048), seed=0)

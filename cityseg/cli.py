@@ -7,7 +7,10 @@ The only place that prints user errors and chooses exit codes: 0 success, 2 bad 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -371,14 +374,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Console(highlight=False)
     if not out.is_terminal:  # logs and pipes: wide enough that tables are not cut
         out = Console(highlight=False, width=140)
-    try:
-        return COMMANDS[args.command](args, out)
-    except CitysegError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    # under torchrun, rank 0 speaks for every process (it also reports the others' failures)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    if quiet:
+        out = Console(quiet=True)
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        try:
+            return COMMANDS[args.command](args, out)
+        except CitysegError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

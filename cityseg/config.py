@@ -45,37 +45,53 @@ class TrainerConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="autocast precision; auto: bf16 where the hardware has native bf16 "
                             "(CUDA, recent CPUs), else fp32; fp16 adds a gradient scaler")
-    channels_last: bool = Field(True, description="NHWC memory layout, faster convolutions on GPUs and CPUs")
-    compile: bool = Field(False, description="torch.compile the model (slow first epoch, faster later ones)")
-    deterministic: bool = Field(False, description="deterministic algorithms: identical metrics across runs, "
-                                                   "maybe slower")
-    grad_clip_norm: float = Field(0.0, ge=0.0, description="clip the gradient norm to this; 0 disables")
-    accumulate: int = Field(1, ge=1, description="batches whose gradients are summed per optimizer step")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="foreground where sigmoid(logit) > threshold")
-    boundary_tolerance: int = Field(2, ge=0, description="pixels a boundary may be off and still count, for val/boundary_f1")
+    channels_last: bool = Field(
+        True, description="NHWC memory layout, faster convolutions on GPUs and CPUs")
+    compile: bool = Field(
+        False, description="torch.compile the model (slow first epoch, faster later ones)")
+    deterministic: bool = Field(
+        False, description="deterministic algorithms: identical metrics across runs, maybe slower")
+    grad_clip_norm: float = Field(
+        0.0, ge=0.0, description="clip the gradient norm to this; 0 disables")
+    accumulate: int = Field(
+        1, ge=1, description="batches whose gradients are summed per optimizer step")
+    threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="foreground where sigmoid(logit) > threshold")
+    boundary_tolerance: int = Field(
+        2, ge=0, description="pixels a boundary may be off and still count, for val/boundary_f1")
     monitor: str = Field(
-        "auto", description="metric that picks the best checkpoint, drives early stopping and the plateau "
-                            "scheduler; auto: val/dice for binary, val/miou for multiclass")
+        "auto", description="metric that picks the best checkpoint, drives early stopping and "
+                            "the plateau scheduler; auto: val/dice for binary, val/miou for "
+                            "multiclass")
     mode: Literal["auto", "max", "min"] = Field(
-        "auto", description="whether the monitored metric should rise or fall; auto: min for losses, else max")
-    patience: int = Field(0, ge=0, description="stop after this many epochs without improvement; 0 disables")
-    min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+        "auto", description="whether the monitored metric should rise or fall; auto: min for "
+                            "losses, else max")
+    patience: int = Field(
+        0, ge=0, description="stop after this many epochs without improvement; 0 disables")
+    min_delta: float = Field(
+        0.0, ge=0.0, description="smallest change that counts as an improvement")
     checkpoint_minutes: float = Field(
         10.0, ge=0.0, description="also write last.pt mid-epoch, at the next optimizer step once "
                                   "this many minutes have passed, so a crash loses minutes, not "
                                   "an epoch; 0: at epoch ends only")
+    sync_bn: bool | Literal["auto"] = Field(
+        "auto", description="SyncBatchNorm across processes (torchrun): auto = on CUDA with more "
+                            "than one process and model.norm batch; it does not exist on the CPU")
 
 
 class TrackingConfig(Section):
     """Where and how the run is recorded."""
 
     experiment: str = Field("cityseg", min_length=1, description="MLflow experiment name")
-    dir: Path = Field(Path("runs"), description="root of all outputs: mlflow.db, artifacts/, checkpoints/")
+    dir: Path = Field(
+        Path("runs"), description="root of all outputs: mlflow.db, artifacts/, checkpoints/")
     num_samples: int = Field(4, ge=0, description="validation images in the per-epoch sample panel")
-    log_model: bool = Field(True, description="log the best model with mlflow.pytorch.log_model at the end")
+    log_model: bool = Field(
+        True, description="log the best model with mlflow.pytorch.log_model at the end")
 
 
-DEFAULT_COMPONENTS = {"model": "unet", "loss": "weighted_bce", "optimizer": "adamw", "scheduler": "cosine"}
+DEFAULT_COMPONENTS = {"model": "unet", "loss": "weighted_bce", "optimizer": "adamw",
+                      "scheduler": "cosine"}
 
 
 def _default(registry: Registry, field: str) -> Any:
@@ -87,7 +103,8 @@ def _default(registry: Registry, field: str) -> Any:
 class Experiment(Section):
     """One experiment file, fully resolved."""
 
-    name: str = Field(min_length=1, pattern=r"^[\w.-]+$", description="run name (letters, digits, _ . -)")
+    name: str = Field(min_length=1, pattern=r"^[\w.-]+$",
+                      description="run name (letters, digits, _ . -)")
     seed: int = Field(42, description="seed of every random number generator")
     data: DATASETS.union() = Field(description=f"dataset: one of {', '.join(DATASETS.names())}")
     augment: list[AUGMENTATIONS.union()] = Field(
@@ -96,8 +113,10 @@ class Experiment(Section):
     loss: LOSSES.union() = _default(LOSSES, "loss")
     optimizer: OPTIMIZERS.union() = _default(OPTIMIZERS, "optimizer")
     scheduler: SCHEDULERS.union() = _default(SCHEDULERS, "scheduler")
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description=TrainerConfig.__doc__)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description=TrackingConfig.__doc__)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig,
+                                   description=TrainerConfig.__doc__)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig,
+                                     description=TrackingConfig.__doc__)
 
     @model_validator(mode="after")
     def _image_size_fits_model(self) -> Experiment:
@@ -112,12 +131,14 @@ class Experiment(Section):
         task = self.data.task
         if task not in self.loss.tasks:
             fitting = [n for n in LOSSES.names() if task in LOSSES.get(n).params.tasks]
-            raise ValueError(f"loss.name: {self.loss.name} is a loss for the {' or '.join(self.loss.tasks)} "
-                             f"task but data.task is {task}; use one of {', '.join(fitting)}")
+            raise ValueError(f"loss.name: {self.loss.name} is a loss for the "
+                             f"{' or '.join(self.loss.tasks)} task but data.task is {task}; "
+                             f"use one of {', '.join(fitting)}")
         allowed = self.task.monitors
         if self.trainer.monitor not in ("auto", *allowed):
-            raise ValueError(f"trainer.monitor: {self.trainer.monitor} is not a per-epoch metric of the {task} "
-                             f"task{suggest(self.trainer.monitor, list(allowed))}; use auto, {', '.join(allowed)}")
+            raise ValueError(f"trainer.monitor: {self.trainer.monitor} is not a per-epoch metric "
+                             f"of the {task} task{suggest(self.trainer.monitor, list(allowed))}; "
+                             f"use auto, {', '.join(allowed)}")
         return self
 
     @property
@@ -209,7 +230,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=c' -> (['a', 'b'], c) with c parsed as a YAML scalar or flow collection."""
     key, sep, value = text.partition("=")
     if not sep or not re.fullmatch(r"[\w-]+(\.[\w-]+)*", key):
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. trainer.epochs=3")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, "
+                          f"e.g. trainer.epochs=3")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
@@ -252,7 +274,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                     raise ConfigError(f"--set {text}: {'.'.join(keys[:depth + 1])} is a value, "
                                       f"not a section")
                 # a component section the file leaves to its default starts as that default
-                node = node.setdefault(key, {"name": DEFAULT_COMPONENTS[key]} if depth == 0 and key in DEFAULT_COMPONENTS else {})
+                node = node.setdefault(key, {"name": DEFAULT_COMPONENTS[key]}
+                                       if depth == 0 and key in DEFAULT_COMPONENTS else {})
         last = keys[-1]
         if isinstance(node, list):
             node[_list_index(node, last, text)] = value
@@ -369,7 +392,8 @@ def format_error(error: dict, raw: dict) -> str:
         valid = _keys_at(path[:-1], raw)
         return (f"{dotted}: unknown key{suggest(str(path[-1]), valid)}; "
                 f"valid keys here: {', '.join(valid)}")
-    if registry and (kind == "union_tag_invalid" or (kind == "literal_error" and path[-1] == "name")):
+    if registry and (kind == "union_tag_invalid"
+                     or (kind == "literal_error" and path[-1] == "name")):
         tag = error["ctx"]["tag"] if kind == "union_tag_invalid" else error["input"]
         where = dotted if path[-1] == "name" else f"{dotted}.name"
         return (f"{where}: unknown {registry.kind} {tag!r}{suggest(str(tag), registry.names())}; "

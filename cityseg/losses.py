@@ -36,7 +36,8 @@ class WeightedBCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         x, t, valid = _binary_inputs(logits, target, self.ignore_index)
-        per_pixel = F.binary_cross_entropy_with_logits(x, t, pos_weight=self.pos_weight, reduction="none")
+        per_pixel = F.binary_cross_entropy_with_logits(x, t, pos_weight=self.pos_weight,
+                                                       reduction="none")
         return (per_pixel * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -59,13 +60,15 @@ class SoftDice(nn.Module):
 class BCEDice(nn.Module):
     """bce_weight * WeightedBCE + dice_weight * SoftDice."""
 
-    def __init__(self, *, bce: WeightedBCE, dice: SoftDice, bce_weight: float, dice_weight: float) -> None:
+    def __init__(self, *, bce: WeightedBCE, dice: SoftDice, bce_weight: float,
+                 dice_weight: float) -> None:
         super().__init__()
         self.bce, self.dice = bce, dice
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.bce_weight * self.bce(logits, target) + self.dice_weight * self.dice(logits, target)
+        return (self.bce_weight * self.bce(logits, target)
+                + self.dice_weight * self.dice(logits, target))
 
 
 class BinaryFocal(nn.Module):
@@ -87,7 +90,8 @@ class BinaryFocal(nn.Module):
 class CrossEntropy(nn.Module):
     """Softmax cross-entropy over C classes with optional class weights and label smoothing."""
 
-    def __init__(self, *, weight: torch.Tensor | None, label_smoothing: float, ignore_index: int) -> None:
+    def __init__(self, *, weight: torch.Tensor | None, label_smoothing: float,
+                 ignore_index: int) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
@@ -105,7 +109,8 @@ def _positive_or_auto(cls, value: float | str) -> float | str:
     if value != "auto" and value <= 0:
         raise ValueError("pos_weight must be > 0 or auto")
     return value
-Smooth = Field(1.0, ge=0.0, description="added to numerator and denominator of Dice; keeps empty masks finite")
+Smooth = Field(1.0, ge=0.0, description="added to numerator and denominator of Dice; keeps empty "
+               "masks finite")
 
 
 class BinaryLossParams(Params):
@@ -138,7 +143,8 @@ class BCEDiceParams(BinaryLossParams):
 class FocalParams(BinaryLossParams):
     """Binary focal loss: down-weights easy pixels."""
 
-    alpha: float = Field(0.25, ge=0.0, le=1.0, description="weight of foreground pixels (background: 1 - alpha)")
+    alpha: float = Field(
+        0.25, ge=0.0, le=1.0, description="weight of foreground pixels (background: 1 - alpha)")
     gamma: float = Field(2.0, ge=0.0, description="focusing exponent; 0 gives alpha-weighted BCE")
 
 
@@ -146,20 +152,24 @@ class CrossEntropyParams(Params):
     """Softmax cross-entropy for the multiclass task."""
 
     tasks: ClassVar[tuple[str, ...]] = ("multiclass",)
-    class_weights: list[float] = Field([], description="one weight per train class (19), or [] for equal weights")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="mass spread uniformly over classes")
+    class_weights: list[float] = Field(
+        [], description="one weight per train class (19), or [] for equal weights")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="mass spread uniformly over classes")
 
     @field_validator("class_weights")
     @classmethod
     def _weights(cls, weights: list[float]) -> list[float]:
         if weights and (len(weights) != 19 or min(weights) < 0):
-            raise ValueError(f"class_weights needs 19 non-negative numbers (one per train class), got {len(weights)}")
+            raise ValueError(f"class_weights needs 19 non-negative numbers (one per train class), "
+                             f"got {len(weights)}")
         return weights
 
 
 def _pos_weight(p: WeightedBCEParams | BCEDiceParams) -> float:
     if p.pos_weight == "auto":
-        raise ValueError("pos_weight auto must be resolved from the training data before building the loss")
+        raise ValueError("pos_weight auto must be resolved from the training data before building "
+                         "the loss")
     return float(p.pos_weight)
 
 
@@ -193,4 +203,5 @@ def focal(p: FocalParams, ctx: BuildContext) -> nn.Module:
 def cross_entropy(p: CrossEntropyParams, ctx: BuildContext) -> nn.Module:
     """Cross-entropy over the train classes, ignoring void pixels."""
     weight = torch.tensor(p.class_weights, dtype=torch.float32) if p.class_weights else None
-    return CrossEntropy(weight=weight, label_smoothing=p.label_smoothing, ignore_index=ctx.ignore_index)
+    return CrossEntropy(weight=weight, label_smoothing=p.label_smoothing,
+                        ignore_index=ctx.ignore_index)

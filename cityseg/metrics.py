@@ -1,9 +1,9 @@
 """Segmentation metrics from a confusion matrix accumulated over a whole dataset.
 
 The matrix lives on the model's device and is updated with one bincount per batch; the caller
-copies the counts to the host once per epoch and turns them into scores here. Scores are dataset-level: pixel
-counts are summed over every validation image first, then turned into ratios (not a mean of
-per-batch or per-image scores).
+copies the counts to the host once per epoch and turns them into scores here. Scores are
+dataset-level: pixel counts are summed over every validation image first, then turned into
+ratios (not a mean of per-batch or per-image scores).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 class ConfusionMatrix:
     """counts[t, p] = number of valid pixels with ground truth t and prediction p."""
 
-    def __init__(self, num_classes: int, *, ignore_index: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_classes: int, *, ignore_index: int,
+                 device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -26,7 +27,8 @@ class ConfusionMatrix:
         """Add a batch of predicted and true labels (same shape; target may hold ignore_index)."""
         valid = target != self.ignore_index
         index = target[valid].long() * self.num_classes + pred[valid].long()
-        self.counts += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
+        self.counts += torch.bincount(index,
+                                      minlength=self.num_classes**2).view(self.num_classes, -1)
 
 
 def binary_predictions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -99,7 +101,8 @@ class BoundaryF1:
     dataset, and F1 their harmonic mean. Boundaries next to ignored pixels are not counted.
     """
 
-    def __init__(self, *, tolerance: int, ignore_index: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, *, tolerance: int, ignore_index: int,
+                 device: torch.device | str = "cpu") -> None:
         self.tolerance, self.ignore_index = tolerance, ignore_index
         # matched predicted, all predicted, matched ground truth, all ground truth
         self.counts = torch.zeros(4, dtype=torch.int64, device=device)

@@ -36,7 +36,8 @@ def adamw(p: AdamWParams, model: nn.Module) -> torch.optim.Optimizer:
 class Schedule:
     """A learning-rate scheduler and when it steps: 'step', 'epoch' or 'metric' (per epoch)."""
 
-    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    scheduler: (torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+                | None)
     interval: str
 
     def after_step(self) -> None:
@@ -63,7 +64,8 @@ class CosineParams(Params):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr, stepped every optimizer step."""
 
     warmup_epochs: float = Field(0.0, ge=0.0, description="epochs of linear warm-up from 0")
-    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="final lr as a fraction of the peak")
+    min_lr_ratio: float = Field(
+        0.01, ge=0.0, le=1.0, description="final lr as a fraction of the peak")
 
 
 class StepParams(Params):
@@ -98,7 +100,8 @@ def cosine(p: CosineParams, optimizer: torch.optim.Optimizer, *, steps_per_epoch
     """Per-step warm-up and cosine decay."""
     total, warmup = steps_per_epoch * epochs, round(p.warmup_epochs * steps_per_epoch)
     return Schedule(torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_factor(step, total=total, warmup=warmup, min_ratio=p.min_lr_ratio)), "step")
+        optimizer, lambda step: cosine_factor(step, total=total, warmup=warmup,
+                                              min_ratio=p.min_lr_ratio)), "step")
 
 
 @SCHEDULERS.register("step", params=StepParams)

@@ -21,21 +21,26 @@ def test_validate_bad_file_exits_2_naming_file_and_field(tmp_path, capsys):
 
 OK = "name: t\ndata: {name: synthetic, image_size: [32, 64]}\n"
 BAD_FILES = {  # file name -> (content, expected message)
-    "key.yaml": (OK + "model: {name: unet, base_chanels: 8}\n", "model.base_chanels: unknown key (did you mean base_channels?)"),
-    "type.yaml": (OK + "trainer: {epochs: three}\n", "trainer.epochs: Input should be a valid integer"),
+    "key.yaml": (OK + "model: {name: unet, base_chanels: 8}\n",
+                 "model.base_chanels: unknown key (did you mean base_channels?)"),
+    "type.yaml": (OK + "trainer: {epochs: three}\n",
+                  "trainer.epochs: Input should be a valid integer"),
     "range.yaml": (OK + "optimizer: {lr: -1}\n", "optimizer.lr: Input should be greater than 0"),
-    "depth.yaml": (OK + "model: {name: unet, depth: 6}\n", "must be divisible by 2**model.depth = 64"),
+    "depth.yaml": (OK + "model: {name: unet, depth: 6}\n",
+                   "must be divisible by 2**model.depth = 64"),
     "component.yaml": (OK + "loss: {name: focal_typo}\n", "loss.name: unknown loss 'focal_typo'"),
     "syntax.yaml": ("name: t\ndata: [unclosed\n", "YAML syntax error at line 3, column 1"),
     "empty.yaml": ("", "file is empty"),
     "list.yaml": ("- 1\n", "top level must be a mapping"),
-    "noname.yaml": (OK + "loss: {pos_weight: 2}\n", "loss.name: missing; choose one of " + ", ".join(LOSSES.names())),
+    "noname.yaml": (OK + "loss: {pos_weight: 2}\n",
+                    "loss.name: missing; choose one of " + ", ".join(LOSSES.names())),
     "base.yaml": ("base: nowhere.yaml\n" + OK, "nowhere.yaml: base file (included by"),
 }
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cityseg.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "cityseg.cli", *args], capture_output=True,
+                          text=True)
 
 
 def test_every_config_error_kind_exits_2_without_traceback(tmp_path):
@@ -52,7 +57,8 @@ def test_every_config_error_kind_exits_2_without_traceback(tmp_path):
 
 
 def test_bad_override_exits_2_without_traceback(tmp_path):
-    proc = cli("run", str(QUICKSTART), "--set", "trainer.epochz=1", "--set", f"tracking.dir={tmp_path}/r")
+    proc = cli("run", str(QUICKSTART), "--set", "trainer.epochz=1",
+               "--set", f"tracking.dir={tmp_path}/r")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "trainer.epochz: unknown key (did you mean epochs?)" in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -60,7 +66,8 @@ def test_bad_override_exits_2_without_traceback(tmp_path):
 
 def test_run_with_invalid_config_writes_nothing(tmp_path, capsys):
     runs = tmp_path / "runs"
-    code = main(["run", str(QUICKSTART), "--set", f"tracking.dir={runs}", "--set", "trainer.epochs=-2"])
+    code = main(["run", str(QUICKSTART), "--set", f"tracking.dir={runs}",
+                 "--set", "trainer.epochs=-2"])
     assert code == 2
     assert "trainer.epochs" in capsys.readouterr().err
     assert not runs.exists()
@@ -68,8 +75,8 @@ def test_run_with_invalid_config_writes_nothing(tmp_path, capsys):
 
 def test_run_without_cityscapes_says_where_to_put_it(tmp_path, capsys):
     runs = tmp_path / "runs"
-    code = main(["run", str(QUICKSTART.parent / "baseline.yaml"), "--set", f"data.root={tmp_path / 'none'}",
-                 "--set", f"tracking.dir={runs}"])
+    code = main(["run", str(QUICKSTART.parent / "baseline.yaml"),
+                 "--set", f"data.root={tmp_path / 'none'}", "--set", f"tracking.dir={runs}"])
     assert code == 2
     err = capsys.readouterr().err
     assert "Cityscapes not found" in err and "gtFine" in err and "cityscapes-dataset.com" in err

@@ -36,7 +36,8 @@ def test_defaults_fill_omitted_sections():
 
 
 def test_misspelled_key_names_the_path_and_suggests():
-    with pytest.raises(ConfigError, match=r"model\.base_chanels: unknown key \(did you mean base_channels\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"model\.base_chanels: unknown key \(did you mean base_channels\?\)"):
         validate(with_(model={"name": "unet", "base_chanels": 8}), source="x")
 
 
@@ -63,25 +64,30 @@ def test_out_of_range_values(section, bad, expected):
 def test_image_size_must_divide_by_two_to_the_depth():
     raw = with_(model={"name": "unet", "depth": 4})
     raw["data"]["image_size"] = [40, 64]
-    with pytest.raises(ConfigError, match=r"data\.image_size \[40, 64\] must be divisible by 2\*\*model\.depth = 16"):
+    with pytest.raises(ConfigError, match=r"data\.image_size \[40, 64\] must be divisible by "
+                                          r"2\*\*model\.depth = 16"):
         validate(raw, source="x")
 
 
 def test_unknown_component_lists_valid_names_and_closest():
     valid = ", ".join(LOSSES.names())
-    with pytest.raises(ConfigError, match=rf"loss\.name: unknown loss 'dise' \(did you mean dice\?\); valid names: {valid}$"):
+    with pytest.raises(ConfigError,
+                       match=rf"loss\.name: unknown loss 'dise' \(did you mean dice\?\); "
+                             rf"valid names: {valid}$"):
         validate(with_(loss={"name": "dise"}), source="x")
 
 
 def test_loss_must_fit_the_task():
     raw = with_(loss={"name": "weighted_bce"})
     raw["data"]["task"] = "multiclass"
-    with pytest.raises(ConfigError, match=r"loss\.name: weighted_bce is a loss for the binary task but "
-                                          r"data\.task is multiclass; use one of cross_entropy"):
+    with pytest.raises(ConfigError,
+                       match=r"loss\.name: weighted_bce is a loss for the binary task but "
+                             r"data\.task is multiclass; use one of cross_entropy"):
         validate(raw, source="x")
     raw["loss"] = {"name": "cross_entropy"}
     raw["trainer"] = {"monitor": "val/dice"}
-    with pytest.raises(ConfigError, match=r"trainer\.monitor: val/dice is not a per-epoch metric of the multiclass task"):
+    with pytest.raises(ConfigError, match=r"trainer\.monitor: val/dice is not a per-epoch metric "
+                                          r"of the multiclass task"):
         validate(raw, source="x")
     raw["trainer"] = {}
     assert validate(raw, source="x").monitor == "val/miou"
@@ -121,13 +127,15 @@ def test_missing_file(tmp_path):
 
 
 def test_base_inheritance_deep_merges_and_lists_replace(tmp_path):
-    write(tmp_path, "name: parent\nseed: 1\ndata: {name: synthetic, image_size: [32, 64], batch_size: 4}\n"
+    write(tmp_path, "name: parent\nseed: 1\n"
+                    "data: {name: synthetic, image_size: [32, 64], batch_size: 4}\n"
                     "augment: [{name: hflip}, {name: rotate}]\n", "parent.yaml")
     (tmp_path / "sub").mkdir()
     child = write(tmp_path, "base: ../parent.yaml\nname: child\ndata: {batch_size: 2}\n"
                             "augment: [{name: color_jitter}]\n", "sub/child.yaml")
     exp = load_experiment(child)
-    assert (exp.name, exp.seed, exp.data.batch_size, exp.data.image_size) == ("child", 1, 2, (32, 64))
+    assert ((exp.name, exp.seed, exp.data.batch_size, exp.data.image_size)
+            == ("child", 1, 2, (32, 64)))
     assert [a.name for a in exp.augment] == ["color_jitter"]
 
 
@@ -139,7 +147,8 @@ def test_base_cycle_names_the_chain(tmp_path):
 
 
 def test_missing_base_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"gone\.yaml: base file \(included by .*exp\.yaml\) not found"):
+    with pytest.raises(ConfigError,
+                       match=r"gone\.yaml: base file \(included by .*exp\.yaml\) not found"):
         load_experiment(write(tmp_path, "base: gone.yaml\nname: t\n"))
 
 
@@ -151,7 +160,8 @@ def test_overrides_parse_yaml_values():
 
 
 def test_override_of_unknown_key_is_an_error():
-    with pytest.raises(ConfigError, match=r"trainer\.epochz: unknown key \(did you mean epochs\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"trainer\.epochz: unknown key \(did you mean epochs\?\)"):
         load_experiment(QUICKSTART, ["trainer.epochz=3"])
 
 
@@ -196,7 +206,8 @@ def test_switching_a_component_keeps_only_keys_the_new_one_accepts():
 
 
 def test_switching_to_an_unknown_component_is_still_an_error():
-    with pytest.raises(ConfigError, match=r"loss\.name: unknown loss 'dicee' \(did you mean dice\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"loss\.name: unknown loss 'dicee' \(did you mean dice\?\)"):
         load_experiment(QUICKSTART, ["loss.name=dicee"])
 
 

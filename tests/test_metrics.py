@@ -76,7 +76,8 @@ def test_empty_prediction_of_present_foreground_scores_zero_not_nan():
 
 def test_binary_predictions_threshold():
     logits = torch.tensor([-1.0, 0.0, 0.5]).view(1, 1, 1, 3)
-    assert binary_predictions(logits, 0.5).flatten().tolist() == [0, 0, 1]  # sigmoid(0) = 0.5 is not > 0.5
+    # sigmoid(0) = 0.5 is not > 0.5
+    assert binary_predictions(logits, 0.5).flatten().tolist() == [0, 0, 1]
     assert binary_predictions(logits, 0.2).flatten().tolist() == [1, 1, 1]
 
 
@@ -90,7 +91,8 @@ def test_multiclass_hand_counted_and_absent_class_excluded():
     cm.update(pred, target)
     s = multiclass_scores(cm.counts, NAMES)
     # a: tp 1, fp 1, fn 1 -> 1/3;  b: tp 2, fp 1 -> 2/3;  c: tp 0, fn 1 -> 0;  d: absent
-    assert s["iou/a"] == pytest.approx(1 / 3) and s["iou/b"] == pytest.approx(2 / 3) and s["iou/c"] == 0.0
+    assert (s["iou/a"] == pytest.approx(1 / 3) and s["iou/b"] == pytest.approx(2 / 3)
+            and s["iou/c"] == 0.0)
     assert "iou/d" not in s
     assert s["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
     assert s["pixel_accuracy"] == pytest.approx(3 / 5)
@@ -100,7 +102,8 @@ def test_multiclass_against_numpy_reference():
     rng = np.random.default_rng(1)
     target = rng.integers(0, 4, (3, 12, 12))
     target[rng.random(target.shape) < 0.1] = IGNORE
-    pred = np.where(rng.random(target.shape) < 0.6, np.where(target == IGNORE, 0, target), rng.integers(0, 4, target.shape))
+    pred = np.where(rng.random(target.shape) < 0.6, np.where(target == IGNORE, 0, target),
+                    rng.integers(0, 4, target.shape))
     cm = ConfusionMatrix(4, ignore_index=IGNORE)
     for i in range(3):
         cm.update(torch.tensor(pred[i:i + 1]), torch.tensor(target[i:i + 1]))

@@ -13,7 +13,8 @@ def test_cosine_factor_by_hand():
     assert cosine_factor(0, total=10, warmup=2, min_ratio=0.1) == pytest.approx(0.5)
     assert cosine_factor(1, total=10, warmup=2, min_ratio=0.1) == pytest.approx(1.0)
     assert cosine_factor(2, total=10, warmup=2, min_ratio=0.1) == pytest.approx(1.0)
-    assert cosine_factor(6, total=10, warmup=2, min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert cosine_factor(6, total=10, warmup=2, min_ratio=0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
     assert cosine_factor(10, total=10, warmup=2, min_ratio=0.1) == pytest.approx(0.1)
 
 
@@ -21,14 +22,15 @@ def test_cosine_factor_by_hand():
 def test_every_schedule_steps_and_round_trips_its_state(name):
     model = torch.nn.Linear(2, 1)
     optimizer = OPTIMIZERS.build(OPTIMIZERS.get("adamw").params(name="adamw", lr=0.1), model)
-    schedule = SCHEDULERS.build(SCHEDULERS.get(name).params(name=name), optimizer, steps_per_epoch=3,
-                                epochs=4, mode="max")
+    schedule = SCHEDULERS.build(SCHEDULERS.get(name).params(name=name), optimizer,
+                                steps_per_epoch=3, epochs=4, mode="max")
     for _ in range(3):
         optimizer.step()
         schedule.after_step()
     schedule.after_epoch(0.5)
     state = schedule.state_dict()
-    again = SCHEDULERS.build(SCHEDULERS.get(name).params(name=name), optimizer, steps_per_epoch=3, epochs=4, mode="max")
+    again = SCHEDULERS.build(SCHEDULERS.get(name).params(name=name), optimizer,
+                             steps_per_epoch=3, epochs=4, mode="max")
     again.load_state_dict(state)
     assert again.state_dict() == state
     assert 0 < optimizer.param_groups[0]["lr"] <= 0.1

@@ -19,7 +19,8 @@ def test_unknown_name_lists_valid_names_and_closest():
     registry = Registry("widget")
     for name in ("alpha", "beta"):
         registry.register(name, params=NoParams)(lambda p, ctx: None)
-    with pytest.raises(ConfigError, match=r"unknown widget 'alpah' \(did you mean alpha\?\); valid names: alpha, beta"):
+    with pytest.raises(ConfigError, match=r"unknown widget 'alpah' \(did you mean alpha\?\); "
+                                          r"valid names: alpha, beta"):
         registry.get("alpah")
 
 

@@ -37,7 +37,8 @@ class CorruptCache(Exception):
     """A cache folder whose manifest or arrays do not match what was written."""
 
 
-def fingerprint(samples: list[Sample], *, layout: str, encoding: Encoding, size: tuple[int, int]) -> str:
+def fingerprint(samples: list[Sample], *, layout: str, encoding: Encoding,
+                size: tuple[int, int]) -> str:
     """Hash of everything the decoded arrays depend on."""
     h = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "layout": layout, "size": list(size),
                                    "encoding": [encoding.kind, encoding.channel_order]}).encode())

@@ -93,7 +93,8 @@ def train_id_to_binary_lut(foreground: tuple[str, ...] | list[str]) -> np.ndarra
 
 
 def train_ids_lut(encoding: str) -> np.ndarray:
-    """uint8 lookup table from single-channel mask values to train ids (255 also for unknown values)."""
+    """uint8 lookup table from single-channel mask values to train ids (255 also for unknown
+    values)."""
     if encoding == "ids":
         return id_to_train_id_lut()
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
@@ -113,7 +114,8 @@ def valid_values(encoding: str) -> np.ndarray:
 
 
 def _palette() -> tuple[np.ndarray, np.ndarray]:
-    """Distinct label colours (K, 3) and their train ids; a shared colour goes to the train class."""
+    """Distinct label colours (K, 3) and their train ids; a shared colour goes to the train
+    class."""
     by_color: dict[tuple[int, int, int], int] = {}
     for label in LABELS:
         if by_color.get(label.color, IGNORE_INDEX) == IGNORE_INDEX:
@@ -134,9 +136,11 @@ def nearest_palette(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Works on the distinct colours only, so a JPEG-degraded mask costs one distance matrix of
     (distinct colours x palette), not one per pixel.
     """
-    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    packed = ((rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8)
+              | rgb[..., 2])
     unique, inverse = np.unique(packed.ravel(), return_inverse=True)
-    colors = np.stack([(unique >> 16) & 255, (unique >> 8) & 255, unique & 255], axis=1).astype(np.float32)
+    colors = np.stack([(unique >> 16) & 255, (unique >> 8) & 255, unique & 255],
+                      axis=1).astype(np.float32)
     dist = np.linalg.norm(colors[:, None, :] - PALETTE[None, :, :], axis=2)  # (U, K)
     nearest = dist.argmin(axis=1)
     shape = rgb.shape[:2]
@@ -162,8 +166,10 @@ def id_colors() -> np.ndarray:
     return colors
 
 
-def foreground_stats(counts: np.ndarray, foreground: tuple[str, ...] | list[str]) -> tuple[float, float]:
-    """(foreground fraction of labelled pixels, background/foreground ratio) from train-id counts."""
+def foreground_stats(counts: np.ndarray,
+                     foreground: tuple[str, ...] | list[str]) -> tuple[float, float]:
+    """(foreground fraction of labelled pixels, background/foreground ratio) from train-id
+    counts."""
     labelled = counts[: len(TRAIN_CLASSES)]
     fg = int(sum(labelled[LABEL_BY_NAME[name].train_id] for name in foreground))
     total = int(labelled.sum())

@@ -35,8 +35,11 @@ class DataParams(Params):
         description="Cityscapes train classes that count as foreground in the binary task")
     image_size: tuple[int, int] = Field(
         (256, 512), description="(height, width) that images and masks are resized to")
-    batch_size: int = Field(8, ge=1, description="images per training and validation batch")
-    num_workers: int = Field(2, ge=0, description="DataLoader (and cache-building) worker processes")
+    batch_size: int = Field(8, ge=1, description="images per training and validation batch, "
+                                                 "over all processes (torchrun): each of N "
+                                                 "processes takes batch_size / N")
+    num_workers: int = Field(
+        2, ge=0, description="DataLoader (and cache-building) worker processes")
     cache: bool = Field(True, description="decode and resize every image once into cache_dir and "
                                           "read arrays afterwards")
     cache_dir: Path = Field(Path("runs/cache"), description="where decoded arrays are kept")
@@ -65,7 +68,8 @@ class SyntheticParams(DataParams):
     root: Path = Field(Path("runs/data/synthetic"), description="where the scenes are written")
     num_train: int = Field(256, ge=1, description="training scenes")
     num_val: int = Field(64, ge=1, description="validation scenes")
-    source_size: tuple[int, int] = Field((128, 256), description="(height, width) of the written PNGs")
+    source_size: tuple[int, int] = Field(
+        (128, 256), description="(height, width) of the written PNGs")
     seed: int = Field(0, description="generator seed; the same seed writes the same scenes")
 
 
@@ -77,7 +81,8 @@ def task_lut(p: DataParams) -> np.ndarray:
 class DiskReader:
     """Decodes and resizes each sample when asked (no cache)."""
 
-    def __init__(self, samples: list[Sample], *, layout: str, encoding: Encoding, size: tuple[int, int]) -> None:
+    def __init__(self, samples: list[Sample], *, layout: str, encoding: Encoding,
+                 size: tuple[int, int]) -> None:
         self.samples, self.layout, self.encoding, self.size = samples, layout, encoding, size
         self._counts: np.ndarray | None = None
 
@@ -85,10 +90,12 @@ class DiskReader:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return read_resized(self.samples[i], layout=self.layout, encoding=self.encoding, size=self.size)
+        return read_resized(self.samples[i], layout=self.layout, encoding=self.encoding,
+                            size=self.size)
 
     def class_counts(self) -> np.ndarray:
-        """Pixels per train id, decoded once (pos_weight auto and the run's data report both ask)."""
+        """Pixels per train id, decoded once (pos_weight auto and the run's data report both
+        ask)."""
         if self._counts is None:
             self._counts = np.zeros(256, dtype=np.int64)
             for i in range(len(self)):
@@ -145,21 +152,40 @@ class SegmentationDataset(Dataset):
         mask = tv_tensors.Mask(torch.from_numpy(self.lut[train_ids]))  # (H, W)
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
-                torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
+                torch.default_generator.manual_seed(
+                    (self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
                 img, mask = self.transform(img, mask)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index) keys in an order fixed by (seed, epoch), from position `start` on."""
+    """Yields (epoch, index) keys in an order fixed by (seed, epoch), from global batch
+    `start_batch` on. With several ranks, each takes an equal contiguous share of every global
+    batch, so the ranks together train on exactly the batches one process would; the last,
+    partial batch is split evenly (up to world - 1 of its samples are left out)."""
 
-    def __init__(self, size: int, *, seed: int, shuffle: bool) -> None:
+    def __init__(self, size: int, *, seed: int, shuffle: bool, batch_size: int,
+                 rank: int = 0, world: int = 1) -> None:
         self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch, self.start = 1, 0
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.epoch, self.start_batch = 1, 0
 
-    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
-        """Order of `epoch`, skipping its first `start` samples (a run resumed mid-epoch)."""
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        """Order of `epoch`, from global batch `start_batch` (a run resumed mid-epoch)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _shares(self) -> list[int]:
+        """Samples this rank takes from each global batch of an epoch."""
+        full, rest = divmod(self.size, self.batch_size)
+        shares = [self.batch_size // self.world] * full
+        if rest // self.world:
+            shares.append(rest // self.world)
+        return shares
+
+    @property
+    def batches(self) -> int:
+        """Global batches (steps) per epoch."""
+        return len(self._shares())
 
     def __iter__(self):
         if self.shuffle:
@@ -167,10 +193,28 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        return iter([(self.epoch, i) for i in order[self.start :]])
+        keys = []
+        for batch, share in enumerate(self._shares()):
+            if batch >= self.start_batch:
+                first = batch * self.batch_size + self.rank * share
+                keys += [(self.epoch, i) for i in order[first : first + share]]
+        return iter(keys)
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return sum(self._shares()[self.start_batch :])
+
+
+class ShardSampler(Sampler):
+    """Every `world`-th index from `rank`: the ranks together see each sample exactly once."""
+
+    def __init__(self, size: int, *, rank: int = 0, world: int = 1) -> None:
+        self.indices = list(range(rank, size, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 @dataclass
@@ -185,8 +229,10 @@ class DataSplits:
         return self.train.reader.class_counts()
 
 
-def reader_for(p: DataParams, index: DatasetIndex, split: str) -> tuple[DiskReader | CachedReader, str]:
-    """A reader of the split at data.image_size (through the cache if enabled), and its fingerprint."""
+def reader_for(p: DataParams, index: DatasetIndex,
+               split: str) -> tuple[DiskReader | CachedReader, str]:
+    """A reader of the split at data.image_size (through the cache if enabled), and its
+    fingerprint."""
     samples = index.samples[split]
     args = {"layout": index.layout, "encoding": index.encoding, "size": p.image_size}
     if p.cache:
@@ -212,7 +258,8 @@ def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_sp
         readers[split], prints[split] = reader_for(p, index, split)
     lut = task_lut(p)
     return DataSplits(
-        train=SegmentationDataset(readers[train_split], lut=lut, transform=train_transform, seed=seed),
+        train=SegmentationDataset(readers[train_split], lut=lut, transform=train_transform,
+                                  seed=seed),
         val=SegmentationDataset(readers[val_split], lut=lut, transform=None),
         index=index, fingerprints={"train": prints[train_split], "val": prints[val_split]})
 
@@ -240,5 +287,5 @@ def synthetic_streets(p: SyntheticParams, ctx: BuildContext, *,
     synthetic.ensure_dataset(p.root, num_train=p.num_train, num_val=p.num_val,
                              size=p.source_size, seed=p.seed)
     index = index_dataset(p.root, layout="official")
-    return build_splits(p, index, train_split="train", val_split="val", train_transform=train_transform,
-                        seed=ctx.seed)
+    return build_splits(p, index, train_split="train", val_split="val",
+                        train_transform=train_transform, seed=ctx.seed)

@@ -72,8 +72,10 @@ def detect_layout(root: Path) -> str:
     if any(f.suffix.lower() in IMAGE_EXTS for s in splits for f in s.iterdir()):
         return "pairs"
     raise DataError(f"{root}: no Cityscapes layout found; expected one of\n"
-                    f"  official: leftImg8bit/<split>/<city>/*{IMAGE_SUFFIX} + gtFine/<split>/<city>/...\n"
-                    f"  folders:  <split>/{{img|images}}/NAME.png + <split>/{{label|labels|mask|masks}}/NAME.png\n"
+                    f"  official: leftImg8bit/<split>/<city>/*{IMAGE_SUFFIX} + "
+                    f"gtFine/<split>/<city>/...\n"
+                    f"  folders:  <split>/{{img|images}}/NAME.png + "
+                    f"<split>/{{label|labels|mask|masks}}/NAME.png\n"
                     f"  pairs:    <split>/NAME.jpg (photo left half, colour label right half)")
 
 
@@ -84,17 +86,21 @@ def _images_in(folder: Path) -> dict[str, Path]:
 def _official(root: Path, splits: tuple[str, ...]) -> tuple[dict, list[Problem], Encoding]:
     suffix = next((s for s in OFFICIAL_MASKS if any((root / "gtFine").glob(f"*/*/*{s}"))), None)
     if suffix is None:
-        raise DataError(f"{root / 'gtFine'}: no masks (*_gtFine_labelIds.png, *_gtFine_labelTrainIds.png "
-                        f"or *_gtFine_color.png) in any <split>/<city> folder")
+        raise DataError(f"{root / 'gtFine'}: no masks (*_gtFine_labelIds.png, "
+                        f"*_gtFine_labelTrainIds.png or *_gtFine_color.png) "
+                        f"in any <split>/<city> folder")
     samples, problems = {}, []
     for split in splits:
         image_dir, mask_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         if not image_dir.is_dir():
-            raise DataError(f"{image_dir}: folder not found; expected leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}")
-        images = {p.name[: -len(IMAGE_SUFFIX)]: p for p in sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))}
+            raise DataError(f"{image_dir}: folder not found; expected "
+                            f"leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}")
+        images = {p.name[: -len(IMAGE_SUFFIX)]: p
+                  for p in sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))}
         masks = {p.name[: -len(suffix)]: p for p in sorted(mask_dir.glob(f"*/*{suffix}"))}
         samples[split] = [Sample(images[k], masks[k]) for k in images if k in masks]
-        problems += [Problem(images[k], f"image without mask (*{suffix})") for k in images if k not in masks]
+        problems += [Problem(images[k], f"image without mask (*{suffix})")
+                     for k in images if k not in masks]
         problems += [Problem(masks[k], "mask without image") for k in masks if k not in images]
     kind = OFFICIAL_MASKS[suffix]
     return samples, problems, Encoding(kind, "rgb", f"official *{suffix} files")
@@ -157,16 +163,19 @@ def _detect_encoding(samples: list[Sample], layout: str) -> Encoding:
     if pixels[0].ndim == 2:
         values = np.unique(np.concatenate([p.ravel() for p in pixels]))
         if np.any((values >= 19) & (values < 255)):
-            return Encoding("ids", "rgb", f"values up to {values[values < 255].max()} in {n} masks: official ids")
+            return Encoding("ids", "rgb", f"values up to {values[values < 255].max()} in {n} "
+                                          f"masks: official ids")
         return Encoding("train_ids", "rgb", f"values within 0..18 and 255 in {n} masks: train ids")
-    far = {order: np.mean([(nearest_palette(p if order == "rgb" else p[..., ::-1])[1]).mean() for p in pixels])
+    far = {order: np.mean([(nearest_palette(p if order == "rgb" else p[..., ::-1])[1]).mean()
+                           for p in pixels])
            for order in ("rgb", "bgr")}
     order = min(far, key=far.get)
     return Encoding("color", order, f"{order.upper()} colours fit the palette better in {n} masks "
                                     f"(mean distance {far[order]:.1f} vs {max(far.values()):.1f})")
 
 
-def index_dataset(root: Path, *, layout: str = "auto", splits: tuple[str, ...] = ("train", "val")) -> DatasetIndex:
+def index_dataset(root: Path, *, layout: str = "auto",
+                  splits: tuple[str, ...] = ("train", "val")) -> DatasetIndex:
     """Find every sample of the splits, decide the mask encoding once, list unpaired files."""
     if not root.is_dir():
         raise DataError(f"{root}: folder not found")
@@ -176,7 +185,8 @@ def index_dataset(root: Path, *, layout: str = "auto", splits: tuple[str, ...] =
     if layout == "official":
         samples, problems, encoding = _official(root, splits)
     else:
-        samples, problems = _folders(root, splits) if layout == "folders" else (_pairs(root, splits), [])
+        samples, problems = (_folders(root, splits) if layout == "folders"
+                             else (_pairs(root, splits), []))
         encoding = _detect_encoding([s for split in splits for s in samples[split]], layout)
     for split in splits:
         if not samples[split]:
@@ -184,17 +194,19 @@ def index_dataset(root: Path, *, layout: str = "auto", splits: tuple[str, ...] =
     return DatasetIndex(root, layout, how, encoding, samples, problems)
 
 
-def read_sample(sample: Sample, *, layout: str, encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(sample: Sample, *, layout: str,
+                encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
     """Full-resolution (RGB photo, train ids); DataError naming the file if anything is off."""
     photo = np.array(_open(sample.image).convert("RGB"))  # writable: becomes a tensor
     if layout == "pairs":
         if photo.shape[1] % 2:
-            raise DataError(f"{sample.image}: odd width {photo.shape[1]}; a pair is two equal halves")
+            raise DataError(f"{sample.image}: odd width {photo.shape[1]}; "
+                            f"a pair is two equal halves")
         photo = photo[:, : photo.shape[1] // 2]
     pixels = _mask_pixels(sample, layout)
     if pixels.shape[:2] != photo.shape[:2]:
-        raise DataError(f"{sample.mask}: mask size {pixels.shape[1]}x{pixels.shape[0]} differs from "
-                        f"image size {photo.shape[1]}x{photo.shape[0]} of {sample.image}")
+        raise DataError(f"{sample.mask}: mask size {pixels.shape[1]}x{pixels.shape[0]} differs "
+                        f"from image size {photo.shape[1]}x{photo.shape[0]} of {sample.image}")
     if encoding.kind == "color":
         if pixels.ndim != 3:
             raise DataError(f"{sample.mask}: single-channel mask in a dataset of colour masks")
@@ -202,7 +214,8 @@ def read_sample(sample: Sample, *, layout: str, encoding: Encoding) -> tuple[np.
         train_ids, distance = nearest_palette(rgb)
         far = float((distance > FAR_FROM_PALETTE).mean())
         if far > MAX_FAR_FRACTION:
-            raise DataError(f"{sample.mask}: {far:.0%} of pixels have colours outside the label table")
+            raise DataError(f"{sample.mask}: {far:.0%} of pixels have colours outside "
+                            f"the label table")
         return photo, train_ids
     if pixels.ndim != 2:
         raise DataError(f"{sample.mask}: colour mask in a dataset of {encoding.kind} masks")

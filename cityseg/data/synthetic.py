@@ -52,7 +52,8 @@ class _Canvas:
             self._ids.ellipse(box, fill=_ID[cls])
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(rng: np.random.Generator, height: int,
+                 width: int) -> tuple[np.ndarray, np.ndarray]:
     """One street scene: (H, W, 3) uint8 photo and (H, W) uint8 official label ids."""
     H, W = height, width
     c = _Canvas(H, W)
@@ -142,12 +143,14 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.
             edge = left if side < 0 else right
             tx = edge + side * rng.uniform(0.1, 0.3) * W * s
             th, green = H * 0.8 * s, rng.integers(40, 140, 3) * np.array([0.6, 1.0, 0.5])
-            c.rect((tx - 0.01 * W * s, yb - th * 0.5, tx + 0.01 * W * s, yb), (80, 60, 40), "vegetation")
+            c.rect((tx - 0.01 * W * s, yb - th * 0.5, tx + 0.01 * W * s, yb), (80, 60, 40),
+                   "vegetation")
             c.ellipse((tx - th * 0.3, yb - th, tx + th * 0.3, yb - th * 0.4), green, "vegetation")
 
     if rng.random() < 0.5:  # ego-vehicle hood: void, so ignored by training and metrics
         hood = H * rng.uniform(0.04, 0.1)
-        c.polygon([(0, H), (W * 0.1, H - hood), (W * 0.9, H - hood), (W, H)], (30, 30, 35), "ego vehicle")
+        c.polygon([(0, H), (W * 0.1, H - hood), (W * 0.9, H - hood), (W, H)], (30, 30, 35),
+                  "ego vehicle")
 
     photo = np.asarray(c.image, dtype=np.float32)
     gain = rng.uniform(0.6, 1.25) * np.linspace(rng.uniform(0.8, 1.2), 1.0, W)[None, :, None]
@@ -198,8 +201,10 @@ def write_dataset(root: Path, *, num_train: int, num_val: int, size: tuple[int, 
             photo, ids = render_scene(rng, *size)
             name = frame_name(i)
             if layout == "official":
-                image_dir, mask_dir = (root / "leftImg8bit" / split / CITY, root / "gtFine" / split / CITY)
-                image_path, mask_path = image_dir / f"{name}{IMAGE_SUFFIX}", mask_dir / f"{name}{OFFICIAL_SUFFIX[mask]}"
+                image_dir, mask_dir = (root / "leftImg8bit" / split / CITY,
+                                       root / "gtFine" / split / CITY)
+                image_path, mask_path = (image_dir / f"{name}{IMAGE_SUFFIX}",
+                                         mask_dir / f"{name}{OFFICIAL_SUFFIX[mask]}")
             elif layout == "folders":
                 image_dir, mask_dir = root / split / "img", root / split / "label"
                 image_path, mask_path = image_dir / name, mask_dir / name
@@ -216,13 +221,15 @@ def write_dataset(root: Path, *, num_train: int, num_val: int, size: tuple[int, 
                 Image.fromarray(encode_mask(ids, mask)).save(mask_path)
             else:
                 _save(photo, image_path, jpeg_quality)
-                _save(encode_mask(ids, mask, bgr=bgr), mask_path, jpeg_quality if mask == "color" else 0)
+                _save(encode_mask(ids, mask, bgr=bgr), mask_path,
+                      jpeg_quality if mask == "color" else 0)
 
 
 MANIFEST = "synthetic.json"
 
 
-def ensure_dataset(root: Path, *, num_train: int, num_val: int, size: tuple[int, int], seed: int) -> bool:
+def ensure_dataset(root: Path, *, num_train: int, num_val: int, size: tuple[int, int],
+                   seed: int) -> bool:
     """Generate the dataset at `root` unless an identical one is there; True if it was written.
 
     Written to a temporary sibling and renamed, so an interrupted generation never leaves a

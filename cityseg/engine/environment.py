@@ -67,6 +67,13 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def device_name(device: torch.device) -> str:
+    """cpu, or the GPU's name (with its index)."""
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 def run_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, str]:
     """Git commit (and whether the tree was dirty), package versions, device and host."""
     import torchvision
@@ -80,5 +87,5 @@ def run_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, s
             "cityseg_version": cityseg.__version__, "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__, "mlflow_version": mlflow_version(),
             "python_version": platform.python_version(), "host": socket.gethostname(),
-            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "device": device_name(device),
             "precision": names[amp_dtype]}

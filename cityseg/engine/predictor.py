@@ -11,6 +11,7 @@ bilinearly to the photo's size before they become labels: what `predict` writes 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterable
 
@@ -23,6 +24,7 @@ from torch import nn
 from cityseg.config import Experiment
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.tasks import Task
+from cityseg.engine import distributed
 from cityseg.engine.environment import resolve_device, resolve_precision
 from cityseg.metrics import BoundaryF1, ConfusionMatrix, boundary_f1
 
@@ -61,6 +63,12 @@ class Predictor:
                    channels_last=exp.trainer.channels_last, task=exp.task,
                    threshold=exp.trainer.threshold if threshold is None else threshold,
                    image_size=exp.data.image_size)
+
+    def with_model(self, model: nn.Module) -> Predictor:
+        """The same settings around another module (the DDP-wrapped one that trains)."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     # ------------------------------------------------------------------ steps
 
@@ -166,11 +174,14 @@ class _Tally:
 
     def result(self, *, with_loss: bool) -> tuple[dict[str, float], torch.Tensor]:
         n = self.task.num_classes
-        # one copy; float64 holds counts below 2**53 exactly
-        host = torch.cat([self.loss_sum.view(1), self.confusion.counts.double().flatten(),
-                          self.boundary.counts.double()]).cpu()
-        counts = host[1 : 1 + n * n].long().view(n, n)
-        found = {**self.task.scores(counts), "boundary_f1": boundary_f1(host[1 + n * n :].long())}
+        seen = torch.full((1,), float(self.seen), dtype=torch.float64, device=self.loss_sum.device)
+        packed = torch.cat([seen, self.loss_sum.view(1), self.confusion.counts.double().flatten(),
+                            self.boundary.counts.double()])
+        # summed over the ranks that shared the data (a no-op for one process), then one copy;
+        # float64 holds counts below 2**53 exactly
+        host = distributed.all_reduce(packed, "sum").cpu()
+        counts = host[2 : 2 + n * n].long().view(n, n)
+        found = {**self.task.scores(counts), "boundary_f1": boundary_f1(host[2 + n * n :].long())}
         if with_loss:
-            found = {"loss": host[0].item() / max(self.seen, 1), **found}
+            found = {"loss": host[1].item() / max(host[0].item(), 1), **found}
         return found, counts

@@ -108,6 +108,19 @@ def refuse_if_alive(tracker: Tracker, run_id: str) -> Liveness | None:
     return state
 
 
+def check_same_world(point: ResumePoint, world_size: int) -> None:
+    """A checkpoint from the middle of an epoch resumes only with the processes that wrote it
+    (their ranks hold its position); one from an epoch's end resumes with any number."""
+    state = point.checkpoint["state"]
+    saved = state.get("world_size", 1)
+    if state["step_in_epoch"] and saved != world_size:
+        raise ConfigError(
+            f"{point.path}: stopped in the middle of epoch {state['epoch']} (batch "
+            f"{state['step_in_epoch']}) with {saved} process(es); resume it with {saved}, not "
+            f"{world_size} (torchrun --nproc-per-node). A checkpoint from an epoch's end "
+            f"resumes with any number")
+
+
 def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None:
     """Refuse to resume when anything but the epoch count differs from the checkpoint's config."""
     saved, now = flatten(checkpoint["config"]), flatten(exp.model_dump(mode="json"))

@@ -23,20 +23,27 @@ from torch.utils.data import DataLoader
 from cityseg import tracking, viz
 from cityseg.config import Experiment, flatten, to_yaml
 from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES, foreground_stats
-from cityseg.data.datasets import DataSplits, EpochSampler
+from cityseg.data.datasets import DataSplits, EpochSampler, ShardSampler
 from cityseg.data.transforms import build_augmentations
-from cityseg.engine import checkpoints
+from cityseg.engine import checkpoints, distributed
 from cityseg.engine.display import NullDisplay
 from cityseg.engine.environment import (
+    device_name,
     resolve_device,
     run_tags,
     seed_everything,
     set_deterministic,
 )
 from cityseg.engine.predictor import Predictor
-from cityseg.engine.resume import ResumePoint, check_run_resumable, config_hash, resume_point
+from cityseg.engine.resume import (
+    ResumePoint,
+    check_run_resumable,
+    check_same_world,
+    config_hash,
+    resume_point,
+)
 from cityseg.engine.trainer import FitResult, StopFlag, Trainer, TrainerSettings, TrainState
-from cityseg.errors import DataError, Interrupted  # noqa: F401  (Interrupted: tests catch it here)
+from cityseg.errors import ConfigError, DataError, Interrupted  # noqa: F401  (tests catch it here)
 from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, Params
 
 
@@ -60,8 +67,9 @@ class Components:
     sampler: EpochSampler
     val_loader: DataLoader
     samples: tuple[torch.Tensor, torch.Tensor] | None  # fixed validation images for panels
-    model: torch.nn.Module
-    predictor: Predictor  # around the model that trains (compiled if asked)
+    model: torch.nn.Module  # plain: its state_dict goes into checkpoints
+    predictor: Predictor  # validation and panels
+    train_model: torch.nn.Module  # what trains: maybe compiled, DistributedDataParallel
     loss_fn: torch.nn.Module
     loss_logged: dict[str, str]  # the pos_weight that `auto` chose
     optimizer: torch.optim.Optimizer
@@ -76,34 +84,90 @@ def run(exp: Experiment, *, display=None, resume: str | None = None,
     """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow.
 
     fallback_best: resume from best.pt when last.pt is corrupt. run_name defaults to the
-    experiment's name; tags are added to the run's (sweeps use both).
+    experiment's name; tags are added to the run's (sweeps use both). Under torchrun, every
+    process calls this; rank 0 alone opens the MLflow run, prints and writes checkpoints.
     """
+    device = distributed.device_for(resolve_device(exp.trainer.device))
+    world = distributed.setup(device)
+    try:
+        result = _run(exp, world, device, display=display if world.is_main else None,
+                      resume=resume, fallback_best=fallback_best, run_name=run_name, tags=tags)
+    except BaseException:
+        distributed.teardown(clean=False)
+        raise
+    distributed.teardown(clean=True)
+    return result
+
+
+def _run(exp: Experiment, world: distributed.World, device: torch.device, *, display,
+         resume: str | None, fallback_best: bool, run_name: str | None,
+         tags: dict[str, str] | None) -> RunResult:
     display = display or NullDisplay()
+    check_world(exp, world, device)
     seed_everything(exp.seed)
     set_deterministic(exp.trainer.deterministic)
-    tracker, point = _find_resume_point(exp, resume, display, fallback_best)
-    parts = build_components(exp, display, point)
-    tracker = tracker or tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
-    crash = check_run_resumable(point, exp, tracker) if point is not None else None
-    new_tags = _new_run_tags(exp, parts, tags) if point is None else None
-    with tracker.session(run_name=run_name or exp.name, tags=new_tags,
-                         reattach=point.run_id if point else None) as run_id:
+    main = world.is_main
+    tracker, point = distributed.together(
+        lambda: _find_resume_point(exp, resume, display, fallback_best) if main else (None, None))
+    point = distributed.broadcast(point)  # weights, optimizer and RNG states for every rank
+    if point is not None:
+        check_same_world(point, world.size)
+    # local rank 0 first: it generates data and decode caches that the others then reuse
+    splits = distributed.together(lambda: build_data(exp, display), local_main_first=True)
+    parts = distributed.together(lambda: build_components(exp, splits, point, device))
+    parts.train_model = wrap_for_training(parts.model, exp, world, device)
+    if exp.trainer.compile and not world.distributed:
+        parts.predictor.model = parts.train_model  # one compiled module serves both
+    devices = distributed.gather(device_name(device))
+    session = contextlib.ExitStack()
+
+    def open_run() -> tuple[tracking.Tracker, str, str | None] | None:
+        """Rank 0: start the MLflow run, or reattach to the one the checkpoint belongs to."""
+        if not main:
+            return None
+        store = tracker or tracking.Tracker(root=exp.tracking.dir,
+                                            experiment=exp.tracking.experiment)
+        crash = check_run_resumable(point, exp, store) if point is not None else None
+        new_tags = (_new_run_tags(exp, parts, world, devices, tags) if point is None else None)
+        run_id = session.enter_context(store.session(
+            run_name=run_name or exp.name, tags=new_tags,
+            reattach=point.run_id if point else None))
+        return store, run_id, crash
+
+    with session:  # on rank 0, the MLflow run: it ends whatever happens after it started
+        tracker, run_id, crash = distributed.together(open_run) or (None, None, None)
+        run_id = distributed.broadcast(run_id)
         trainer = _trainer(exp, parts, run_id, tracker, display)
-        state = trainer.restore(point.checkpoint) if point is not None else TrainState()
+        state = distributed.together(
+            lambda: trainer.restore(point.checkpoint) if point is not None else TrainState())
         resumed_from = state.epoch - 1
-        _log_start(tracker, exp, parts, state, resumed=point is not None, crash=crash)
+        if main:
+            _log_start(tracker, exp, parts, state, resumed=point is not None, crash=crash)
         try:
             with stop_on_signals(trainer.stop):
                 result = trainer.fit(state)
         except BaseException:
-            with contextlib.suppress(Exception):  # keep what was saved; never hide the error
-                _upload_checkpoints(tracker, exp, run_id)
+            if main:
+                with contextlib.suppress(Exception):  # keep what was saved; never hide the error
+                    _upload_checkpoints(tracker, exp, run_id)
             raise
-        _upload_checkpoints(tracker, exp, run_id)
-        _log_summary(tracker, trainer, result, exp, parts.model)
+        if main:
+            _upload_checkpoints(tracker, exp, run_id)
+            _log_summary(tracker, trainer, result, exp, parts.model)
     return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
                      best_score=result.best_score, checkpoints=result.checkpoints,
                      stopped_early=result.stopped_early, resumed_from=resumed_from)
+
+
+def check_world(exp: Experiment, world: distributed.World, device: torch.device) -> None:
+    """What the experiment asks must fit the processes it runs on (before anything happens)."""
+    if exp.data.batch_size % world.size:
+        raise ConfigError(f"data.batch_size: {exp.data.batch_size} is the global batch and must "
+                          f"divide evenly over the {world.size} processes torchrun started "
+                          f"(use a multiple of {world.size})")
+    if exp.trainer.sync_bn is True and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn: true needs CUDA (SyncBatchNorm does not exist on the "
+                          "CPU); use model.norm: group for several CPU processes")
 
 
 # ---------------------------------------------------------------- steps of a run
@@ -124,15 +188,22 @@ def _find_resume_point(exp: Experiment, resume: str | None, display, fallback_be
     return tracker, point
 
 
-def build_components(exp: Experiment, display, point: ResumePoint | None) -> Components:
-    """Data, loaders, model, loss, optimizer and schedule; a checkpoint's weights must fit."""
-    ctx = exp.build_context()
+def build_data(exp: Experiment, display) -> DataSplits:
+    """The dataset's splits (generated, indexed and cached on first use)."""
     if exp.data.cache:
         display.message(f"data: decode cache in {exp.data.cache_dir} "
                         f"(the first use decodes every image)")
-    splits = DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
-    device = resolve_device(exp.trainer.device)
-    train_loader, sampler, val_loader = _loaders(splits, exp, pin_memory=device.type == "cuda")
+    ctx = exp.build_context()
+    return DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
+
+
+def build_components(exp: Experiment, splits: DataSplits, point: ResumePoint | None,
+                     device: torch.device) -> Components:
+    """Loaders, model, loss, optimizer and schedule; a checkpoint's weights must fit."""
+    world = distributed.world()
+    ctx = exp.build_context()
+    train_loader, sampler, val_loader = _loaders(splits, exp, world,
+                                                 pin_memory=device.type == "cuda")
     samples = None
     if count := min(exp.tracking.num_samples, len(splits.val)):
         pairs = [splits.val[i] for i in range(count)]
@@ -141,27 +212,42 @@ def build_components(exp: Experiment, display, point: ResumePoint | None) -> Com
     model = MODELS.build(exp.model, ctx)
     if point is not None:
         checkpoints.check_weights_fit(point.checkpoint, model, point.path)
-    predictor = Predictor.for_experiment(exp, model)  # moves the model to the device
-    if exp.trainer.compile:
-        predictor.model = torch.compile(model)
+    sync_bn = exp.trainer.sync_bn
+    if sync_bn is True or (sync_bn == "auto" and device.type == "cuda" and world.distributed):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # moves the model to the device; validation and panels use it unwrapped
+    predictor = Predictor.for_experiment(exp, model, device=str(device))
     optimizer = OPTIMIZERS.build(exp.optimizer, model)
-    steps_per_epoch = math.ceil(len(train_loader) / exp.trainer.accumulate)
+    steps_per_epoch = math.ceil(sampler.batches / exp.trainer.accumulate)
     schedule = SCHEDULERS.build(exp.scheduler, optimizer, steps_per_epoch=steps_per_epoch,
                                 epochs=exp.trainer.epochs, mode=exp.monitor_mode)
     data_tags, frequencies = _data_report(exp, splits)
     return Components(splits, train_loader, sampler, val_loader, samples, model, predictor,
-                      LOSSES.build(loss_params, ctx), loss_logged, optimizer, schedule,
+                      model, LOSSES.build(loss_params, ctx), loss_logged, optimizer, schedule,
                       data_tags, frequencies)
 
 
-def _new_run_tags(exp: Experiment, parts: Components, extra: dict[str, str] | None
-                  ) -> dict[str, str]:
+def wrap_for_training(model: torch.nn.Module, exp: Experiment, world: distributed.World,
+                      device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel with several processes (a collective: every rank at once), then
+    torch.compile if asked."""
+    if world.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if exp.trainer.compile else model
+
+
+def _new_run_tags(exp: Experiment, parts: Components, world: distributed.World,
+                  devices: list[str], extra: dict[str, str] | None) -> dict[str, str]:
     return {**run_tags(parts.predictor.device, parts.predictor.amp_dtype), **parts.data_tags,
+            "world_size": str(world.size), "backend": world.backend,
+            "devices": "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)),
             "config_hash": config_hash(exp.model_dump(mode="json")), **(extra or {})}
 
 
-def _trainer(exp: Experiment, parts: Components, run_id: str, tracker: tracking.Tracker,
-             display) -> Trainer:
+def _trainer(exp: Experiment, parts: Components, run_id: str,
+             tracker: tracking.Tracker | None, display) -> Trainer:
+    """The trainer; on_epoch_end logs to MLflow on rank 0 (tracker None elsewhere)."""
     t = exp.trainer
     settings = TrainerSettings(
         epochs=t.epochs, grad_clip_norm=t.grad_clip_norm, accumulate=t.accumulate,
@@ -176,12 +262,14 @@ def _trainer(exp: Experiment, parts: Components, run_id: str, tracker: tracking.
             tracker.log_image(viz.sample_panel(*sample_arrays, task=exp.task),
                               f"samples/epoch_{epoch:03d}.png")
 
-    return Trainer(predictor=parts.predictor, raw_model=parts.model, loss_fn=parts.loss_fn,
+    return Trainer(predictor=parts.predictor, raw_model=parts.model,
+                   train_model=parts.train_model, loss_fn=parts.loss_fn,
                    optimizer=parts.optimizer, schedule=parts.schedule,
                    train_loader=parts.train_loader, sampler=parts.sampler,
                    val_loader=parts.val_loader, settings=settings,
                    config=exp.model_dump(mode="json"), run_id=run_id, samples=parts.samples,
-                   on_epoch_end=on_epoch_end, display=display)
+                   on_epoch_end=on_epoch_end if tracker is not None else None,
+                   display=display)
 
 
 def _log_start(tracker: tracking.Tracker, exp: Experiment, parts: Components, state: TrainState,
@@ -271,17 +359,20 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _loaders(splits: DataSplits, exp: Experiment, *, pin_memory: bool
-             ) -> tuple[DataLoader, EpochSampler, DataLoader]:
-    common = {"batch_size": exp.data.batch_size, "num_workers": exp.data.num_workers,
-              "pin_memory": pin_memory,
+def _loaders(splits: DataSplits, exp: Experiment, world: distributed.World, *,
+             pin_memory: bool) -> tuple[DataLoader, EpochSampler, DataLoader]:
+    """Loaders of this rank's share: batch_size / world images per step, a shard of val."""
+    common = {"batch_size": exp.data.batch_size // world.size,
+              "num_workers": exp.data.num_workers, "pin_memory": pin_memory,
               "persistent_workers": exp.data.num_workers > 0, "worker_init_fn": _ignore_sigint,
               # the loader's own generator: creating an iterator must not draw from the global
               # RNG (dropout uses it), or a resumed run would differ from an uninterrupted one
               "generator": torch.Generator().manual_seed(exp.seed)}
-    sampler = EpochSampler(len(splits.train), seed=exp.seed, shuffle=True)
+    sampler = EpochSampler(len(splits.train), seed=exp.seed, shuffle=True,
+                           batch_size=exp.data.batch_size, rank=world.rank, world=world.size)
+    val = ShardSampler(len(splits.val), rank=world.rank, world=world.size)
     return (DataLoader(splits.train, sampler=sampler, **common), sampler,
-            DataLoader(splits.val, **common))
+            DataLoader(splits.val, sampler=val, **common))
 
 
 def resolve_loss(exp: Experiment, splits: DataSplits) -> tuple[Params, dict[str, str]]:

@@ -1,17 +1,18 @@
-"""The training loop: one story from batch to checkpoint.
+"""The training loop: one story from batch to checkpoint, on one process or many.
 
 Everything per step stays on the device: the loss is summed into a device tensor, a
 non-finite loss is noted on the device with its step, predictions go into device confusion
 counts, and the host reads them at the end of the epoch (plus a cheap loss read for the
-progress bar at most twice a second). A checkpoint holds everything needed to continue
-exactly: weights, optimizer, scheduler, gradient scaler, RNG states and the loop's position,
-down to the batch when a signal stopped it mid-epoch.
+progress bar at most twice a second). With several processes (torchrun), those counters are
+all-reduced once per epoch; before each batch the ranks agree, on the host, whether to stop,
+checkpoint or fail, so all of them do it at the same step. A checkpoint holds everything
+needed to continue exactly: weights, optimizer, scheduler, gradient scaler, RNG states and the
+loop's position, down to the batch when a signal or the checkpoint timer stopped it mid-epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cityseg.data.datasets import EpochSampler
-from cityseg.engine import checkpoints
+from cityseg.engine import checkpoints, distributed
 from cityseg.engine.display import NullDisplay
 from cityseg.engine.predictor import Predictor
 from cityseg.errors import Interrupted, TrainingDiverged
@@ -58,6 +59,7 @@ class TrainState:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the last improvement, for early stopping
     history: list[dict[str, float]] = field(default_factory=list)
+    world_size: int = 1  # processes that trained it: a mid-epoch position belongs to them
 
 
 @dataclass
@@ -80,20 +82,24 @@ EpochCallback = Callable[[int, dict[str, float], tuple | None], None]
 
 
 class Trainer:
-    """Trains a segmentation model and keeps best and last checkpoints."""
+    """Trains a segmentation model and keeps best and last checkpoints (rank 0 writes them)."""
 
     def __init__(self, *, predictor: Predictor, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, schedule: Schedule, train_loader: DataLoader,
                  sampler: EpochSampler, val_loader: DataLoader, settings: TrainerSettings,
                  config: dict, run_id: str, raw_model: nn.Module | None = None,
+                 train_model: nn.Module | None = None,
                  samples: tuple[torch.Tensor, torch.Tensor] | None = None,
                  on_epoch_end: EpochCallback | None = None, display=None,
                  stop: StopFlag | None = None) -> None:
         self.s = settings
-        self.predictor = predictor
-        self.model = predictor.model  # trained in place (maybe torch.compile'd)
-        # not torch.compile'd: its state_dict is plain
-        self.raw_model = raw_model if raw_model is not None else self.model
+        self.world = distributed.world()
+        self.predictor = predictor  # validation and panels: never wrapped in DDP
+        # what trains: the same model, maybe torch.compile'd and DistributedDataParallel
+        self.model = train_model if train_model is not None else predictor.model
+        self.train_predictor = predictor.with_model(self.model)
+        # not torch.compile'd nor wrapped: its state_dict is plain
+        self.raw_model = raw_model if raw_model is not None else predictor.model
         self.loss_fn = loss_fn.to(predictor.device)
         self.optimizer, self.schedule = optimizer, schedule
         self.scaler = torch.amp.GradScaler(predictor.device.type,
@@ -125,83 +131,139 @@ class Trainer:
                                 optimizer=self.optimizer, schedule=self.schedule,
                                 scaler=self.scaler)
 
+    def _save(self, checkpoint: dict, which: str) -> None:
+        if self.world.is_main:
+            checkpoints.save_atomic(checkpoint, self.paths[which])
+
     def restore(self, checkpoint: dict) -> TrainState:
         """Load a checkpoint's weights, optimizer, scheduler, scaler, RNG states; its position."""
         return TrainState(**checkpoints.unpack(checkpoint, model=self.raw_model,
                                                optimizer=self.optimizer, schedule=self.schedule,
                                                scaler=self.scaler))
 
-    def _diverged(self, epoch: int, step: int | None) -> TrainingDiverged:
-        """step: the first batch (from 1) with a non-finite loss; None: the loss stayed finite
-        but the weights did not (an overflowing update)."""
+    def _diverged(self, epoch: int, steps: list[float]) -> TrainingDiverged:
+        """steps: per rank, the first batch (from 1) with a non-finite loss, or 0; all 0: the
+        loss stayed finite but the weights did not (an overflowing update)."""
         last = self.paths["last"]
         kept = (f"the last good checkpoint is {last}" if last.exists()
                 else "no checkpoint was written yet")
-        what = (f"training loss became NaN or infinite at epoch {epoch}, step {step} (batch {step} "
-                f"of that epoch, counting from 1)" if step
-                else f"model weights became NaN or infinite in epoch {epoch}")
+        bad = [(int(step), rank) for rank, step in enumerate(steps) if step > 0]
+        if bad:
+            step, rank = min(bad)
+            where = f" on rank {rank}" if self.world.distributed else ""
+            what = (f"training loss became NaN or infinite{where} at epoch {epoch}, step {step} "
+                    f"(batch {step} of that epoch, counting from 1)")
+        else:
+            what = f"model weights became NaN or infinite in epoch {epoch}"
         return TrainingDiverged(f"{what}; {kept}. Lower optimizer.lr, set trainer.grad_clip_norm, "
                                 f"or check the data")
+
+    def _next(self, batches) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+        """The next batch, or the error that reading it raised (agreed on by every rank)."""
+        try:
+            return next(batches), ""
+        except StopIteration:
+            raise
+        except Exception as err:  # noqa: BLE001  (reported to every rank, then raised)
+            if not self.world.distributed:
+                raise
+            return None, f"{type(err).__name__}: {err}"
+
+    def _raise_failures(self, own: str) -> None:
+        """Every rank's reading error is known to all; raise the first on every rank."""
+        for rank, message in enumerate(distributed.gather(own)):
+            if message:
+                raise distributed.RankFailed(f"rank {rank} failed reading data: {message}")
 
     # ------------------------------------------------------------------ loops
 
     def train_epoch(self, state: TrainState) -> dict[str, float]:
-        epoch, first_batch = state.epoch, state.step_in_epoch
-        batches = math.ceil(self.sampler.size / self.train_loader.batch_size)
-        self.sampler.set_epoch(epoch, start=first_batch * self.train_loader.batch_size)
+        epoch, first_batch, world = state.epoch, state.step_in_epoch, self.world
+        self.sampler.set_epoch(epoch, start_batch=first_batch)
+        batches = self.sampler.batches
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         device = self.predictor.device
-        total_loss = torch.full((), state.loss_sum, dtype=torch.float64, device=device)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # 1-based batch
-        seen, last_refresh, start = state.seen, 0.0, time.perf_counter()
+        # rank 0 carries what the checkpoint counted so far; the sums over ranks are global
+        carried = world.is_main
+        total_loss = torch.full((), state.loss_sum if carried else 0.0, dtype=torch.float64,
+                                device=device)
+        first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 1-based batch; 0: none
+        seen, known_bad, last_refresh, start = 0, 0, 0.0, time.perf_counter()
         last_save = time.monotonic()
         self.display.epoch_start(epoch, self.s.epochs, batches, done=first_batch)
-        for batch, (images, masks) in enumerate(self.train_loader, start=first_batch + 1):
-            x, y = self.predictor.inputs(images), self.predictor.targets(masks)
-            loss = self.loss_fn(self.predictor.logits(x), y)
+        loader = iter(self.train_loader)
+        for batch in range(first_batch + 1, batches + 1):
+            fetched, error = self._next(loader)
+            done = batch - 1  # batches trained so far: a checkpoint position if a step ended
+            # a position to stop at: after an optimizer step, with a checkpoint of it or before
+            stoppable = done % self.s.accumulate == 0 and (done > 0 or epoch > 1)
+            due = (self.s.checkpoint_every_s > 0 and done > first_batch and stoppable
+                   and time.monotonic() - last_save >= self.s.checkpoint_every_s)
+            bad_slots = [0.0] * world.size
+            bad_slots[world.rank] = known_bad
+            stop, due_any, failed, *bad = distributed.agree(
+                [float(self.stop.signum), float(due), float(bool(error)), *bad_slots])
+            if failed:
+                self._raise_failures(error)
+            if any(bad):
+                raise self._diverged(epoch, bad)
+            if (stop or due_any) and stoppable:
+                if done > first_batch:  # the position after the last step, exactly
+                    bad = distributed.all_reduce(self._bad_slots(first_bad), "sum").tolist()
+                    if any(bad):
+                        raise self._diverged(epoch, bad)
+                    sums = distributed.all_reduce(torch.stack(
+                        [total_loss, torch.tensor(float(seen), dtype=torch.float64,
+                                                  device=device)]), "sum").tolist()
+                    here = dataclasses.replace(state, step_in_epoch=done, loss_sum=sums[0],
+                                               seen=state.seen + int(sums[1]),
+                                               world_size=world.size)
+                    self._save(self._checkpoint(here, {}), "last")
+                    last_save = time.monotonic()
+                if stop:
+                    where = (f"epoch {epoch}, batch {done} of {batches}" if done
+                             else f"the end of epoch {epoch - 1}")
+                    raise Interrupted(int(stop), self.run_id, where)
+            images, masks = fetched
+            x, y = self.train_predictor.inputs(images), self.train_predictor.targets(masks)
+            loss = self.loss_fn(self.train_predictor.logits(x), y)
             group_start = (batch - 1) // self.s.accumulate * self.s.accumulate
             # the last group may be short
             group_size = min(self.s.accumulate, batches - group_start)
             self.scaler.scale(loss / group_size).backward()
-            at_step = batch % self.s.accumulate == 0 or batch == batches
-            if at_step:
+            if batch % self.s.accumulate == 0 or batch == batches:
                 self._optimizer_step()
             loss = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batch, first_bad)
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), batch, first_bad)
             total_loss += loss.double() * len(images)
             seen += len(images)
             now, shown = time.perf_counter(), None
             if now - last_refresh > PROGRESS_REFRESH_S:  # a sync at most twice a second
-                shown, bad, last_refresh = loss.item(), first_bad.item(), now
-                if bad > 0:
-                    raise self._diverged(epoch, bad)
-            self.display.step(len(images), shown, (seen - state.seen) / max(now - start, 1e-9))
-            if not at_step or batch == batches:
-                continue
-            due = (self.s.checkpoint_every_s > 0
-                   and time.monotonic() - last_save >= self.s.checkpoint_every_s)
-            if self.stop.signum or due:  # the position after this step, exactly
-                if first_bad.item() > 0:
-                    raise self._diverged(epoch, first_bad.item())
-                here = dataclasses.replace(state, step_in_epoch=batch,
-                                           loss_sum=total_loss.item(), seen=seen)
-                checkpoints.save_atomic(self._checkpoint(here, {}), self.paths["last"])
-                last_save = time.monotonic()
-                if self.stop.signum:
-                    raise Interrupted(self.stop.signum, self.run_id,
-                                      f"epoch {epoch}, batch {batch} of {batches}")
-        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().double()
-        # the epoch's sync
-        loss_sum, bad, weights_ok = torch.stack([total_loss, first_bad.double(), finite]).tolist()
-        if bad > 0:
-            raise self._diverged(epoch, int(bad))
-        if not weights_ok:  # a finite loss but an overflowing update: never checkpoint such weights
-            raise self._diverged(epoch, None)
+                shown, known_bad, last_refresh = loss.item(), first_bad.item(), now
+            img_per_s = seen * world.size / max(now - start, 1e-9)  # all ranks, as rank 0 sees
+            self.display.step(len(images) * world.size, shown, img_per_s)
+        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        # the epoch's one collective and one host copy
+        totals = distributed.all_reduce(torch.cat([
+            torch.stack([total_loss, torch.tensor(float(seen), dtype=torch.float64,
+                                                  device=device), (~finite).double()]),
+            self._bad_slots(first_bad)]), "sum").tolist()
+        loss_sum, seen_all, not_finite, bad = totals[0], totals[1], totals[2], totals[3:]
+        if any(bad):
+            raise self._diverged(epoch, bad)
+        if not_finite:  # a finite loss but an overflowing update: never checkpoint such weights
+            raise self._diverged(epoch, bad)
         elapsed = time.perf_counter() - start
-        return {"train/loss": loss_sum / max(seen, 1),
-                "throughput/img_s": (seen - state.seen) / elapsed,
+        return {"train/loss": loss_sum / max(state.seen + seen_all, 1),
+                "throughput/img_s": seen_all / elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _bad_slots(self, first_bad: torch.Tensor) -> torch.Tensor:
+        """(world,) float64 on the device: this rank's first bad batch in its own slot."""
+        slots = torch.zeros(self.world.size, dtype=torch.float64, device=first_bad.device)
+        slots[self.world.rank] = first_bad.double()
+        return slots
 
     def validate(self) -> dict[str, float]:
         found, self.confusion = self.predictor.evaluate(
@@ -225,7 +287,8 @@ class Trainer:
     def fit(self, state: TrainState | None = None) -> FitResult:
         """Train from `state` (a fresh one, or one restored from a checkpoint) to the last epoch."""
         state = state or TrainState()
-        self.paths["last"].parent.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.paths["last"].parent.mkdir(parents=True, exist_ok=True)
         stopped_early = False
         try:
             while state.epoch <= self.s.epochs:
@@ -240,10 +303,11 @@ class Trainer:
                     state.bad_epochs += 1
                 self.schedule.after_epoch(metrics[self.s.monitor])
                 state.epoch, state.step_in_epoch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
+                state.world_size = self.world.size
                 checkpoint = self._checkpoint(state, metrics)
-                checkpoints.save_atomic(checkpoint, self.paths["last"])
+                self._save(checkpoint, "last")
                 if is_best:
-                    checkpoints.save_atomic(checkpoint, self.paths["best"])
+                    self._save(checkpoint, "best")
                 self.display.epoch_end(epoch, metrics, is_best)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics, self.predict_samples())
@@ -253,9 +317,10 @@ class Trainer:
                                          f"{state.bad_epochs} epochs (best {state.best_score:.4f} "
                                          f"at epoch {state.best_epoch})")
                     break
-                # signalled during validation or logging
-                if self.stop.signum and state.epoch <= self.s.epochs:
-                    raise Interrupted(self.stop.signum, self.run_id, f"the end of epoch {epoch}")
+                # signalled during validation or logging (every rank stops here, or none)
+                (stop,) = distributed.agree([float(self.stop.signum)])
+                if stop and state.epoch <= self.s.epochs:
+                    raise Interrupted(int(stop), self.run_id, f"the end of epoch {epoch}")
         finally:
             self.display.close()
         return FitResult(state.history, state.best_epoch, state.best_score, self.paths,

@@ -30,8 +30,10 @@ class DoubleConv(nn.Module):
         super().__init__()
         bias = norm == "none"  # a norm layer's shift makes the conv bias redundant
         self.block = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias), _norm(norm, out_ch), nn.ReLU(inplace=True),
-            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=bias), _norm(norm, out_ch), nn.ReLU(inplace=True),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias), _norm(norm, out_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=bias), _norm(norm, out_ch),
+            nn.ReLU(inplace=True),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
         )
 
@@ -92,7 +94,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride = 2**self.depth
         if x.shape[-2] % stride or x.shape[-1] % stride:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by 2**depth = {stride}")
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by "
+                             f"2**depth = {stride}")
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
@@ -105,11 +108,17 @@ class UNet(nn.Module):
 class UNetParams(Params):
     """U-Net options."""
 
-    depth: int = Field(4, ge=1, le=7, description="number of down-sampling stages; image sides must divide by 2**depth")
-    base_channels: int = Field(32, ge=1, description="channels of the first stage, doubled at each down stage")
-    norm: Literal["batch", "group", "none"] = Field("batch", description="normalisation after each convolution")
-    upsample: Literal["transpose", "bilinear"] = Field("transpose", description="decoder upsampling: learned (transposed conv) or bilinear")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="channel dropout in the two deepest encoder stages")
+    depth: int = Field(
+        4, ge=1, le=7, description="number of down-sampling stages; image sides must divide by "
+                                   "2**depth")
+    base_channels: int = Field(
+        32, ge=1, description="channels of the first stage, doubled at each down stage")
+    norm: Literal["batch", "group", "none"] = Field(
+        "batch", description="normalisation after each convolution")
+    upsample: Literal["transpose", "bilinear"] = Field(
+        "transpose", description="decoder upsampling: learned (transposed conv) or bilinear")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="channel dropout in the two deepest encoder stages")
     in_channels: int = Field(3, ge=1, description="input image channels")
 
     @property

@@ -31,7 +31,8 @@ def build(index, cache_dir, workers=0):
 
 def test_cache_holds_what_decoding_gives(index, tmp_path):
     decoded = build(index, tmp_path / "cache")
-    disk = DiskReader(index.samples["train"], layout=index.layout, encoding=index.encoding, size=SIZE)
+    disk = DiskReader(index.samples["train"], layout=index.layout, encoding=index.encoding,
+                      size=SIZE)
     cached = CachedReader(decoded)
     assert len(cached) == len(disk) == 4
     counts = np.zeros(256, dtype=np.int64)

@@ -38,10 +38,12 @@ def test_every_broken_sample_is_reported_with_its_path(tmp_path):
 
 
 def test_colours_outside_the_table_are_broken(tmp_path):
-    write_dataset(tmp_path, num_train=3, num_val=1, size=(32, 64), seed=2, layout="folders", mask="color")
+    write_dataset(tmp_path, num_train=3, num_val=1, size=(32, 64), seed=2, layout="folders",
+                  mask="color")
     bad = sorted((tmp_path / "train" / "label").iterdir())[2]
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(bad)  # a photo, not a mask
+    # a photo, not a mask
+    Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(bad)
     report = check_dataset(tmp_path, workers=1)
     assert [item["path"] for item in report["broken"]] == [str(bad)]
     assert "colours outside the label table" in report["broken"][0]["reason"]
@@ -56,11 +58,12 @@ def test_cli_check_exits_2_on_broken_and_json_is_parseable(tmp_path, capsys):
 
 def test_cli_synth_then_check_is_clean(tmp_path, capsys):
     out = tmp_path / "pairs"
-    assert main(["data", "synth", str(out), "--layout", "pairs", "--num-train", "3", "--num-val", "1",
-                 "--size", "32", "64", "--bgr"]) == 0
+    assert main(["data", "synth", str(out), "--layout", "pairs", "--num-train", "3",
+                 "--num-val", "1", "--size", "32", "64", "--bgr"]) == 0
     assert main(["data", "check", str(out), "--workers", "1"]) == 0
     text = capsys.readouterr().out
-    assert "layout: pairs (detected)" in text and "channel order bgr" in text and "broken samples: none" in text
+    assert ("layout: pairs (detected)" in text and "channel order bgr" in text
+            and "broken samples: none" in text)
 
 
 @pytest.mark.skipif(not CITYSCAPES_MINI.is_dir(), reason="../shared/data/cityscapes-mini is absent")

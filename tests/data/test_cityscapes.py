@@ -17,7 +17,8 @@ from tests.conftest import CITYSCAPES_MINI
 
 def test_label_table_matches_cityscapes():
     assert len(TRAIN_CLASSES) == 19
-    assert TRAIN_CLASSES[0] == "road" and TRAIN_CLASSES[13] == "car" and TRAIN_CLASSES[18] == "bicycle"
+    assert (TRAIN_CLASSES[0] == "road" and TRAIN_CLASSES[13] == "car"
+            and TRAIN_CLASSES[18] == "bicycle")
     assert len({label.id for label in LABELS}) == len(LABELS)  # ids are unique
     lut = id_to_train_id_lut()
     assert lut[7] == 0 and lut[26] == 13 and lut[33] == 18 and lut[0] == 255 and lut[29] == 255
@@ -70,7 +71,8 @@ def test_training_loader_reads_real_frames():
     from cityseg.data.layouts import index_dataset
 
     index = index_dataset(CITYSCAPES_MINI)
-    reader = DiskReader(index.samples["val"], layout=index.layout, encoding=index.encoding, size=(256, 512))
+    reader = DiskReader(index.samples["val"], layout=index.layout, encoding=index.encoding,
+                        size=(256, 512))
     image, mask = SegmentationDataset(reader, lut=task_lut(DataParams()), transform=None)[0]
     assert image.shape == (3, 256, 512) and mask.shape == (256, 512)
     assert set(mask.unique().tolist()) == {0, 1, 255}  # background, vehicles/persons, void

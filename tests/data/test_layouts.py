@@ -11,8 +11,10 @@ from cityseg.errors import DataError
 
 SIZE = (96, 192)
 CASES = [  # layout, mask encoding, swapped channels, JPEG quality
-    ("official", "ids", False, 0), ("official", "train_ids", False, 0), ("official", "color", False, 0),
-    ("folders", "ids", False, 0), ("folders", "train_ids", False, 0), ("folders", "color", False, 0),
+    ("official", "ids", False, 0), ("official", "train_ids", False, 0),
+    ("official", "color", False, 0),
+    ("folders", "ids", False, 0), ("folders", "train_ids", False, 0),
+    ("folders", "color", False, 0),
     ("folders", "color", True, 0), ("folders", "color", False, 90), ("folders", "color", True, 90),
     ("pairs", "color", False, 0), ("pairs", "color", True, 0), ("pairs", "color", False, 90),
 ]
@@ -53,7 +55,8 @@ def test_layout_can_be_given_instead_of_detected(tmp_path):
 
 def test_unknown_folder_lists_the_expected_layouts(tmp_path):
     (tmp_path / "train" / "something").mkdir(parents=True)
-    with pytest.raises(DataError, match="(?s)no Cityscapes layout found.*official:.*folders:.*pairs:"):
+    with pytest.raises(DataError,
+                       match="(?s)no Cityscapes layout found.*official:.*folders:.*pairs:"):
         detect_layout(tmp_path)
 
 
@@ -72,6 +75,7 @@ def test_unpaired_files_are_listed_with_their_paths(tmp_path):
 def test_read_resized_uses_nearest_for_labels(tmp_path):
     write_dataset(tmp_path, num_train=1, num_val=1, size=SIZE, seed=1)
     index = index_dataset(tmp_path)
-    photo, train_ids = read_resized(index.samples["train"][0], layout="official", encoding=index.encoding, size=(48, 96))
+    photo, train_ids = read_resized(index.samples["train"][0], layout="official",
+                                    encoding=index.encoding, size=(48, 96))
     assert photo.shape == (48, 96, 3) and train_ids.shape == (48, 96)
     assert set(np.unique(train_ids)) <= set(np.unique(source_train_ids("train", 0)))

@@ -53,7 +53,8 @@ def test_ensure_dataset_generates_once_and_refuses_foreign_folders(tmp_path):
     root = tmp_path / "synth"
     assert ensure_dataset(root, num_train=2, num_val=1, size=(16, 32), seed=0) is True
     assert ensure_dataset(root, num_train=2, num_val=1, size=(16, 32), seed=0) is False
-    assert ensure_dataset(root, num_train=3, num_val=1, size=(16, 32), seed=0) is True  # spec changed
+    # spec changed
+    assert ensure_dataset(root, num_train=3, num_val=1, size=(16, 32), seed=0) is True
     assert len(index_dataset(root).samples["train"]) == 3
     (tmp_path / "mine").mkdir()
     with pytest.raises(DataError, match="not a synthetic dataset"):

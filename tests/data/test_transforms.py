@@ -40,7 +40,8 @@ def test_rotation_fills_uncovered_mask_pixels_with_ignore():
 def test_color_jitter_changes_image_only():
     image, mask = pair()
     image = tv_tensors.Image(torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8))
-    out_image, out_mask = aug("color_jitter", brightness=0.5, contrast=0.5, saturation=0.5)(image, mask)
+    out_image, out_mask = aug("color_jitter", brightness=0.5, contrast=0.5,
+                              saturation=0.5)(image, mask)
     assert torch.equal(out_mask, mask)
     assert not torch.equal(out_image, image)
 
@@ -56,7 +57,8 @@ def test_random_resized_crop_keeps_size_and_alignment():
 
 def test_bad_crop_range_is_rejected():
     with pytest.raises(ValueError, match="scale"):
-        AUGMENTATIONS.get("random_resized_crop").params(name="random_resized_crop", scale=(0.9, 0.5))
+        AUGMENTATIONS.get("random_resized_crop").params(name="random_resized_crop",
+                                                        scale=(0.9, 0.5))
 
 
 def test_empty_augment_list_means_no_transform():

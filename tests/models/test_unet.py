@@ -41,7 +41,8 @@ def test_size_not_divisible_by_two_to_the_depth_is_rejected():
 
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_registered_model_builds_with_defaults_and_trains(name):
-    model = MODELS.build(MODELS.get(name).params(name=name), BuildContext("binary", 1, 255, (32, 32)))
+    model = MODELS.build(MODELS.get(name).params(name=name),
+                         BuildContext("binary", 1, 255, (32, 32)))
     out = model(torch.randn(2, 3, 32, 32))
     out.sum().backward()
     assert out.shape == (2, 1, 32, 32)

@@ -1,0 +1,167 @@
+"""Training on several processes with torchrun (CPU, gloo): the same experiment, one MLflow run.
+
+Every process group here is started by PyTorch's own launcher in a subprocess.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cityseg import tracking
+from cityseg.config import load_experiment
+from cityseg.data.datasets import EpochSampler
+from cityseg.engine import distributed, runner
+from cityseg.engine.resume import ResumePoint, check_same_world
+from cityseg.errors import ConfigError
+from tests.conftest import QUICKSTART, tiny_overrides
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def settings(tmp_path, epochs=3, extra=()):
+    """Small but not trivial: 24 images, global batch 4, group norm, deterministic."""
+    return [*tiny_overrides(tmp_path, epochs=epochs), "data.num_train=24", "data.num_val=6",
+            "data.batch_size=4", "model.norm=group", "model.base_channels=8",
+            "trainer.deterministic=true", "tracking.log_model=false", "loss.pos_weight=4",
+            *extra]
+
+
+def torchrun(nproc, overrides, *args, env=None):
+    command = [str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", "-m", "cityseg",
+               "run", str(QUICKSTART), *sum((["--set", o] for o in overrides), []), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def only_run(root):
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    experiment = client.get_experiment_by_name("quickstart")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+def steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_each_rank_takes_its_share_of_the_same_global_batches():
+    one = list(EpochSampler(10, seed=3, shuffle=True, batch_size=4))
+    ranks = [list(EpochSampler(10, seed=3, shuffle=True, batch_size=4, rank=r, world=2))
+             for r in range(2)]
+    # per step, rank 0's two samples then rank 1's are the one-process batch
+    assert ranks[0][:2] + ranks[1][:2] == one[:4] and ranks[0][2:4] + ranks[1][2:4] == one[4:8]
+    assert ranks[0][4:] + ranks[1][4:] == one[8:]  # the last, partial batch split evenly
+    three = [list(EpochSampler(10, seed=3, shuffle=True, batch_size=3, rank=r, world=3))
+             for r in range(3)]
+    assert [len(r) for r in three] == [3, 3, 3]  # 10 = 3 x 3 + 1: the odd sample is left out
+    resumed = EpochSampler(10, seed=3, shuffle=True, batch_size=4, rank=1, world=2)
+    resumed.set_epoch(1, start_batch=1)
+    assert list(resumed) == ranks[1][2:] and len(resumed) == 3
+
+
+def test_a_global_batch_that_does_not_divide_is_a_config_error(tmp_path):
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path), "data.batch_size=3"])
+    with pytest.raises(ConfigError, match="data.batch_size: 3 is the global batch .* 2 processes"):
+        runner.check_world(exp, distributed.World(rank=0, size=2, backend="gloo"),
+                           torch.device("cpu"))
+    with pytest.raises(ConfigError, match="SyncBatchNorm does not exist on the CPU"):
+        runner.check_world(exp.model_copy(update={"trainer": exp.trainer.model_copy(
+            update={"sync_bn": True})}), distributed.World(), torch.device("cpu"))
+
+
+def test_two_processes_train_like_one_in_a_single_mlflow_run(tmp_path):
+    proc = torchrun(2, settings(tmp_path / "two"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert out.count("best val/dice") == 1  # rank 0 alone prints
+    one = runner.run(load_experiment(QUICKSTART, settings(tmp_path / "one")))
+    client, run = only_run(tmp_path / "two" / "runs")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["backend"] == "gloo"
+    assert run.data.tags["devices"] == "rank 0: cpu; rank 1: cpu"
+    for key in ("train/loss", "val/loss", "val/dice", "val/iou", "throughput/img_s"):
+        assert steps(client, run.info.run_id, key) == [1, 2, 3], key
+    assert one.metrics["val/dice"] > 0.05  # a model that finds something, not a trivial match
+    assert run.data.metrics["val/dice"] == pytest.approx(one.metrics["val/dice"], abs=0.01)
+    assert run.data.metrics["val/loss"] == pytest.approx(one.metrics["val/loss"], abs=0.01)
+    # its epoch-end checkpoint goes on in one process
+    longer = load_experiment(QUICKSTART, settings(tmp_path / "two", epochs=4))
+    assert runner.run(longer, resume=run.info.run_id).resumed_from == 3
+    assert steps(client, run.info.run_id, "val/dice") == [1, 2, 3, 4]
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_as_many_processes():
+    def point(step, world):
+        return ResumePoint(Path("last.pt"), {"state": {"epoch": 2, "step_in_epoch": step,
+                                                       "world_size": world}})
+
+    check_same_world(point(0, 2), 1)  # an epoch's end: any number
+    check_same_world(point(3, 2), 2)
+    with pytest.raises(ConfigError, match=r"batch 3\) with 2 process\(es\); resume it with 2"):
+        check_same_world(point(3, 2), 1)
+
+
+def test_sigterm_to_torchrun_checkpoints_once_and_resume_finishes_the_same_run(tmp_path):
+    overrides = settings(tmp_path, epochs=30)
+    proc = torchrun(2, overrides)
+    root = tmp_path / "runs"
+    deadline = time.time() + 240
+    while not list(root.glob("checkpoints/*/last.pt")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "checkpoint saved" in out and "Traceback" not in out.split("torchrun")[0]
+    client, run = only_run(root)
+    assert run.info.status == "KILLED"
+    done = steps(client, run.info.run_id, "val/dice")
+    assert 1 <= len(done) < 30
+
+    again = torchrun(2, overrides, "--resume", run.info.run_id)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    client, resumed = only_run(root)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "val/dice") == list(range(1, 31))
+
+
+SITECUSTOMIZE = '''
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("CITYSEG_TEST_NAN_ON_RANK_1"):
+    import torch
+    from cityseg.engine.predictor import Predictor
+    real = Predictor.logits
+    calls = {"n": 0}
+
+    def logits(self, x):
+        out = real(self, x)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                return out * float("nan")
+        return out
+
+    Predictor.logits = logits
+'''
+
+
+def test_a_nan_on_rank_1_fails_the_run_quickly_with_its_message(tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    start = time.time()
+    proc = torchrun(2, settings(tmp_path, epochs=5),
+                    env={"PYTHONPATH": str(hooks), "CITYSEG_TEST_NAN_ON_RANK_1": "1"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - start < 120
+    assert "NaN or infinite on rank 1 at epoch 1, step 3" in out
+    client, run = only_run(tmp_path / "runs")
+    assert run.info.status == "FAILED"
+    assert "on rank 1 at epoch 1, step 3" in run.data.tags["failure"]
