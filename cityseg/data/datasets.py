@@ -145,6 +145,14 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
+    def first(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first `count` samples (fewer if the split is smaller) as (images, masks)
+        batches, unaugmented: the fixed images of sample panels. None for count 0."""
+        pairs = [self[i] for i in range(min(count, len(self)))]
+        if not pairs:
+            return None
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         photo, train_ids = self.reader[index]

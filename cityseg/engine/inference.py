@@ -230,10 +230,8 @@ def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution:
 
 
 def _sample_arrays(trained: Trained, split: str):
-    count = trained.exp.tracking.num_samples
-    if count == 0:
+    found = split_loader(trained, split).dataset.first(trained.exp.tracking.num_samples)
+    if found is None:
         return None
-    dataset = split_loader(trained, split).dataset
-    pairs = [dataset[i] for i in range(min(count, len(dataset)))]
-    images, masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    images, masks = found
     return images.numpy(), masks.numpy(), trained.predictor.predict(images).cpu().numpy()

@@ -204,10 +204,7 @@ def build_components(exp: Experiment, splits: DataSplits, point: ResumePoint | N
     ctx = exp.build_context()
     train_loader, sampler, val_loader = _loaders(splits, exp, world,
                                                  pin_memory=device.type == "cuda")
-    samples = None
-    if count := min(exp.tracking.num_samples, len(splits.val)):
-        pairs = [splits.val[i] for i in range(count)]
-        samples = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+    samples = splits.val.first(exp.tracking.num_samples)
     loss_params, loss_logged = resolve_loss(exp, splits)
     model = MODELS.build(exp.model, ctx)
     if point is not None:

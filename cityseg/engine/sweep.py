@@ -283,8 +283,6 @@ def _log_summary(tracker, sweep: SweepConfig, points: list[SweepPoint], rows: li
 def comparison_panel(points: list[SweepPoint], rows: list[dict[str, Any]]):
     """The same validation images predicted by every finished child's final weights, side by
     side (best first)."""
-    import torch
-
     from cityseg import viz
     from cityseg.data.transforms import build_augmentations
     from cityseg.engine.predictor import Predictor
@@ -295,9 +293,11 @@ def comparison_panel(points: list[SweepPoint], rows: list[dict[str, Any]]):
         return None  # children saw different data: no common images to compare
     ctx = base.build_context()
     val = DATASETS.build(base.data, ctx, train_transform=build_augmentations([], ctx)).val
-    pairs = [val[i] for i in range(min(base.tracking.num_samples, len(val)))]
-    images = torch.stack([p[0] for p in pairs])
-    targets = torch.stack([p[1] for p in pairs]).numpy()
+    found = val.first(base.tracking.num_samples)
+    if found is None:  # an empty validation split
+        return None
+    images, masks = found
+    targets = masks.numpy()
     by_label = {p.label: p for p in points}
     columns = {}
     for row in rows:

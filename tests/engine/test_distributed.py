@@ -149,19 +149,36 @@ if os.environ.get("RANK") == "1" and os.environ.get("CITYSEG_TEST_NAN_ON_RANK_1"
         return out
 
     Predictor.logits = logits
+if os.environ.get("RANK") == "1" and os.environ.get("CITYSEG_TEST_BROKEN_DATA_ON_RANK_1"):
+    from cityseg.data.datasets import SegmentationDataset
+    from cityseg.errors import DataError
+    real_item = SegmentationDataset.__getitem__
+    items = {"n": 0}
+
+    def getitem(self, key):
+        if isinstance(key, tuple):  # training samples only
+            items["n"] += 1
+            if items["n"] >= 5:
+                raise DataError("street_0042.png: truncated PNG")
+        return real_item(self, key)
+
+    SegmentationDataset.__getitem__ = getitem
 '''
 
 
-def test_a_nan_on_rank_1_fails_the_run_quickly_with_its_message(tmp_path):
+@pytest.mark.parametrize(("switch", "message"), [
+    ("CITYSEG_TEST_NAN_ON_RANK_1", "NaN or infinite on rank 1 at epoch 1, step 3"),
+    ("CITYSEG_TEST_BROKEN_DATA_ON_RANK_1",
+     "rank 1 failed reading data: DataError: street_0042.png: truncated PNG"),
+], ids=["nan", "broken-data"])
+def test_a_failure_on_rank_1_fails_the_run_quickly_with_its_message(tmp_path, switch, message):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     start = time.time()
-    proc = torchrun(2, settings(tmp_path, epochs=5),
-                    env={"PYTHONPATH": str(hooks), "CITYSEG_TEST_NAN_ON_RANK_1": "1"})
+    proc = torchrun(2, settings(tmp_path, epochs=5), env={"PYTHONPATH": str(hooks), switch: "1"})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and time.time() - start < 120
-    assert "NaN or infinite on rank 1 at epoch 1, step 3" in out
+    assert message in out
     client, run = only_run(tmp_path / "runs")
-    assert run.info.status == "FAILED"
-    assert "on rank 1 at epoch 1, step 3" in run.data.tags["failure"]
+    assert run.info.status == "FAILED" and message in run.data.tags["failure"]
