@@ -37,12 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train an experiment and track it in MLflow")
     p.add_argument("experiment", nargs="?", help="experiment YAML file (or --from-run)")
     p.add_argument("--resume", metavar="RUN_ID|CHECKPOINT|auto",
-                   help="continue a stopped run: its MLflow run id, a checkpoint file, or auto (the newest "
-                        "unfinished run of the same experiment and config)")
+                   help="continue a stopped run: its MLflow run id, a checkpoint file, or auto "
+                        "(the newest unfinished run of the same experiment and config)")
     p.add_argument("--fallback-best", action="store_true",
                    help="with --resume: if the run's last.pt is corrupt, continue from its best.pt")
-    p.add_argument("--from-run", metavar="RUN_ID", help="re-run exactly the config an earlier run logged")
-    p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir of --from-run (default runs)")
+    p.add_argument("--from-run", metavar="RUN_ID",
+                   help="re-run exactly the config an earlier run logged")
+    p.add_argument("--runs", type=Path, default=Path("runs"),
+                   help="tracking dir of --from-run (default runs)")
     _add_overrides(p)
     p = sub.add_parser("validate", help="check experiment files; exit 2 if any is invalid")
     p.add_argument("files", nargs="+", help="experiment YAML files")
@@ -56,51 +58,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path)
     p.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS))
     p.add_argument("--splits", nargs="+", default=["train", "val"])
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = one per core, up to 8)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decoding processes (0 = one per core, up to 8)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = data.add_parser("synth", help="write synthetic streets in any Cityscapes layout")
     p.add_argument("out", type=Path)
     p.add_argument("--layout", default="official", choices=LAYOUTS)
-    p.add_argument("--mask", default="ids", choices=MASK_ENCODINGS, help="mask encoding (pairs: always color)")
+    p.add_argument("--mask", default="ids", choices=MASK_ENCODINGS,
+                   help="mask encoding (pairs: always color)")
     p.add_argument("--bgr", action="store_true", help="swap red and blue in colour masks")
-    p.add_argument("--jpeg", type=int, default=0, metavar="QUALITY", help="save JPEG instead of PNG (folders, pairs)")
+    p.add_argument("--jpeg", type=int, default=0, metavar="QUALITY",
+                   help="save JPEG instead of PNG (folders, pairs)")
     p.add_argument("--num-train", type=int, default=16)
     p.add_argument("--num-val", type=int, default=4)
     p.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("sweep", help="run one child per grid point of a sweep file under one parent run")
+    p = sub.add_parser("sweep",
+                       help="run one child per grid point of a sweep file under one parent run")
     p.add_argument("sweep", help="sweep YAML file (experiments/sweeps/...)")
-    p.add_argument("--jobs", type=int, default=1, help="children trained at once, in separate processes")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="children trained at once, in separate processes")
     p = sub.add_parser("compare", help="table of runs from the MLflow store, sorted by a metric")
     p.add_argument("--experiment", help="MLflow experiment name (default: all)")
     p.add_argument("--sweep", help="only the children of this sweep id")
     p.add_argument("--metric", default="val/dice", help="sort key (default val/dice)")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
     p.add_argument("--limit", type=int, default=30, help="rows shown")
-    for name, text in (("evaluate", "metrics of a trained model on a split, logged as a new MLflow run"),
+    for name, text in (("evaluate",
+                        "metrics of a trained model on a split, logged as a new MLflow run"),
                        ("predict", "masks and overlays for your own images")):
         p = sub.add_parser(name, help=text)
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--run", help="MLflow run id (its best checkpoint)")
         source.add_argument("--checkpoint", type=Path, help="a checkpoint file")
-        p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
+        p.add_argument("--runs", type=Path, default=Path("runs"),
+                       help="tracking dir (default runs)")
         p.add_argument("--device", default="auto")
         if name == "evaluate":
             p.add_argument("--split", default="val", help="split to evaluate (default val)")
-            p.add_argument("--data-root", type=Path, help="dataset folder, if not the one trained on")
+            p.add_argument("--data-root", type=Path,
+                           help="dataset folder, if not the one trained on")
             p.add_argument("--full-resolution", action="store_true",
                            help="score against full-size labels, predicted exactly as predict "
                                 "predicts them (logits upsampled bilinearly)")
             p.add_argument("--calibrate", action="store_true",
                            help="find the threshold that maximises Dice (binary models)")
             p.add_argument("--write-threshold", action="store_true",
-                           help="with --calibrate: store that threshold in the checkpoint for predict")
+                           help="with --calibrate: store that threshold in the checkpoint "
+                                "for predict")
             p.add_argument("--no-log", action="store_true", help="do not record an MLflow run")
             _add_overrides(p)
         else:
             p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
             p.add_argument("--out", type=Path, required=True, help="output folder")
-            p.add_argument("--probabilities", action="store_true", help="also write <name>_prob.png (binary)")
+            p.add_argument("--probabilities", action="store_true",
+                           help="also write <name>_prob.png (binary)")
     p = sub.add_parser("runs", help="look after the runs in the MLflow store")
     runs = p.add_subparsers(dest="runs_command", required=True)
     p = runs.add_parser("clean", help="mark crashed runs (RUNNING, but their process is gone) "
@@ -140,7 +152,8 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         name = signal.Signals(err.signum).name
         again = " ".join(["cityseg run", args.experiment or f"--from-run {args.from_run}",
                           *(f"--set {o}" for o in args.overrides), f"--resume {err.run_id}"])
-        print(f"{name}: stopped at {err.where}; checkpoint saved, MLflow run {err.run_id} marked KILLED.\n"
+        print(f"{name}: stopped at {err.where}; checkpoint saved, "
+              f"MLflow run {err.run_id} marked KILLED.\n"
               f"resume with: {again}", file=sys.stderr)
         return 128 + err.signum
     if result.resumed_from:
@@ -192,21 +205,24 @@ def cmd_list(args: argparse.Namespace, out: Console) -> int:
 def _print_report(report: dict, out: Console) -> None:
     enc = report["mask_encoding"]
     out.print(f"root: {report['root']}\nlayout: {report['layout']} ({report['layout_how']})")
-    out.print(f"mask encoding: {enc['kind']}" + (f", channel order {enc['channel_order']}" if enc["kind"] == "color" else "")
-              + f" ({enc['how']})")
+    order = f", channel order {enc['channel_order']}" if enc["kind"] == "color" else ""
+    out.print(f"mask encoding: {enc['kind']}" + order + f" ({enc['how']})")
     table = Table("split", "images", "image sizes", "foreground", box=None)
     for split, info in report["splits"].items():
         sizes = ", ".join(f"{size} ({n})" for size, n in info["image_sizes"].items())
         table.add_row(split, str(info["images"]), sizes, f"{info['foreground_fraction']:.2%}")
     out.print(table)
     first = next(iter(report["splits"]))
-    classes = Table("class", "pixels", title=f"class pixel frequencies ({first}, labelled pixels)", box=None)
+    classes = Table("class", "pixels", title=f"class pixel frequencies ({first}, labelled pixels)",
+                    box=None)
     for name, freq in sorted(report["class_frequencies"].items(), key=lambda kv: -kv[1]):
         classes.add_row(name, f"{freq:.2%}")
     out.print(classes)
     out.print(f"ignored (void) pixels: {report['ignored_fraction']:.2%}")
-    out.print(f"foreground ({', '.join(report['foreground'])}): {report['foreground_fraction']:.2%} of "
-              f"labelled pixels; suggested loss.pos_weight (background/foreground): {report['suggested_pos_weight']}")
+    out.print(f"foreground ({', '.join(report['foreground'])}): "
+              f"{report['foreground_fraction']:.2%} of labelled pixels; "
+              f"suggested loss.pos_weight (background/foreground): "
+              f"{report['suggested_pos_weight']}")
     if report["broken"]:
         out.print(f"[red]{len(report['broken'])} broken sample(s):[/]")
         for item in report["broken"]:
@@ -222,16 +238,18 @@ def cmd_data(args: argparse.Namespace, out: Console) -> int:
         if args.out.exists() and any(args.out.iterdir()):
             raise CitysegError(f"{args.out}: exists and is not empty; choose a new folder")
         try:
-            write_dataset(args.out, num_train=args.num_train, num_val=args.num_val, size=tuple(args.size),
-                          seed=args.seed, layout=args.layout, mask=args.mask, bgr=args.bgr,
-                          jpeg_quality=args.jpeg)
+            write_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
+                          size=tuple(args.size), seed=args.seed, layout=args.layout,
+                          mask=args.mask, bgr=args.bgr, jpeg_quality=args.jpeg)
         except ValueError as err:
             raise CitysegError(str(err)) from None
-        out.print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out} ({args.layout} layout)")
+        out.print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out} "
+                  f"({args.layout} layout)")
         return 0
     from cityseg.data.check import check_dataset
 
-    report = check_dataset(args.root, layout=args.layout, splits=tuple(args.splits), workers=args.workers)
+    report = check_dataset(args.root, layout=args.layout, splits=tuple(args.splits),
+                           workers=args.workers)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -245,25 +263,28 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     if args.jobs < 1:
         raise CitysegError("--jobs must be at least 1")
     sweep, points = load_sweep(args.sweep)  # every grid point validated before anything runs
-    out.print(f"[bold]{sweep.name}[/]: {len(points)} children, ranked by {sweep.metric} ({sweep.mode}), "
-              f"{args.jobs} at a time")
+    out.print(f"[bold]{sweep.name}[/]: {len(points)} children, "
+              f"ranked by {sweep.metric} ({sweep.mode}), {args.jobs} at a time")
     from cityseg.errors import Interrupted
 
     try:
-        result = run_sweep(args.sweep, jobs=args.jobs, report=lambda line: out.print(f"  {line}", markup=False))
+        result = run_sweep(args.sweep, jobs=args.jobs,
+                           report=lambda line: out.print(f"  {line}", markup=False))
     except Interrupted as err:
-        print(f"{signal.Signals(err.signum).name}: sweep stopped; finished children are kept. Run the same "
-              f"command again to train the rest.", file=sys.stderr)
+        print(f"{signal.Signals(err.signum).name}: sweep stopped; finished children are kept. "
+              f"Run the same command again to train the rest.", file=sys.stderr)
         return 128 + err.signum
     shown = list(dict.fromkeys((sweep.metric, "val/iou", "val/precision", "val/recall")))
     table = Table("rank", "child", "status", *shown, "run id", box=None)
     for rank, row in enumerate(result.rows, start=1):
         table.add_row(str(rank), row["child"], row["status"],
-                      *(f"{row[m]:.4f}" if isinstance(row.get(m), float) else "-" for m in shown), row["run_id"][:8])
+                      *(f"{row[m]:.4f}" if isinstance(row.get(m), float) else "-" for m in shown),
+                      row["run_id"][:8])
     out.print(table)
     if result.best is not None:
-        out.print(f"best: {result.best['child']} ({sweep.metric} {result.best[sweep.metric]:.4f}); parent run "
-                  f"{result.parent_id}, sweep id {result.sweep_id}: make ui, then open the parent run")
+        out.print(f"best: {result.best['child']} ({sweep.metric} {result.best[sweep.metric]:.4f}); "
+                  f"parent run {result.parent_id}, sweep id {result.sweep_id}: "
+                  f"make ui, then open the parent run")
     for failed in result.failed:
         print(f"error: child {failed.point.label} failed: {failed.error}", file=sys.stderr)
     return 1 if result.failed else 0
@@ -272,8 +293,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
 def cmd_compare(args: argparse.Namespace, out: Console) -> int:
     from cityseg.tracking import search_runs, shown_status
 
-    runs = search_runs(args.runs, experiment=args.experiment,
-                       filter_string=f"tags.sweep_id = '{args.sweep}' and tags.sweep_role = 'child'" if args.sweep else "")
+    children = f"tags.sweep_id = '{args.sweep}' and tags.sweep_role = 'child'" if args.sweep else ""
+    runs = search_runs(args.runs, experiment=args.experiment, filter_string=children)
     runs = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
     if not runs:
         out.print("no runs match")
@@ -284,17 +305,20 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
     runs = (scored + [r for r in runs if args.metric not in r.data.metrics])[: args.limit]
     keys = sorted({k for r in runs for k in r.data.params})
     # params that differ between the runs that have them (older runs may lack newer params)
-    varying = [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1][:5]
-    metrics = [m for m in dict.fromkeys((args.metric, "val/dice", "val/iou", "val/miou", "val/boundary_f1"))
-               if any(m in r.data.metrics for r in runs)]
+    varying = [k for k in keys
+               if len({r.data.params[k] for r in runs if k in r.data.params}) > 1][:5]
+    candidates = (args.metric, "val/dice", "val/iou", "val/miou", "val/boundary_f1")
+    metrics = [m for m in dict.fromkeys(candidates) if any(m in r.data.metrics for r in runs)]
     table = Table(title=f"sorted by {args.metric}", box=None, header_style="bold")
     for header in ("run", "status", *varying, *metrics, "run id"):
         # long param values (paths) give way first; status, metrics and ids stay whole
         fixed = header in ("status", "run id", *metrics)
         table.add_column(header, no_wrap=True, min_width=max(len(header), 8) if fixed else None)
     for r in runs:
-        table.add_row(r.info.run_name, shown_status(r), *(r.data.params.get(k, "-") for k in varying),
-                      *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in metrics),
+        table.add_row(r.info.run_name, shown_status(r),
+                      *(r.data.params.get(k, "-") for k in varying),
+                      *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-"
+                        for m in metrics),
                       r.info.run_id[:8])
     out.print(table)
     return 0
@@ -312,8 +336,10 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     if args.write_threshold and local is not None and not local.is_file():
         raise CitysegError("--write-threshold needs a local checkpoint file; "
                            "use --checkpoint PATH")
-    found, confusion = inference.evaluate(trained, split=args.split, full_resolution=args.full_resolution)
-    resolution = "full-resolution labels" if args.full_resolution else f"{list(trained.exp.data.image_size)}"
+    found, confusion = inference.evaluate(trained, split=args.split,
+                                          full_resolution=args.full_resolution)
+    resolution = ("full-resolution labels" if args.full_resolution
+                  else f"{list(trained.exp.data.image_size)}")
     table = Table("metric", "value", title=f"{trained.exp.name} on {args.split} ({resolution}), "
                                            f"threshold {trained.threshold:g}", box=None)
     for key, value in found.items():
@@ -323,11 +349,14 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     if args.calibrate:
         calibration = inference.calibrate(trained, split=args.split)
         c, best, half = calibration, calibration.best, calibration.at_half
-        out.print(f"calibration on {args.split}: threshold 0.5 -> dice {c.dice[half]:.4f}, iou {c.iou[half]:.4f}; "
-                  f"best threshold {c.thresholds[best]:.3f} -> dice {c.dice[best]:.4f}, iou {c.iou[best]:.4f}")
+        out.print(f"calibration on {args.split}: "
+                  f"threshold 0.5 -> dice {c.dice[half]:.4f}, iou {c.iou[half]:.4f}; "
+                  f"best threshold {c.thresholds[best]:.3f} -> "
+                  f"dice {c.dice[best]:.4f}, iou {c.iou[best]:.4f}")
         if args.write_threshold:
             inference.write_threshold(trained, float(c.thresholds[best]))
-            out.print(f"threshold {c.thresholds[best]:.3f} written into {trained.path}; predict will use it")
+            out.print(f"threshold {c.thresholds[best]:.3f} written into {trained.path}; "
+                      f"predict will use it")
     if not args.no_log:
         run_id = inference.log_evaluation(trained, runs=args.runs, split=args.split,
                                           full_resolution=args.full_resolution, found=found,
@@ -341,9 +370,12 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
 
     from cityseg.engine import inference
 
-    trained = inference.load_trained(run_id=args.run, checkpoint=args.checkpoint, runs=args.runs, device=args.device)
-    progress = (lambda files: track(files, description="predicting", console=out)) if out.is_terminal else (lambda f: f)
-    written, skipped = inference.predict_files(trained, args.inputs, args.out, probabilities=args.probabilities,
+    trained = inference.load_trained(run_id=args.run, checkpoint=args.checkpoint, runs=args.runs,
+                                     device=args.device)
+    progress = ((lambda files: track(files, description="predicting", console=out))
+                if out.is_terminal else (lambda f: f))
+    written, skipped = inference.predict_files(trained, args.inputs, args.out,
+                                               probabilities=args.probabilities,
                                                progress=progress)
     out.print(f"{len(written)} image(s) -> {args.out} (*_mask.png, *_overlay.png"
               f"{', *_prob.png' if args.probabilities and trained.task.thresholded else ''})")
@@ -365,8 +397,9 @@ def cmd_runs(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "runs": cmd_runs, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate, "show": cmd_show,
-            "schema": cmd_schema, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "runs": cmd_runs, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate,
+            "show": cmd_show, "schema": cmd_schema, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

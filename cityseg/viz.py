@@ -50,7 +50,8 @@ def _with_header(grid: Image.Image, titles: tuple[str, ...]) -> np.ndarray:
 
 def _panel(rows: list[list[np.ndarray]], titles: tuple[str, ...]) -> np.ndarray:
     """A grid of equally sized RGB cells, upscaled to stay readable, under a row of titles."""
-    lines = [np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1) for cells in rows]
+    lines = [np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1)
+             for cells in rows]
     grid = Image.fromarray(np.concatenate(lines, axis=0))
     scale = max(1, -(-MIN_HEIGHT // rows[0][0].shape[0]))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
@@ -76,10 +77,12 @@ def confusion_image(counts: np.ndarray, class_names: tuple[str, ...], cell: int 
         draw.text((4, margin + i * cell + cell // 3), class_names[i][:16], fill=(0, 0, 0))
         for j in range(n):
             shade = int(255 * (1 - rows[i, j]))
-            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1)
+            box = (margin + j * cell, margin + i * cell,
+                   margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1)
             draw.rectangle(box, fill=(shade, shade, 255))
             if rows[i, j] >= 0.005:
-                draw.text((box[0] + 2, box[1] + cell // 3), f"{rows[i, j] * 100:.0f}", fill=(0, 0, 0) if shade > 120 else (255, 255, 255))
+                draw.text((box[0] + 2, box[1] + cell // 3), f"{rows[i, j] * 100:.0f}",
+                          fill=(0, 0, 0) if shade > 120 else (255, 255, 255))
     for j in range(n):  # column labels, written vertically
         label = Image.new("RGB", (margin - 4, cell), (255, 255, 255))
         ImageDraw.Draw(label).text((2, cell // 3), class_names[j][:16], fill=(0, 0, 0))
@@ -138,7 +141,8 @@ def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.nda
         means = [float(np.mean(g)) for g in groups]
         axis.plot(positions, means, marker="o", label=metric)
         if any(len(g) > 1 for g in groups):
-            axis.fill_between(positions, [min(g) for g in groups], [max(g) for g in groups], alpha=0.2)
+            axis.fill_between(positions, [min(g) for g in groups], [max(g) for g in groups],
+                              alpha=0.2)
     if numeric and len(values) > 2 and min(values) > 0 and max(values) / min(values) >= 8:
         axis.set_xscale("log", base=2)
     axis.set_xticks(positions, [str(v) for v in values])
@@ -162,9 +166,12 @@ def pr_curve(calibration) -> np.ndarray:
     c = calibration
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     left.plot(c.recall, c.precision, color="tab:blue")
-    for index, label, colour in ((c.at_half, "0.5", "tab:gray"), (c.best, f"best {c.thresholds[c.best]:.3f}", "tab:red")):
-        left.scatter([c.recall[index]], [c.precision[index]], color=colour, zorder=3, label=f"threshold {label}")
-    left.set(xlabel="recall", ylabel="precision", title="precision / recall", xlim=(0, 1.02), ylim=(0, 1.02))
+    for index, label, colour in ((c.at_half, "0.5", "tab:gray"),
+                                 (c.best, f"best {c.thresholds[c.best]:.3f}", "tab:red")):
+        left.scatter([c.recall[index]], [c.precision[index]], color=colour, zorder=3,
+                     label=f"threshold {label}")
+    left.set(xlabel="recall", ylabel="precision", title="precision / recall",
+             xlim=(0, 1.02), ylim=(0, 1.02))
     left.legend()
     right.plot(c.thresholds, c.dice, label="dice")
     right.plot(c.thresholds, c.iou, label="iou")

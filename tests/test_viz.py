@@ -32,7 +32,8 @@ def test_comparison_panel_has_a_column_per_child():
 def test_confusion_image_and_plots_render():
     counts = np.array([[5, 1, 0], [0, 3, 3], [0, 0, 0]])
     assert viz.confusion_image(counts, ("a", "b", "c")).ndim == 3
-    history = [{"train/loss": 1.0 / e, "val/loss": 1.2 / e, "val/dice": 0.2 * e} for e in range(1, 4)]
+    history = [{"train/loss": 1.0 / e, "val/loss": 1.2 / e, "val/dice": 0.2 * e}
+               for e in range(1, 4)]
     assert viz.learning_curves(history, "val/dice").shape[2] == 3
     rows = [{"status": "FINISHED", "loss.pos_weight": w, "seed": s, "val/dice": w / 10 + s / 100}
             for w in (1, 2, 4) for s in (1, 2)]

@@ -13,8 +13,9 @@ from rich.table import Table
 
 # metric -> (header, format); sized so a row fits an 80-column log
 SUMMARY = {"train/loss": ("train\nloss", ".4f"), "val/loss": ("val\nloss", ".4f"),
-           "val/dice": ("dice", ".4f"), "val/iou": ("iou", ".4f"), "val/precision": ("prec.", ".4f"),
-           "val/recall": ("recall", ".4f"), "lr": ("lr", ".1e"), "throughput/img_s": ("img/s", ".1f")}
+           "val/dice": ("dice", ".4f"), "val/iou": ("iou", ".4f"),
+           "val/precision": ("prec.", ".4f"), "val/recall": ("recall", ".4f"),
+           "lr": ("lr", ".1e"), "throughput/img_s": ("img/s", ".1f")}
 
 
 class NullDisplay:
@@ -46,7 +47,8 @@ class RichDisplay:
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
             TimeElapsedColumn(), console=self.console, transient=True)
-        self.task = self.progress.add_task("train", total=steps, completed=done, loss="...", speed="...")
+        self.task = self.progress.add_task("train", total=steps, completed=done,
+                                           loss="...", speed="...")
         self.progress.start()
 
     def step(self, images: int, loss: float | None, img_per_s: float) -> None:
@@ -61,10 +63,11 @@ class RichDisplay:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        table = Table(show_header=not self._header_shown, box=None, pad_edge=False, collapse_padding=True,
-                      header_style="bold")
+        table = Table(show_header=not self._header_shown, box=None, pad_edge=False,
+                      collapse_padding=True, header_style="bold")
         self._header_shown = True
-        table.add_column("epoch", width=max(6, 2 * len(str(self._epochs)) + 2), justify="right", no_wrap=True)
+        table.add_column("epoch", width=max(6, 2 * len(str(self._epochs)) + 2), justify="right",
+                         no_wrap=True)
         for header, _ in SUMMARY.values():
             table.add_column(header, width=7, justify="right", no_wrap=True)
         cells = [format(metrics[key], fmt) for key, (_, fmt) in SUMMARY.items()]

@@ -17,14 +17,16 @@ from cityseg.errors import ConfigError
 
 
 def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch (CPU and CUDA); DataLoader order and augmentations are seeded per epoch and sample."""
+    """Python, NumPy and torch (CPU and CUDA); DataLoader order and augmentations are seeded
+    per epoch and sample."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (trainer.deterministic); cuBLAS needs its workspace setting for that."""
+    """Deterministic kernels (trainer.deterministic); cuBLAS needs its workspace
+    setting for that."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled, warn_only=True)
@@ -35,7 +37,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device: {name!r} asked for, but CUDA is not available on this machine")
+        raise ConfigError(f"trainer.device: {name!r} asked for, "
+                          f"but CUDA is not available on this machine")
     return torch.device(name)
 
 
@@ -61,7 +64,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -83,7 +87,8 @@ def run_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, s
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    return {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+    dirty = "unknown" if status is None else str(bool(status)).lower()
+    return {"git_commit": commit or "unknown", "git_dirty": dirty,
             "cityseg_version": cityseg.__version__, "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__, "mlflow_version": mlflow_version(),
             "python_version": platform.python_version(), "host": socket.gethostname(),

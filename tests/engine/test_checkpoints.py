@@ -14,8 +14,10 @@ def minimal(run_id="r1"):
 
 
 def test_a_runs_files_live_in_one_place(tmp_path):
-    assert checkpoints.path_of(tmp_path, "abc", "last") == tmp_path / "checkpoints" / "abc" / "last.pt"
-    assert checkpoints.path_of(tmp_path, "abc", "best").parent == checkpoints.run_dir(tmp_path, "abc")
+    last = checkpoints.path_of(tmp_path, "abc", "last")
+    assert last == tmp_path / "checkpoints" / "abc" / "last.pt"
+    best = checkpoints.path_of(tmp_path, "abc", "best")
+    assert best.parent == checkpoints.run_dir(tmp_path, "abc")
 
 
 def test_save_atomic_round_trips_and_leaves_no_temporary_file(tmp_path):

@@ -22,8 +22,8 @@ from tests.conftest import CITYSCAPES_MINI, QUICKSTART, tiny_overrides
 def trained_run(tmp_path_factory):
     """One tiny binary training run shared by the tests of this module."""
     tmp_path = tmp_path_factory.mktemp("trained")
-    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2), "tracking.log_model=false",
-                                       "loss.pos_weight=4"])
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2),
+                                       "tracking.log_model=false", "loss.pos_weight=4"])
     result = runner.run(exp)
     return tmp_path, result
 
@@ -31,10 +31,12 @@ def trained_run(tmp_path_factory):
 def test_evaluate_reproduces_the_validation_metrics_training_logged(trained_run):
     tmp_path, result = trained_run
     client = MlflowClient(tracking_uri=tracking_uri(tmp_path / "runs"))
-    trained = inference.load_trained(run_id=None, checkpoint=result.checkpoints["last"], runs=tmp_path / "runs")
+    trained = inference.load_trained(run_id=None, checkpoint=result.checkpoints["last"],
+                                     runs=tmp_path / "runs")
     found, _ = inference.evaluate(trained, split="val", full_resolution=False)
     for key in ("dice", "iou", "precision", "recall", "boundary_f1"):
-        (logged,) = [m.value for m in client.get_metric_history(result.run_id, f"val/{key}") if m.step == 2]
+        history = client.get_metric_history(result.run_id, f"val/{key}")
+        (logged,) = [m.value for m in history if m.step == 2]
         assert found[key] == pytest.approx(logged, abs=1e-9), key
 
 
@@ -89,7 +91,8 @@ def test_evaluate_full_resolution_scores_exactly_what_predict_writes_on_real_fra
 
     def target_of(photo):
         stem = photo.name.removesuffix("_leftImg8bit.png")
-        label_ids = np.asarray(Image.open(next(CITYSCAPES_MINI.rglob(f"{stem}_gtFine_labelIds.png"))))
+        label_file = next(CITYSCAPES_MINI.rglob(f"{stem}_gtFine_labelIds.png"))
+        label_ids = np.asarray(Image.open(label_file))
         return lut[id_to_train_id_lut()[label_ids]]
 
     trained = inference.load_trained(run_id=None, checkpoint=result.checkpoints["best"], runs=runs)
@@ -134,19 +137,21 @@ def test_calibration_never_lowers_dice_and_the_threshold_reaches_predict(trained
     assert again.threshold == pytest.approx(calibration.thresholds[calibration.best])
 
 
-def test_predict_writes_masks_and_overlays_of_each_inputs_size_and_skips_corrupt_files(trained_run, tmp_path, capsys):
+def test_predict_writes_masks_and_overlays_of_each_inputs_size_and_skips_corrupt_files(
+        trained_run, tmp_path, capsys):
     source_dir, result = trained_run
     images = tmp_path / "in"
     (images / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(images / "a.png")
-    Image.fromarray(rng.integers(0, 256, (33, 120, 3), dtype=np.uint8)).save(images / "sub" / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (33, 120, 3), dtype=np.uint8)).save(
+        images / "sub" / "b.jpg")
     (images / "broken.png").write_bytes(b"not an image")
     single = tmp_path / "c.jpeg"
     Image.fromarray(rng.integers(0, 256, (97, 41, 3), dtype=np.uint8)).save(single)
     out = tmp_path / "out"
-    code = main(["predict", "--run", result.run_id, "--runs", str(source_dir / "runs"), str(images), str(single),
-                 "--out", str(out), "--probabilities"])
+    code = main(["predict", "--run", result.run_id, "--runs", str(source_dir / "runs"),
+                 str(images), str(single), "--out", str(out), "--probabilities"])
     assert code == 2  # one input was skipped
     assert "broken.png: unreadable" in capsys.readouterr().err
     for stem, (h, w) in {"a": (50, 70), "b": (33, 120), "c": (97, 41)}.items():
@@ -162,7 +167,8 @@ def test_unknown_run_or_run_without_model_is_a_clear_error(trained_run, capsys):
         inference.load_trained(run_id="nope", checkpoint=None, runs=source_dir / "runs")
     assert main(["evaluate", "--run", "nope", "--runs", str(source_dir / "runs")]) == 2
     assert "Traceback" not in capsys.readouterr().err
-    assert main(["predict", "--run", "x", "--runs", str(source_dir / "elsewhere"), "img.png", "--out", "o"]) == 2
+    assert main(["predict", "--run", "x", "--runs", str(source_dir / "elsewhere"),
+                 "img.png", "--out", "o"]) == 2
     assert "no MLflow store" in capsys.readouterr().err
 
 
@@ -172,6 +178,8 @@ def test_evaluate_logs_a_linked_run(trained_run, capsys):
     client = MlflowClient(tracking_uri=tracking_uri(source_dir / "runs"))
     experiment = client.get_experiment_by_name("quickstart")
     linked = client.search_runs([experiment.experiment_id], f"tags.source_run = '{result.run_id}'")
-    (evaluation,) = [r for r in linked if r.data.tags["checkpoint"] == str(result.checkpoints["best"])]
+    best = str(result.checkpoints["best"])
+    (evaluation,) = [r for r in linked if r.data.tags["checkpoint"] == best]
     assert evaluation.info.status == "FINISHED" and "val/dice" in evaluation.data.metrics
-    assert "samples/val.png" in {a.path for a in client.list_artifacts(evaluation.info.run_id, "samples")}
+    samples = client.list_artifacts(evaluation.info.run_id, "samples")
+    assert "samples/val.png" in {a.path for a in samples}

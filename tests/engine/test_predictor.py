@@ -35,7 +35,8 @@ def predictor(task="binary", *, channels_last=False, size=(8, 16), model=None, t
 def test_inputs_are_normalised_on_the_device_in_the_asked_layout():
     images = torch.randint(0, 256, (2, 3, 8, 16), dtype=torch.uint8)
     x = predictor(channels_last=True).inputs(images)
-    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    expected = (images.float() / 255 - mean) / std
     assert torch.allclose(x, expected, atol=1e-5)
     assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
 

@@ -42,7 +42,8 @@ def test_sigterm_checkpoints_marks_killed_and_resume_finishes_without_duplicate_
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoints = tmp_path / "runs" / "checkpoints"
     deadline = time.time() + 120
-    while not list(checkpoints.glob("*/last.pt")) and time.time() < deadline and proc.poll() is None:
+    while (not list(checkpoints.glob("*/last.pt")) and time.time() < deadline
+           and proc.poll() is None):
         time.sleep(0.2)  # wait for the first epoch's checkpoint
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -64,8 +65,9 @@ def test_sigterm_checkpoints_marks_killed_and_resume_finishes_without_duplicate_
 
 def test_interrupted_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path):
     def experiment(folder, epochs=2):
-        return load_experiment(QUICKSTART, [*tiny_overrides(tmp_path / folder, epochs=epochs), NO_MODEL,
-                                            "data.batch_size=2", "data.num_train=8", "trainer.deterministic=true"])
+        return load_experiment(QUICKSTART, [*tiny_overrides(tmp_path / folder, epochs=epochs),
+                                            NO_MODEL, "data.batch_size=2", "data.num_train=8",
+                                            "trainer.deterministic=true"])
 
     straight = runner.run(experiment("a"))
     # the same experiment, stopped by a signal after batch 2 of epoch 2, then resumed
@@ -85,14 +87,18 @@ def test_interrupted_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path):
             runner.run(exp)
     finally:
         runner.Trainer._optimizer_step = original
-    checkpoint = load_checkpoint(tmp_path / "b" / "runs" / "checkpoints" / info.value.run_id / "last.pt")
+    checkpoint = load_checkpoint(
+        tmp_path / "b" / "runs" / "checkpoints" / info.value.run_id / "last.pt")
     assert (checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]) == (2, 2)
-    fewer = experiment("b", epochs=1)  # stopped inside epoch 2: one epoch is not enough to continue
-    with pytest.raises(ConfigError, match=r"already trained 1 epochs and 2 batches of epoch 2; set trainer.epochs to at least 2"):
+    # stopped inside epoch 2: one epoch is not enough to continue
+    fewer = experiment("b", epochs=1)
+    with pytest.raises(ConfigError, match=r"already trained 1 epochs and 2 batches of epoch 2; "
+                                          r"set trainer.epochs to at least 2"):
         runner.run(fewer, resume=info.value.run_id)
     resumed = runner.run(exp, resume=info.value.run_id)
     assert resumed.resumed_from == 1
-    without_speed = [{k: v for k, v in m.items() if k != "throughput/img_s"} for m in (resumed.metrics, straight.metrics)]
+    without_speed = [{k: v for k, v in m.items() if k != "throughput/img_s"}
+                     for m in (resumed.metrics, straight.metrics)]
     assert without_speed[0] == pytest.approx(without_speed[1], rel=1e-6, abs=1e-9)
 
 
@@ -100,7 +106,8 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
     overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
     result = runner.run(load_experiment(QUICKSTART, overrides))
     changed = load_experiment(QUICKSTART, [*overrides, "optimizer.lr=0.5", "trainer.epochs=2"])
-    with pytest.raises(ConfigError, match=r"cannot resume.*\n  optimizer\.lr: 0\.003 in the checkpoint, 0\.5 now"):
+    with pytest.raises(ConfigError, match=r"cannot resume.*\n  optimizer\.lr: "
+                                          r"0\.003 in the checkpoint, 0\.5 now"):
         runner.run(changed, resume=result.run_id)
     args = ["run", str(QUICKSTART), *sum((["--set", o] for o in [*overrides, "model.depth=3"]), []),
             "--resume", str(result.checkpoints["last"])]
@@ -112,23 +119,28 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_nan_loss_fails_the_run_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=3), NO_MODEL])  # 2 batches an epoch
+def test_nan_loss_fails_the_run_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch):
+    # 2 batches an epoch
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=3), NO_MODEL])
     original = WeightedBCE.forward
     calls = {"n": 0}
 
     def poisoned(self, logits, target):
         calls["n"] += 1
         loss = original(self, logits, target)
-        return loss * float("nan") if calls["n"] == 4 else loss  # epoch 2, batch 1 (after 2 + 1 val calls)
+        # epoch 2, batch 1 (after 2 + 1 val calls)
+        return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(WeightedBCE, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"NaN or infinite at epoch 2, step 1 .*last good checkpoint"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"NaN or infinite at epoch 2, step 1 .*last good checkpoint"):
         runner.run(exp)
     client, (run,) = runs_of(tmp_path / "runs")
     assert run.info.status == "FAILED" and "epoch 2, step 1" in run.data.tags["failure"]
     last = load_checkpoint(tmp_path / "runs" / "checkpoints" / run.info.run_id / "last.pt")
-    assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+    assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values()
+                                      if t.is_floating_point())
 
 
 def test_deterministic_runs_match_exactly(tmp_path):
@@ -144,19 +156,22 @@ def test_deterministic_runs_match_exactly(tmp_path):
 
 
 def test_early_stopping_and_accumulation(tmp_path):
-    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=6), NO_MODEL, "trainer.monitor=val/loss",
-                                       "trainer.patience=1", "trainer.min_delta=100", "trainer.accumulate=2"])
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=6), NO_MODEL,
+                                       "trainer.monitor=val/loss", "trainer.patience=1",
+                                       "trainer.min_delta=100", "trainer.accumulate=2"])
     result = runner.run(exp)
     assert result.stopped_early and len(result.metrics) and result.best_epoch == 1
     client, (run,) = runs_of(tmp_path / "runs")
     assert steps(client, run.info.run_id) == [1, 2] and run.data.tags["stopped_early"] == "true"
     last = load_checkpoint(result.checkpoints["last"])
-    assert last["scheduler"]["last_epoch"] == 2  # 2 batches an epoch, 2 per optimizer step, 2 epochs
+    # 2 batches an epoch, 2 per optimizer step, 2 epochs
+    assert last["scheduler"]["last_epoch"] == 2
 
 
 @pytest.mark.parametrize("scheduler", ["step", "plateau", "none"])
 def test_every_scheduler_trains(tmp_path, scheduler):
-    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2), NO_MODEL, f"scheduler={{name: {scheduler}}}"])
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2), NO_MODEL,
+                                       f"scheduler={{name: {scheduler}}}"])
     assert runner.run(exp).metrics["lr"] > 0
 
 
@@ -166,8 +181,8 @@ def test_logged_model_loads_back_and_predicts_like_the_checkpoint(tiny_experimen
     mlflow.set_tracking_uri(tracking_uri(tmp_path / "runs"))
     logged = mlflow.pytorch.load_model(run.data.tags["model_uri"]).eval()
     best = load_checkpoint(result.checkpoints["best"])
-    model = UNet(in_channels=3, out_channels=1, depth=2, base_channels=4, norm="batch", upsample="transpose",
-                 dropout=0.0)
+    model = UNet(in_channels=3, out_channels=1, depth=2, base_channels=4, norm="batch",
+                 upsample="transpose", dropout=0.0)
     model.load_state_dict(best["model"])
     x = torch.randn(2, 3, 32, 64)
     with torch.inference_mode():
@@ -178,7 +193,8 @@ def test_logged_model_loads_back_and_predicts_like_the_checkpoint(tiny_experimen
 def test_from_run_reruns_the_logged_config(tmp_path, capsys):
     overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
     first = runner.run(load_experiment(QUICKSTART, overrides))
-    assert main(["run", "--from-run", first.run_id, "--runs", str(tmp_path / "runs"), "--set", "seed=7"]) == 0
+    assert main(["run", "--from-run", first.run_id, "--runs", str(tmp_path / "runs"),
+                 "--set", "seed=7"]) == 0
     client, runs = runs_of(tmp_path / "runs")
     assert len(runs) == 2
     second = next(r for r in runs if r.info.run_id != first.run_id)
@@ -193,11 +209,13 @@ def test_no_run_is_left_running(tmp_path):
         if (root / "mlflow.db").exists():
             client = MlflowClient(tracking_uri=tracking_uri(root))
             for experiment in client.search_experiments():
-                assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+                assert not client.search_runs([experiment.experiment_id],
+                                              "attributes.status = 'RUNNING'")
 
 
 def test_fp16_trains_with_a_gradient_scaler(tmp_path):
-    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), NO_MODEL, "trainer.precision=fp16"])
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), NO_MODEL,
+                                       "trainer.precision=fp16"])
     result = runner.run(exp)
     assert "scale" in load_checkpoint(result.checkpoints["last"])["scaler"]
 
@@ -210,15 +228,18 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
                                upsample="bilinear", dropout=0.0).state_dict()
     broken = tmp_path / "other.pt"
     torch.save(checkpoint, broken)
-    with pytest.raises(ConfigError, match="other.pt: the checkpoint's weights do not fit this model"):
-        runner.run(load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2), NO_MODEL]), resume=str(broken))
+    with pytest.raises(ConfigError,
+                       match="other.pt: the checkpoint's weights do not fit this model"):
+        longer = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=2), NO_MODEL])
+        runner.run(longer, resume=str(broken))
     client, (run,) = runs_of(tmp_path / "runs")
     assert run.info.status == "FINISHED"  # the refused resume did not reopen the run
 
 
 @pytest.mark.slow
 def test_compiled_model_trains_and_checkpoints_plain_weights(tmp_path):
-    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), NO_MODEL, "trainer.compile=true"])
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path, epochs=1), NO_MODEL,
+                                       "trainer.compile=true"])
     result = runner.run(exp)
     keys = load_checkpoint(result.checkpoints["last"])["model"]
     assert not any(k.startswith("_orig_mod") for k in keys)

@@ -40,7 +40,8 @@ def test_tiny_run_tracks_params_metrics_panels_and_checkpoints(tiny_experiment, 
     assert run.data.params["data.image_size"] == "[32, 64]"
     assert run.data.params["loss.pos_weight"] == str(tiny_experiment.loss.pos_weight)
     assert run.data.tags["device"] == "cpu" and "git_commit" in run.data.tags
-    assert run.data.tags["data.layout"] == "official" and len(run.data.tags["data.fingerprint.train"]) == 20
+    assert run.data.tags["data.layout"] == "official"
+    assert len(run.data.tags["data.fingerprint.train"]) == 20
     for key in EPOCH_METRICS:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
@@ -48,10 +49,12 @@ def test_tiny_run_tracks_params_metrics_panels_and_checkpoints(tiny_experiment, 
     assert run.data.metrics["val/dice"] == pytest.approx(result.metrics["val/dice"])
 
     artifacts = artifact_paths(client, run.info.run_id)
-    assert {"config.yaml", "samples/epoch_001.png", "samples/epoch_002.png", "confusion_matrix.json",
-            "data/class_frequencies.json", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
+    assert {"config.yaml", "samples/epoch_001.png", "samples/epoch_002.png",
+            "confusion_matrix.json", "data/class_frequencies.json", "checkpoints/best.pt",
+            "checkpoints/last.pt"} <= artifacts
 
-    config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    config_file = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    config_text = Path(config_file).read_text()
     again = tmp_path / "again.yaml"
     again.write_text(config_text)
     assert load_experiment(again) == tiny_experiment
@@ -95,10 +98,12 @@ def test_pos_weight_auto_uses_the_training_pixel_ratio(tmp_path):
     client, run = only_run(tmp_path / "runs")
     assert run.data.params["loss.pos_weight"] == "auto"
     counts = np.zeros(256, dtype=np.int64)  # count the resized training masks directly
-    splits = DATASETS.build(exp.data, BuildContext("binary", 1, 255, exp.data.image_size), train_transform=None)
+    splits = DATASETS.build(exp.data, BuildContext("binary", 1, 255, exp.data.image_size),
+                            train_transform=None)
     for i in range(len(splits.train)):
         counts += np.bincount(splits.train[i][1].numpy().ravel(), minlength=256)
-    assert float(run.data.params["loss.pos_weight_used"]) == pytest.approx(counts[0] / counts[1], rel=1e-3)
+    assert float(run.data.params["loss.pos_weight_used"]) == pytest.approx(counts[0] / counts[1],
+                                                                          rel=1e-3)
 
 
 def test_multiclass_run_logs_miou_confusion_image_and_class_table(tmp_path):

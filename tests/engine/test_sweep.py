@@ -56,7 +56,8 @@ def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tm
             assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"summary.csv", "sweep.yaml", "predictions_by_child.png", "plots/loss_pos_weight.png"} <= artifacts
+    assert {"summary.csv", "sweep.yaml", "predictions_by_child.png",
+            "plots/loss_pos_weight.png"} <= artifacts
     assert parent.data.tags["best_child_run_id"] == result.rows[0]["run_id"]
     dice = [row["val/dice"] for row in result.rows]
     assert dice == sorted(dice, reverse=True)
@@ -67,7 +68,8 @@ def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tm
     assert again.parent_id == parent.info.run_id
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt(), Interrupted(signal.SIGTERM, "run", "epoch 1")],
+@pytest.mark.parametrize("stop",
+                         [KeyboardInterrupt(), Interrupted(signal.SIGTERM, "run", "epoch 1")],
                          ids=["keyboard", "signal"])
 def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monkeypatch, stop):
     path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2, 4]})
@@ -98,7 +100,8 @@ def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monk
 
 def test_every_grid_point_is_validated_before_anything_runs(tmp_path, capsys):
     path = write_sweep(tmp_path, {"model.depth": [2, 9]})
-    with pytest.raises(ConfigError, match=r"(?s)grid point depth=9: .*model\.depth: .*less than or equal to 7"):
+    with pytest.raises(ConfigError, match=r"(?s)grid point depth=9: .*model\.depth: "
+                                          r".*less than or equal to 7"):
         load_sweep(path)
     assert main(["sweep", str(path)]) == 2
     assert "grid point depth=9" in capsys.readouterr().err
@@ -108,11 +111,13 @@ def test_every_grid_point_is_validated_before_anything_runs(tmp_path, capsys):
 def test_sweep_files_in_the_repository_validate():
     for name in ("fg_weight_quick.yaml", "fg_weight.yaml"):
         sweep, points = load_sweep(QUICKSTART.parent / "sweeps" / name)
-        assert [p.values["loss.pos_weight"] for p in points][:5] == [1, 2, 4, 8, 16] or len(points) == 15
+        assert ([p.values["loss.pos_weight"] for p in points][:5] == [1, 2, 4, 8, 16]
+                or len(points) == 15)
 
 
 def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys):
-    path = write_sweep(tmp_path, {"trainer.threshold": [0.01, 0.99]})  # foreground everywhere vs nowhere
+    # foreground everywhere vs nowhere
+    path = write_sweep(tmp_path, {"trainer.threshold": [0.01, 0.99]})
     result = run_sweep(path, jobs=1, report=lambda line: None)
     assert main(["compare", "--runs", str(tmp_path / "runs"), "--sweep", result.sweep_id]) == 0
     out = capsys.readouterr().out
@@ -123,13 +128,16 @@ def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys):
 
 
 def test_interrupted_crosses_process_boundaries():
-    again = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM, "abc", "epoch 2, batch 3 of 9")))
-    assert (again.signum, again.run_id, again.where) == (signal.SIGTERM, "abc", "epoch 2, batch 3 of 9")
+    original = Interrupted(signal.SIGTERM, "abc", "epoch 2, batch 3 of 9")
+    again = pickle.loads(pickle.dumps(original))
+    assert (again.signum, again.run_id, again.where) == (signal.SIGTERM, "abc",
+                                                         "epoch 2, batch 3 of 9")
 
 
 def test_changing_epochs_makes_new_children(tmp_path):
     short = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}))[1]
-    longer = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}, set={"trainer.epochs": 5}))[1]
+    longer = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]},
+                                    set={"trainer.epochs": 5}))[1]
     assert {p.config_hash for p in short}.isdisjoint(p.config_hash for p in longer)
 
 
@@ -138,7 +146,8 @@ def test_a_child_interrupted_mid_training_is_resumed_not_restarted(tmp_path, mon
     original = runner.Trainer._optimizer_step
     steps = {"n": 0}
 
-    def signal_in_second_child(self):  # 2 children x 2 epochs x 2 batches: step 6 is child 2, epoch 1, batch 2
+    # 2 children x 2 epochs x 2 batches: step 6 is child 2, epoch 1, batch 2
+    def signal_in_second_child(self):
         original(self)
         steps["n"] += 1
         if steps["n"] == 6:
