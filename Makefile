@@ -52,6 +52,7 @@ format: $(STAMP)
 	$(BIN)/ruff format cityseg tests
 
 ui: $(STAMP)
+	@test ! -f runs/mlflow.db || $(BIN)/cityseg runs links
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 validate: $(STAMP)

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--run", help="MLflow run id (its best checkpoint)")
         source.add_argument("--checkpoint", type=Path, help="a checkpoint file")
+        source.add_argument("--model", metavar="models:/NAME/VERSION|models:/NAME@ALIAS",
+                            help="a registered model (its run's best checkpoint)")
         p.add_argument("--runs", type=Path, default=Path("runs"),
                        help="tracking dir (default runs)")
         p.add_argument("--device", default="auto")
@@ -113,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, required=True, help="output folder")
             p.add_argument("--probabilities", action="store_true",
                            help="also write <name>_prob.png (binary)")
+    p = sub.add_parser("promote", help="point an alias (champion, ...) of the registered model "
+                                       "at the version a run registered")
+    p.add_argument("run_id", help="the run whose registered model version gets the alias")
+    p.add_argument("--alias", required=True, help="e.g. champion")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
     p = sub.add_parser("runs", help="look after the runs in the MLflow store")
     runs = p.add_subparsers(dest="runs_command", required=True)
     p = runs.add_parser("clean", help="mark crashed runs (RUNNING, but their process is gone) "
@@ -120,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
     p.add_argument("--experiment", help="MLflow experiment name (default: all)")
     p.add_argument("--dry-run", action="store_true", help="only list them")
+    p = runs.add_parser("links", help="the MLflow UI page of each experiment's training runs")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
     sub.add_parser("schema", help="print the JSON Schema of experiment files")
     sub.add_parser("list", help="list the registered components")
     return parser
@@ -160,7 +169,8 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         out.print(f"resumed after epoch {result.resumed_from}")
     out.print(f"best {exp.monitor} = {result.best_score:.4f} at epoch {result.best_epoch}; "
               f"run {result.run_id} in MLflow experiment '{exp.tracking.experiment}'")
-    out.print(f"checkpoints: {result.checkpoints['best'].parent}   browse: make ui")
+    out.print(f"checkpoints: {result.checkpoints['best'].parent}")
+    out.print(f"in the MLflow UI (make ui): {result.url}", markup=False)
     return 0
 
 
@@ -283,8 +293,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     out.print(table)
     if result.best is not None:
         out.print(f"best: {result.best['child']} ({sweep.metric} {result.best[sweep.metric]:.4f}); "
-                  f"parent run {result.parent_id}, sweep id {result.sweep_id}: "
-                  f"make ui, then open the parent run")
+                  f"parent run {result.parent_id}, sweep id {result.sweep_id}")
+    out.print(f"in the MLflow UI (make ui): {result.url}", markup=False)
     for failed in result.failed:
         print(f"error: child {failed.point.label} failed: {failed.error}", file=sys.stderr)
     return 1 if result.failed else 0
@@ -324,15 +334,34 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def _source_run(args: argparse.Namespace) -> str | None:
+    """The run behind --run, or behind the registered model --model names."""
+    if args.model is None:
+        return args.run
+    from cityseg.tracking import model_run
+
+    return model_run(args.runs, args.model)
+
+
+def cmd_promote(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.tracking import promote
+
+    name, version = promote(args.runs, args.run_id, args.alias)
+    out.print(f"models:/{name}@{args.alias} -> models:/{name}/{version} (run {args.run_id})",
+              markup=False)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     from cityseg.engine import checkpoints, inference
 
     overrides = [*args.overrides, *([f"data.root={args.data_root}"] if args.data_root else [])]
-    trained = inference.load_trained(run_id=args.run, checkpoint=args.checkpoint, runs=args.runs,
+    run_id = _source_run(args)
+    trained = inference.load_trained(run_id=run_id, checkpoint=args.checkpoint, runs=args.runs,
                                      overrides=overrides, device=args.device)
     if args.write_threshold and not args.calibrate:
         raise CitysegError("--write-threshold needs --calibrate")
-    local = checkpoints.path_of(args.runs, args.run, "best") if args.run else None
+    local = checkpoints.path_of(args.runs, run_id, "best") if run_id else None
     if args.write_threshold and local is not None and not local.is_file():
         raise CitysegError("--write-threshold needs a local checkpoint file; "
                            "use --checkpoint PATH")
@@ -370,8 +399,8 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
 
     from cityseg.engine import inference
 
-    trained = inference.load_trained(run_id=args.run, checkpoint=args.checkpoint, runs=args.runs,
-                                     device=args.device)
+    trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
+                                     runs=args.runs, device=args.device)
     progress = ((lambda files: track(files, description="predicting", console=out))
                 if out.is_terminal else (lambda f: f))
     written, skipped = inference.predict_files(trained, args.inputs, args.out,
@@ -385,7 +414,12 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_runs(args: argparse.Namespace, out: Console) -> int:
-    from cityseg.tracking import clean_stale
+    from cityseg.tracking import clean_stale, experiment_links
+
+    if args.runs_command == "links":
+        for name, url in experiment_links(args.runs):
+            out.print(f"{name}: {url}", markup=False)
+        return 0
 
     stale = clean_stale(args.runs, experiment=args.experiment, dry_run=args.dry_run)
     verb = "would mark" if args.dry_run else "marked"
@@ -397,7 +431,8 @@ def cmd_runs(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "runs": cmd_runs, "evaluate": cmd_evaluate, "predict": cmd_predict,
+COMMANDS = {"run": cmd_run, "runs": cmd_runs, "promote": cmd_promote, "evaluate": cmd_evaluate,
+            "predict": cmd_predict,
             "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate,
             "show": cmd_show, "schema": cmd_schema, "list": cmd_list}
 

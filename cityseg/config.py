@@ -86,8 +86,14 @@ class TrackingConfig(Section):
     dir: Path = Field(
         Path("runs"), description="root of all outputs: mlflow.db, artifacts/, checkpoints/")
     num_samples: int = Field(4, ge=0, description="validation images in the per-epoch sample panel")
+    system_metrics: bool = Field(True, description="log CPU, memory, disk and GPU use "
+                                                   "(system/...) with MLflow's monitor")
     log_model: bool = Field(
-        True, description="log the best model with mlflow.pytorch.log_model at the end")
+        True, description="log the best model at the end as a servable MLflow pyfunc (uint8 "
+                          "images in, masks out), with its validation metrics")
+    register_model: str | None = Field(
+        None, pattern=r"^[\w.-]+$", description="register the logged model in the MLflow model "
+                                               "registry under this name")
 
 
 DEFAULT_COMPONENTS = {"model": "unet", "loss": "weighted_bce", "optimizer": "adamw",
@@ -105,6 +111,8 @@ class Experiment(Section):
 
     name: str = Field(min_length=1, pattern=r"^[\w.-]+$",
                       description="run name (letters, digits, _ . -)")
+    description: str | None = Field(
+        None, description="what this experiment tries; the MLflow run's description")
     seed: int = Field(42, description="seed of every random number generator")
     data: DATASETS.union() = Field(description=f"dataset: one of {', '.join(DATASETS.names())}")
     augment: list[AUGMENTATIONS.union()] = Field(

@@ -7,6 +7,7 @@ The store is always explicit: `sqlite:///<dir>/mlflow.db` with artifacts under
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
+import mlflow.pyfunc
 import numpy as np
-import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from cityseg.errors import CitysegError, Interrupted, StorageError
 
@@ -64,12 +66,27 @@ class _RetryingClient:
                         reason = str(err).splitlines()[0][:200]
                         raise StorageError(f"MLflow store {self._store}: cannot "
                                            f"{name.replace('_', ' ')}: {reason}") from None
-                    if "locked" not in text or attempt == RETRIES - 1:
+                    # parallel sweep children logging one dataset race on its unique row: the
+                    # loser's retry finds the winner's
+                    race = name == "log_inputs" and "unique constraint" in text
+                    if ("locked" not in text and not race) or attempt == RETRIES - 1:
                         raise
                     time.sleep(0.05 * 2**attempt * (1 + random.random()))
             raise AssertionError("unreachable")
 
         return call
+
+
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"  # the UI's "Model training" experiments
+UI = "http://127.0.0.1:5000"  # where `make ui` serves the store
+
+
+def run_url(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of a run, or the experiment's training runs view."""
+    page = f"{UI}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}" if run_id else page
 
 
 # ---------------------------------------------------------------- heartbeats
@@ -183,6 +200,10 @@ class Tracker:
             location = (root / "artifacts").resolve().as_uri()
             self.experiment_id = self.client.create_experiment(experiment,
                                                                artifact_location=location)
+        if found is None or EXPERIMENT_KIND_TAG not in found.tags:
+            # the UI then opens the experiment on its training runs, not on a GenAI overview
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
+                                           MODEL_DEVELOPMENT)
         self.run_id: str | None = None
 
     def find_runs(self, filter_string: str) -> list:
@@ -195,20 +216,23 @@ class Tracker:
 
     @contextlib.contextmanager
     def session(self, *, run_name: str = "", tags: dict[str, str] | None = None,
-                reattach: str | None = None) -> Iterator[str]:
+                reattach: str | None = None, system_metrics: bool = False) -> Iterator[str]:
         """The lifecycle of one run: start it (or reattach to the run id `reattach`, which is
         RUNNING again), keep its heartbeat fresh, yield its id, and always end it: FINISHED
         when the block completes, KILLED on Ctrl-C or SIGTERM (Interrupted), FAILED otherwise,
         with the error as the run's `failure` tag."""
         if reattach is None:
+            # MLflow's own context first (source name and type, user, git commit), ours over it
+            context = resolve_tags(tags or {})
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name,
-                                                 tags=tags or {}).info.run_id
+                                                 tags=context).info.run_id
         else:
             self.client.update_run(reattach, status="RUNNING")
             self.run_id = reattach
         status = "FAILED"
         try:
-            with _Heartbeat(self.beat, HEARTBEAT_EVERY_S):
+            with _Heartbeat(self.beat, HEARTBEAT_EVERY_S), \
+                    self._system_metrics(system_metrics, resume=reattach is not None):
                 yield self.run_id
             status = "FINISHED"
         except (Interrupted, KeyboardInterrupt):
@@ -224,6 +248,24 @@ class Tracker:
             else:  # an unwritable store leaves the run RUNNING, stale: `cityseg runs clean`
                 with contextlib.suppress(Exception):
                     self._end(status)
+
+    @contextlib.contextmanager
+    def _system_metrics(self, enabled: bool, *, resume: bool) -> Iterator[None]:
+        """MLflow's system-metrics monitor (system/cpu_utilization_percentage, ...) while the
+        block runs; a resumed run continues its steps."""
+        if not enabled:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume,
+                                       tracking_uri=self.client.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def beat(self) -> None:
         """Refresh the heartbeat: this process, on this host, is writing the run now."""
@@ -251,26 +293,51 @@ class Tracker:
             return False
         return True
 
-    def log_model(self, model: torch.nn.Module, example: np.ndarray) -> str:
-        """Log `model` with a signature and an input example; returns its model URI."""
-        from mlflow.models import infer_signature
+    def log_model(self, *, checkpoint: Path, example: np.ndarray, metrics: dict[str, float],
+                  step: int, register: str | None) -> str:
+        """Log the servable model (cityseg/serving.py, models from code, with the slim
+        `checkpoint` and the cityseg package as its code), its metrics (`metrics` at `step`),
+        and register it under `register` if asked; returns its model URI."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
+        # images of any size in, masks of the same size out
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
         mlflow.set_tracking_uri(self.client.tracking_uri)
-        # quiet: export notes on the example's batch size; the pickle caveat (in the README)
-        logging.getLogger("torch._export").setLevel(logging.ERROR)
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        model.eval()
-        with torch.inference_mode():
-            output = model(torch.from_numpy(example)).float().numpy()
-        signature = infer_signature(example, output)
+        package = Path(__file__).parent
+        logging.getLogger("mlflow.models").setLevel(logging.ERROR)  # no pip resolution notes
         # start_run's exit marks the run FINISHED; the session sets the true status at its end
-        with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", signature=signature, input_example=example,
-                serialization_format="pickle",  # loads back as the UNet class
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        self.client.set_tag(self.run_id, "model_uri", info.model_uri)
+        # quiet: MLflow's advice to type-hint predict (the input is an image array that cityseg
+        # checks itself); its warning filters are reset by MLflow, so the notes are dropped here
+        with mlflow.start_run(run_id=self.run_id), contextlib.redirect_stderr(io.StringIO()):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(package / "serving.py"),
+                artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(package)],
+                signature=signature, input_example=example,
+                pip_requirements=model_requirements())
+        # the model's own metrics (MLflow 3 logged models; they are the run's too, so named
+        # best/... and the per-epoch histories keep one value per epoch)
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, f"best/{key}", value, step=step,
+                                   model_id=info.model_id)
+        tags = {"model_uri": info.model_uri}
+        if register:
+            version = mlflow.register_model(info.model_uri, register)
+            tags["registered_model"] = f"models:/{register}/{version.version}"
+        self.set_tags(tags)
         return info.model_uri
+
+    def log_datasets(self, splits: list[tuple[str, dict]]) -> None:
+        """Dataset inputs of the run: (context, {name, digest, source, schema, profile})."""
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                       source=json.dumps({"uri": d["source"]}),
+                                       schema=json.dumps(d["schema"]),
+                                       profile=json.dumps(d["profile"])),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                  for context, d in splits]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_params(self, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -316,6 +383,14 @@ def mlflow_version() -> str:
     return mlflow.__version__
 
 
+def model_requirements() -> list[str]:
+    """What the served model imports, pinned to the versions it was trained with."""
+    from importlib.metadata import version
+
+    packages = ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyyaml", "mlflow")
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
 def download_artifact(root: Path, run_id: str, artifact: str, *, missing: str) -> Path:
     """One artifact of a run, downloaded into a temporary folder; CitysegError if the run or
     the file is not there (`missing` says what is missing)."""
@@ -349,6 +424,49 @@ def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") 
             raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} "
                                f"(experiments: {names})")
     return client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string)
+
+
+def model_run(root: Path, uri: str) -> str:
+    """The run that logged the registered model `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+    _require_store(root)
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    body = uri.removeprefix("models:/")
+    name, at, alias = body.partition("@")
+    if not uri.startswith("models:/") or not name or (not at and "/" not in body):
+        raise CitysegError(f"--model {uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if at:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = body.rpartition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as err:
+        raise CitysegError(f"--model {uri}: not in the registry of {root / 'mlflow.db'} "
+                           f"({str(err).splitlines()[0][:160]})") from None
+    if not version.run_id:
+        raise CitysegError(f"--model {uri}: version {version.version} has no source run")
+    return version.run_id
+
+
+def promote(root: Path, run_id: str, alias: str) -> tuple[str, str]:
+    """Point `alias` at the model version that run `run_id` registered; (name, version)."""
+    _require_store(root)
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    if not versions:
+        raise CitysegError(f"run {run_id} registered no model; set tracking.register_model: NAME "
+                           f"in its experiment (or register it in the MLflow UI)")
+    newest = max(versions, key=lambda v: int(v.version))
+    client.set_registered_model_alias(newest.name, alias, newest.version)
+    return newest.name, newest.version
+
+
+def experiment_links(root: Path) -> list[tuple[str, str]]:
+    """(name, training runs view) of every experiment in the store."""
+    _require_store(root)
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    return [(e.name, run_url(e.experiment_id)) for e in client.search_experiments()
+            if e.name != "Default"]
 
 
 def clean_stale(root: Path, *, experiment: str | None, dry_run: bool = False

@@ -88,7 +88,8 @@ def run_tags(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, s
     status = _git("status", "--porcelain", "--untracked-files=no")
     names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     dirty = "unknown" if status is None else str(bool(status)).lower()
-    return {"git_commit": commit or "unknown", "git_dirty": dirty,
+    # MLflow's standard tag for the commit (the UI's Source column); dirtiness has none
+    return {"mlflow.source.git.commit": commit or "unknown", "git_dirty": dirty,
             "cityseg_version": cityseg.__version__, "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__, "mlflow_version": mlflow_version(),
             "python_version": platform.python_version(), "host": socket.gethostname(),

@@ -168,6 +168,17 @@ def _inputs_of(paths: list[Path]) -> list[Path]:
     return files
 
 
+def predict_masks(trained: Trained, images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) or (H, W, 3) uint8 photos -> (N, H, W) uint8 masks as predict writes them."""
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise CitysegError(f"expected uint8 RGB images of shape (N, H, W, 3), got {images.shape}")
+    return np.stack([trained.task.mask_values[trained.predictor.predict_photo(image)[0]]
+                     for image in images])
+
+
 def overlay(photo: np.ndarray, labels: np.ndarray, task: Task) -> np.ndarray:
     """The photo with the prediction blended over it in the task's overlay colours."""
     alpha = task.overlay_alpha[labels][..., None]

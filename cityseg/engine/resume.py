@@ -12,9 +12,9 @@ from cityseg.engine import checkpoints
 from cityseg.errors import ConfigError
 from cityseg.tracking import Liveness, Tracker, liveness
 
-# what may differ between a checkpoint and its resumed run: the length of training, and how
-# often it checkpoints
-RESUMABLE_CHANGES = {"trainer.epochs", "trainer.checkpoint_minutes"}
+# what may differ between a checkpoint and its resumed run: the length of training, how often
+# it checkpoints, and the words describing it
+RESUMABLE_CHANGES = {"trainer.epochs", "trainer.checkpoint_minutes", "description"}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import signal
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class RunResult:
     checkpoints: dict[str, Path]
     stopped_early: bool
     resumed_from: int  # epochs already done when this call started (0: a fresh run)
+    url: str = ""  # the run's page in the MLflow UI (rank 0)
 
 
 @dataclass
@@ -131,7 +133,8 @@ def _run(exp: Experiment, world: distributed.World, device: torch.device, *, dis
         new_tags = (_new_run_tags(exp, parts, world, devices, tags) if point is None else None)
         run_id = session.enter_context(store.session(
             run_name=run_name or exp.name, tags=new_tags,
-            reattach=point.run_id if point else None))
+            reattach=point.run_id if point else None,
+            system_metrics=exp.tracking.system_metrics))
         return store, run_id, crash
 
     with session:  # on rank 0, the MLflow run: it ends whatever happens after it started
@@ -153,10 +156,11 @@ def _run(exp: Experiment, world: distributed.World, device: torch.device, *, dis
             raise
         if main:
             _upload_checkpoints(tracker, exp, run_id)
-            _log_summary(tracker, trainer, result, exp, parts.model)
+            _log_summary(tracker, trainer, result, exp)
     return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
                      best_score=result.best_score, checkpoints=result.checkpoints,
-                     stopped_early=result.stopped_early, resumed_from=resumed_from)
+                     stopped_early=result.stopped_early, resumed_from=resumed_from,
+                     url=tracking.run_url(tracker.experiment_id, run_id) if main else "")
 
 
 def check_world(exp: Experiment, world: distributed.World, device: torch.device) -> None:
@@ -239,7 +243,8 @@ def _new_run_tags(exp: Experiment, parts: Components, world: distributed.World,
     return {**run_tags(parts.predictor.device, parts.predictor.amp_dtype), **parts.data_tags,
             "world_size": str(world.size), "backend": world.backend,
             "devices": "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)),
-            "config_hash": config_hash(exp.model_dump(mode="json")), **(extra or {})}
+            "config_hash": config_hash(exp.model_dump(mode="json")),
+            **({tracking.NOTE_TAG: exp.description} if exp.description else {}), **(extra or {})}
 
 
 def _trainer(exp: Experiment, parts: Components, run_id: str,
@@ -284,6 +289,7 @@ def _log_start(tracker: tracking.Tracker, exp: Experiment, parts: Components, st
                 tracker.log_metrics(metrics, step=epoch)
         return
     tracker.log_params({**flatten(exp.model_dump(mode="json")), **parts.loss_logged})
+    tracker.log_datasets(_datasets(exp, parts.splits))
     tracker.log_text(to_yaml(exp), "config.yaml")
     tracker.log_text(json.dumps(parts.class_frequencies, indent=2), "data/class_frequencies.json")
 
@@ -295,7 +301,7 @@ def _upload_checkpoints(tracker: tracking.Tracker, exp: Experiment, run_id: str)
 
 
 def _log_summary(tracker: tracking.Tracker, trainer: Trainer, result: FitResult,
-                 exp: Experiment, model: torch.nn.Module) -> None:
+                 exp: Experiment) -> None:
     """End of a successful run: learning curves, confusion report, and the best model."""
     tracker.set_tags({"best_epoch": str(result.best_epoch),
                       "stopped_early": str(result.stopped_early).lower()})
@@ -304,11 +310,15 @@ def _log_summary(tracker: tracking.Tracker, trainer: Trainer, result: FitResult,
     if not exp.tracking.log_model:
         return
     best = checkpoints.load(result.checkpoints["best"])
-    model = model.to("cpu", memory_format=torch.contiguous_format)
-    model.load_state_dict(best["model"])
-    height, width = exp.data.image_size
-    example = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
-    tracker.log_model(model, example)
+    with tempfile.TemporaryDirectory(prefix="cityseg-model-") as folder:
+        slim = Path(folder) / "checkpoint.pt"  # weights and config: what inference needs
+        checkpoints.save_atomic({k: best[k] for k in ("format", "epoch", "metrics", "config",
+                                                      "run_id", "state", "model")}, slim)
+        height, width = exp.data.image_size
+        example = np.random.default_rng(0).integers(0, 256, (1, height, width, 3), np.uint8)
+        validation = {k: v for k, v in best["metrics"].items() if k.startswith("val/")}
+        tracker.log_model(checkpoint=slim, example=example, metrics=validation,
+                          step=best["epoch"], register=exp.tracking.register_model)
 
 
 def _log_confusion(tracker: tracking.Tracker, counts: torch.Tensor | None,
@@ -386,15 +396,32 @@ def resolve_loss(exp: Experiment, splits: DataSplits) -> tuple[Params, dict[str,
     return loss.model_copy(update={"pos_weight": value}), {"loss.pos_weight_used": str(value)}
 
 
+def _datasets(exp: Experiment, splits: DataSplits) -> list[tuple[str, dict]]:
+    """The training and validation splits as MLflow dataset inputs: (context, description);
+    the digest is the split's fingerprint (files, sizes, mtimes, layout, target size)."""
+    found = []
+    for context, split, dataset in (("training", "train", splits.train),
+                                    ("validation", "val", splits.val)):
+        fraction, _ = foreground_stats(dataset.reader.class_counts(), exp.data.foreground)
+        height, width = exp.data.image_size
+        found.append((context, {
+            "name": f"{exp.data.name}-{splits.index.layout}-{exp.data.task}-{split}",
+            "digest": splits.fingerprints[split], "source": str(Path(exp.data.root).resolve()),
+            "schema": {"image": {"dtype": "uint8", "shape": [height, width, 3]},
+                       "mask": {"dtype": "uint8", "shape": [height, width],
+                                "classes": list(exp.task.class_names)}},
+            "profile": {"images": len(dataset), "image_size": [height, width],
+                        "foreground_fraction": round(fraction, 5)}}))
+    return found
+
+
 def _data_report(exp: Experiment, splits: DataSplits) -> tuple[dict[str, str], dict]:
-    """Tags describing the data, and the class frequencies of the training split."""
+    """Tags describing the data (the splits themselves are the run's dataset inputs), and the
+    class frequencies of the training split."""
     counts = splits.train_class_counts()
     labelled = int(counts[: len(TRAIN_CLASSES)].sum())
     fraction, _ = foreground_stats(counts, exp.data.foreground)
     tags = {"data.layout": splits.index.layout, "data.mask_encoding": splits.index.encoding.kind,
-            "data.fingerprint.train": splits.fingerprints["train"],
-            "data.fingerprint.val": splits.fingerprints["val"],
-            "data.train_images": str(len(splits.train)), "data.val_images": str(len(splits.val)),
             "data.foreground_fraction": f"{fraction:.5f}"}
     frequencies = {"split": "train", "resized_to": list(exp.data.image_size),
                    "ignored_pixels": int(counts[IGNORE_INDEX]), "labelled_pixels": labelled,

@@ -26,6 +26,7 @@ from cityseg.config import Experiment, load_experiment, read_yaml, to_yaml
 from cityseg.engine import checkpoints
 from cityseg.engine.resume import config_hash
 from cityseg.errors import ConfigError, Interrupted
+from cityseg.tracking import NOTE_TAG
 
 
 class SweepConfig(BaseModel):
@@ -34,6 +35,8 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[\w.-]+$", description="sweep name: the parent run's name")
+    description: str | None = Field(None, description="what the sweep asks; the parent run's "
+                                                      "description")
     base: str = Field(description="experiment file the children start from, relative to the "
                                   "sweep file")
     grid: dict[str, list[Any]] = Field(
@@ -195,6 +198,7 @@ class SweepResult:
     rows: list[dict[str, Any]]  # ranked: label, run_id, status, swept values, metrics
     best: dict[str, Any] | None
     failed: list[ChildOutcome]
+    url: str  # the parent run's page in the MLflow UI
 
 
 def _rank(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
@@ -213,8 +217,9 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
     tracker = tracking.Tracker(root=base.tracking.dir, experiment=base.tracking.experiment)
     parents = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_role = 'parent'")
     existing = parents[0].info.run_id if parents else None
-    with tracker.session(run_name=sweep.name, tags={"sweep_id": sid, "sweep_role": "parent"},
-                         reattach=existing) as parent_id:
+    tags = {"sweep_id": sid, "sweep_role": "parent",
+            **({NOTE_TAG: sweep.description} if sweep.description else {})}
+    with tracker.session(run_name=sweep.name, tags=tags, reattach=existing) as parent_id:
         if existing:
             report(f"sweep {sid}: continuing parent run {parent_id}")
         else:
@@ -243,7 +248,8 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
         _log_summary(tracker, sweep, points, rows, best, viz)
         failed = [o for o in outcomes if o.status != "FINISHED"]
         tracker.set_tags({"failed_children": str(len(failed))})
-    return SweepResult(sid, parent_id, rows, best, failed)
+    return SweepResult(sid, parent_id, rows, best, failed,
+                       tracking.run_url(tracker.experiment_id, parent_id))
 
 
 SUMMARY_METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/miou",

@@ -39,9 +39,11 @@ def test_tiny_run_tracks_params_metrics_panels_and_checkpoints(tiny_experiment, 
     assert run.data.params["model.depth"] == "2"
     assert run.data.params["data.image_size"] == "[32, 64]"
     assert run.data.params["loss.pos_weight"] == str(tiny_experiment.loss.pos_weight)
-    assert run.data.tags["device"] == "cpu" and "git_commit" in run.data.tags
+    assert run.data.tags["device"] == "cpu" and "mlflow.source.git.commit" in run.data.tags
     assert run.data.tags["data.layout"] == "official"
-    assert len(run.data.tags["data.fingerprint.train"]) == 20
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["training", "validation"]
+    assert len(inputs["training"].digest) == 20 and inputs["training"].name.endswith("-train")
     for key in EPOCH_METRICS:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
