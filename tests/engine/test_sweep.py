@@ -42,12 +42,18 @@ def runs(tmp_path):
 
 
 def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tmp_path):
-    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2, 4]})
+    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2, 4]},
+                       description="how much the foreground weight matters")
     result = run_sweep(path, jobs=2, report=lambda line: None)
     client, parents, children = runs(tmp_path)
     assert len(parents) == 1 and len(children) == 3
     (parent,) = parents
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.note.content"] == "how much the foreground weight matters"
+    # children running at once all logged the same two datasets (a unique-row race in MLflow)
+    for child in children:
+        contexts = sorted(i.tags[0].value for i in child.inputs.dataset_inputs)
+        assert contexts == ["training", "validation"]
     assert sorted(float(c.data.params["loss.pos_weight"]) for c in children) == [1.0, 2.0, 4.0]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
