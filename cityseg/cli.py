@@ -26,6 +26,12 @@ from cityseg.errors import CitysegError
 EXIT_USAGE = 2
 
 
+def _add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow tracking server or database (beats MLFLOW_TRACKING_URI and "
+                             "the experiment's tracking.uri; default: the local store)")
+
+
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (dotted key, YAML value); repeatable")
@@ -131,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=Path("runs"), help="tracking dir (default runs)")
     sub.add_parser("schema", help="print the JSON Schema of experiment files")
     sub.add_parser("list", help="list the registered components")
+    for name in ("run", "sweep", "compare", "evaluate", "predict", "promote"):
+        _add_tracking_uri(sub.choices[name])
+    for name in ("clean", "links"):
+        _add_tracking_uri(runs.choices[name])
     return parser
 
 
@@ -439,6 +449,22 @@ COMMANDS = {"run": cmd_run, "runs": cmd_runs, "promote": cmd_promote, "evaluate"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    uri = getattr(args, "tracking_uri", None)
+    if not uri:
+        return _main(args)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    # MLflow's own convention, so sweep children and torchrun ranks see it as well
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        return _main(args)
+    finally:  # a caller in the same process (tests, notebooks) keeps its own setting
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def _main(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
     if not out.is_terminal:  # logs and pipes: wide enough that tables are not cut
         out = Console(highlight=False, width=140)

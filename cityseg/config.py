@@ -86,6 +86,12 @@ class TrackingConfig(Section):
     dir: Path = Field(
         Path("runs"), description="root of all outputs: mlflow.db, artifacts/, checkpoints/")
     num_samples: int = Field(4, ge=0, description="validation images in the per-epoch sample panel")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (a server: http://host:5000); --tracking-uri and "
+                          "MLFLOW_TRACKING_URI take precedence; none: sqlite:///<dir>/mlflow.db")
+    upload_checkpoints: bool | Literal["auto"] = Field(
+        "auto", description="upload last.pt (and a new best.pt) as artifacts at every epoch end, "
+                            "so another machine can resume; auto: with a remote store")
     system_metrics: bool = Field(True, description="log CPU, memory, disk and GPU use "
                                                    "(system/...) with MLflow's monitor")
     log_model: bool = Field(

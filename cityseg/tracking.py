@@ -34,8 +34,27 @@ from cityseg.errors import CitysegError, Interrupted, StorageError
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
 
-def tracking_uri(root: Path) -> str:
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+def tracking_uri(root: Path, configured: str | None = None) -> str:
+    """Where runs are tracked: MLFLOW_TRACKING_URI (set by --tracking-uri too), else the
+    experiment's tracking.uri, else the local store `sqlite:///<tracking.dir>/mlflow.db`."""
+    return (os.environ.get("MLFLOW_TRACKING_URI") or configured
+            or f"sqlite:///{(root / 'mlflow.db').resolve()}")
+
+
+def is_local(uri: str) -> bool:
+    """A SQLite file on this machine (the default), as opposed to a server or shared database."""
+    return uri.startswith("sqlite:")
+
+
+def _store(root: Path, configured: str | None = None) -> tuple[MlflowClient, str]:
+    """A client of an existing store, and how to name it in messages: reading a local store
+    that is not there must not create an empty one."""
+    uri = tracking_uri(root, configured)
+    if is_local(uri) and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise CitysegError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; train something "
+                           f"first (make run), point --runs at the folder holding mlflow.db, or "
+                           f"give --tracking-uri")
+    return MlflowClient(tracking_uri=uri), uri.removeprefix("sqlite:///")
 
 
 RETRIES = 10  # SQLite allows one writer at a time: parallel sweep children wait their turn
@@ -83,9 +102,11 @@ MODEL_DEVELOPMENT = "custom_model_development"  # the UI's "Model training" expe
 UI = "http://127.0.0.1:5000"  # where `make ui` serves the store
 
 
-def run_url(experiment_id: str, run_id: str | None = None) -> str:
-    """The UI page of a run, or the experiment's training runs view."""
-    page = f"{UI}/#/experiments/{experiment_id}/runs"
+def run_url(experiment_id: str, run_id: str | None = None, *, uri: str = "") -> str:
+    """The UI page of a run, or the experiment's training runs view (on the tracking server
+    when `uri` is one, else where `make ui` serves the local store)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    page = f"{base}/#/experiments/{experiment_id}/runs"
     return f"{page}/{run_id}" if run_id else page
 
 
@@ -183,7 +204,7 @@ class _Heartbeat:
 class Tracker:
     """One MLflow run: params, per-epoch metrics, images and files, ended with a status."""
 
-    def __init__(self, *, root: Path, experiment: str) -> None:
+    def __init__(self, *, root: Path, experiment: str, uri: str | None = None) -> None:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -191,13 +212,15 @@ class Tracker:
                                f"{err.strerror or err}") from None
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
         self.root = root
-        self.client = _RetryingClient(MlflowClient(tracking_uri=tracking_uri(root)),
-                                      store=str(root / "mlflow.db"))
+        self.uri = tracking_uri(root, uri)
+        self.remote = not is_local(self.uri)  # other machines may resume, evaluate, predict
+        self.client = _RetryingClient(MlflowClient(tracking_uri=self.uri),
+                                      store=self.uri.removeprefix("sqlite:///"))
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
-        else:
-            location = (root / "artifacts").resolve().as_uri()
+        else:  # a local store keeps artifacts beside it; a server decides where its go
+            location = (root / "artifacts").resolve().as_uri() if not self.remote else None
             self.experiment_id = self.client.create_experiment(experiment,
                                                                artifact_location=location)
         if found is None or EXPERIMENT_KIND_TAG not in found.tags:
@@ -305,13 +328,13 @@ class Tracker:
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
             outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
-        mlflow.set_tracking_uri(self.client.tracking_uri)
         package = Path(__file__).parent
         logging.getLogger("mlflow.models").setLevel(logging.ERROR)  # no pip resolution notes
         # start_run's exit marks the run FINISHED; the session sets the true status at its end
         # quiet: MLflow's advice to type-hint predict (the input is an image array that cityseg
         # checks itself); its warning filters are reset by MLflow, so the notes are dropped here
-        with mlflow.start_run(run_id=self.run_id), contextlib.redirect_stderr(io.StringIO()):
+        with _fluent(self.uri), mlflow.start_run(run_id=self.run_id), \
+                contextlib.redirect_stderr(io.StringIO()):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(package / "serving.py"),
                 artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(package)],
@@ -324,7 +347,8 @@ class Tracker:
                                    model_id=info.model_id)
         tags = {"model_uri": info.model_uri}
         if register:
-            version = mlflow.register_model(info.model_uri, register)
+            with _fluent(self.uri):  # the registry resolves the model's source through it
+                version = mlflow.register_model(info.model_uri, register)
             tags["registered_model"] = f"models:/{register}/{version.version}"
         self.set_tags(tags)
         return info.model_uri
@@ -379,6 +403,18 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+@contextlib.contextmanager
+def _fluent(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for a block. mlflow.set_tracking_uri also sets
+    MLFLOW_TRACKING_URI, which cityseg reads first: it is put back as it was afterwards."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def mlflow_version() -> str:
     return mlflow.__version__
 
@@ -394,12 +430,11 @@ def model_requirements() -> list[str]:
 def download_artifact(root: Path, run_id: str, artifact: str, *, missing: str) -> Path:
     """One artifact of a run, downloaded into a temporary folder; CitysegError if the run or
     the file is not there (`missing` says what is missing)."""
-    _require_store(root)
-    client = MlflowClient(tracking_uri=tracking_uri(root))
+    client, store = _store(root)
     try:
         client.get_run(run_id)
     except MlflowException:
-        raise CitysegError(f"run {run_id!r} not found in {root / 'mlflow.db'}") from None
+        raise CitysegError(f"run {run_id!r} not found in {store}") from None
     try:
         folder = tempfile.mkdtemp(prefix="cityseg-")
         return Path(client.download_artifacts(run_id, artifact, folder))
@@ -414,22 +449,20 @@ def fetch_config(root: Path, run_id: str) -> Path:
 
 def search_runs(root: Path, *, experiment: str | None, filter_string: str = "") -> list:
     """Runs in the store under `root`, of one MLflow experiment or of all (`cityseg compare`)."""
-    _require_store(root)
-    client = MlflowClient(tracking_uri=tracking_uri(root))
+    client, store = _store(root)
     experiments = client.search_experiments()
     if experiment is not None:
         experiments = [e for e in experiments if e.name == experiment]
         if not experiments:
             names = ", ".join(e.name for e in client.search_experiments()) or "none"
-            raise CitysegError(f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'} "
+            raise CitysegError(f"no MLflow experiment {experiment!r} in {store} "
                                f"(experiments: {names})")
     return client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string)
 
 
 def model_run(root: Path, uri: str) -> str:
     """The run that logged the registered model `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
-    _require_store(root)
-    client = MlflowClient(tracking_uri=tracking_uri(root))
+    client, store = _store(root)
     body = uri.removeprefix("models:/")
     name, at, alias = body.partition("@")
     if not uri.startswith("models:/") or not name or (not at and "/" not in body):
@@ -441,7 +474,7 @@ def model_run(root: Path, uri: str) -> str:
             name, _, number = body.rpartition("/")
             version = client.get_model_version(name, number)
     except MlflowException as err:
-        raise CitysegError(f"--model {uri}: not in the registry of {root / 'mlflow.db'} "
+        raise CitysegError(f"--model {uri}: not in the registry of {store} "
                            f"({str(err).splitlines()[0][:160]})") from None
     if not version.run_id:
         raise CitysegError(f"--model {uri}: version {version.version} has no source run")
@@ -450,8 +483,7 @@ def model_run(root: Path, uri: str) -> str:
 
 def promote(root: Path, run_id: str, alias: str) -> tuple[str, str]:
     """Point `alias` at the model version that run `run_id` registered; (name, version)."""
-    _require_store(root)
-    client = MlflowClient(tracking_uri=tracking_uri(root))
+    client, _ = _store(root)
     versions = client.search_model_versions(f"run_id = '{run_id}'")
     if not versions:
         raise CitysegError(f"run {run_id} registered no model; set tracking.register_model: NAME "
@@ -463,9 +495,9 @@ def promote(root: Path, run_id: str, alias: str) -> tuple[str, str]:
 
 def experiment_links(root: Path) -> list[tuple[str, str]]:
     """(name, training runs view) of every experiment in the store."""
-    _require_store(root)
-    client = MlflowClient(tracking_uri=tracking_uri(root))
-    return [(e.name, run_url(e.experiment_id)) for e in client.search_experiments()
+    client, _ = _store(root)
+    uri = tracking_uri(root)
+    return [(e.name, run_url(e.experiment_id, uri=uri)) for e in client.search_experiments()
             if e.name != "Default"]
 
 
@@ -474,8 +506,8 @@ def clean_stale(root: Path, *, experiment: str | None, dry_run: bool = False
     """Mark every stale RUNNING run (its process is gone) FAILED with a `crashed` tag saying
     why; live runs are never touched. Returns (run, reason) of each stale run."""
     found = []
-    client = _RetryingClient(MlflowClient(tracking_uri=tracking_uri(root)),
-                             store=str(root / "mlflow.db"))
+    plain, store = _store(root)
+    client = _RetryingClient(plain, store=store)
     for run in search_runs(root, experiment=experiment,
                            filter_string="attributes.status = 'RUNNING'"):
         state = liveness(run)
@@ -486,10 +518,3 @@ def clean_stale(root: Path, *, experiment: str | None, dry_run: bool = False
             client.set_terminated(run.info.run_id, status="FAILED")
         found.append((run, state.reason))
     return found
-
-
-def _require_store(root: Path) -> None:
-    """Reading a store that is not there must not create an empty one."""
-    if not (root / "mlflow.db").is_file():
-        raise CitysegError(f"no MLflow store at {root / 'mlflow.db'}; train something first "
-                           f"(make run), or point --runs at the folder holding mlflow.db")

@@ -29,3 +29,14 @@ def tiny_overrides(tmp_path: Path, epochs: int = 2) -> list[str]:
 @pytest.fixture
 def tiny_experiment(tmp_path: Path) -> Experiment:
     return load_experiment(QUICKSTART, tiny_overrides(tmp_path))
+
+
+@pytest.fixture(autouse=True)
+def _local_tracking(monkeypatch):
+    """Tests track into their own temporary stores: never a server from the caller's shell,
+    and never one an earlier test pointed MLflow's fluent API at."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)

@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from cityseg import tracking
-from cityseg.errors import ConfigError, StorageError
+from cityseg.errors import CitysegError, ConfigError, StorageError
 
 FORMAT = 1
 Which = Literal["last", "best"]
@@ -127,6 +128,21 @@ def fetch(root: Path, run_id: str, which: Which) -> tuple[Path, dict]:
         return path, load(path, name=f"artifact {artifact} of run {run_id}")
     except ConfigError as err:
         raise ConfigError(f"{err}{advice}") from None
+
+
+def last_in_place(root: Path, run_id: str) -> Path | None:
+    """The run's last.pt where training writes it: the local file, else its MLflow artifact
+    downloaded there (a run resumed on another machine); None when neither exists."""
+    local = path_of(root, run_id, "last")
+    if local.is_file():
+        return local
+    try:
+        fetched = tracking.download_artifact(root, run_id, "checkpoints/last.pt", missing="")
+    except CitysegError:
+        return None
+    local.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(fetched, local)
+    return local
 
 
 def rng_state() -> dict:

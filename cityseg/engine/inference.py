@@ -215,7 +215,8 @@ def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution:
                    found: dict[str, float], confusion: torch.Tensor,
                    calibration: Calibration | None) -> str:
     """A new MLflow run holding the evaluation, linked to the run that trained the model."""
-    tracker = tracking.Tracker(root=runs, experiment=trained.exp.tracking.experiment)
+    tracker = tracking.Tracker(root=runs, experiment=trained.exp.tracking.experiment,
+                               uri=trained.exp.tracking.uri)
     task = trained.task
     tags = {"source_run": trained.run_id, "eval_split": split,
             "eval_resolution": "full" if full_resolution else "training",

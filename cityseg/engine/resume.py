@@ -13,8 +13,11 @@ from cityseg.errors import ConfigError
 from cityseg.tracking import Liveness, Tracker, liveness
 
 # what may differ between a checkpoint and its resumed run: the length of training, how often
-# it checkpoints, and the words describing it
-RESUMABLE_CHANGES = {"trainer.epochs", "trainer.checkpoint_minutes", "description"}
+# it checkpoints, the words describing it, and where things live on the machine that resumes it
+# (the same data at another path, another cache, another tracking dir or server)
+RESUMABLE_CHANGES = {"trainer.epochs", "trainer.checkpoint_minutes", "description",
+                     "tracking.uri", "tracking.upload_checkpoints", "tracking.dir",
+                     "data.root", "data.cache_dir", "data.num_workers"}
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,13 @@ def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path
         raise ConfigError(f"--resume {spec}: no MLflow store at {store_path(exp)}")
     if spec == "auto":
         run_id = tracker.resumable_run(config_hash(exp.model_dump(mode="json")))
-        found = checkpoints.path_of(root, run_id, "last") if run_id else None
-        return found if found is not None and found.is_file() else None
+        return checkpoints.last_in_place(root, run_id) if run_id else None
     if tracker.run_exists(spec):
         refuse_if_alive(tracker, spec)
-        path = checkpoints.path_of(root, spec, "last")
-        if not path.is_file():
-            raise ConfigError(f"--resume {spec}: the run has no checkpoint at {path}")
+        path = checkpoints.last_in_place(root, spec)
+        if path is None:
+            raise ConfigError(f"--resume {spec}: the run has no checkpoint, neither at "
+                              f"{checkpoints.path_of(root, spec, 'last')} nor among its artifacts")
         return path
     raise ConfigError(f"--resume {spec}: neither a checkpoint file nor a run of MLflow experiment "
                       f"'{exp.tracking.experiment}' in {store_path(exp)}")

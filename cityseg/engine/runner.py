@@ -128,7 +128,8 @@ def _run(exp: Experiment, world: distributed.World, device: torch.device, *, dis
         if not main:
             return None
         store = tracker or tracking.Tracker(root=exp.tracking.dir,
-                                            experiment=exp.tracking.experiment)
+                                            experiment=exp.tracking.experiment,
+                                            uri=exp.tracking.uri)
         crash = check_run_resumable(point, exp, store) if point is not None else None
         new_tags = (_new_run_tags(exp, parts, world, devices, tags) if point is None else None)
         run_id = session.enter_context(store.session(
@@ -160,7 +161,8 @@ def _run(exp: Experiment, world: distributed.World, device: torch.device, *, dis
     return RunResult(run_id=run_id, metrics=result.history[-1], best_epoch=result.best_epoch,
                      best_score=result.best_score, checkpoints=result.checkpoints,
                      stopped_early=result.stopped_early, resumed_from=resumed_from,
-                     url=tracking.run_url(tracker.experiment_id, run_id) if main else "")
+                     url=tracking.run_url(tracker.experiment_id, run_id, uri=tracker.uri)
+                     if main else "")
 
 
 def check_world(exp: Experiment, world: distributed.World, device: torch.device) -> None:
@@ -182,9 +184,10 @@ def _find_resume_point(exp: Experiment, resume: str | None, display, fallback_be
     """The store (only if resuming from one that exists: never created here) and the point."""
     if not resume:
         return None, None
-    has_store = (exp.tracking.dir / "mlflow.db").is_file()
-    tracker = (tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment)
-               if has_store else None)
+    uri = tracking.tracking_uri(exp.tracking.dir, exp.tracking.uri)
+    has_store = not tracking.is_local(uri) or (exp.tracking.dir / "mlflow.db").is_file()
+    tracker = (tracking.Tracker(root=exp.tracking.dir, experiment=exp.tracking.experiment,
+                                uri=exp.tracking.uri) if has_store else None)
     point = resume_point(resume, exp, tracker, fallback_best=fallback_best)
     if point is None:
         display.message("--resume auto: no interrupted run of this experiment and config; "
@@ -257,12 +260,21 @@ def _trainer(exp: Experiment, parts: Components, run_id: str,
         patience=t.patience, min_delta=t.min_delta, tracking_dir=exp.tracking.dir,
         checkpoint_every_s=t.checkpoint_minutes * 60)
 
+    upload = exp.tracking.upload_checkpoints
+    upload = tracker is not None and (tracker.remote if upload == "auto" else upload)
+    uploaded: dict[str, int] = {}  # checkpoint -> mtime already uploaded
+
     def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
         tracker.beat()
         tracker.log_metrics(metrics, step=epoch)
         if sample_arrays is not None:
             tracker.log_image(viz.sample_panel(*sample_arrays, task=exp.task),
                               f"samples/epoch_{epoch:03d}.png")
+        for which in ("last", "best") if upload else ():  # another machine can go on from here
+            path = checkpoints.path_of(exp.tracking.dir, run_id, which)
+            if path.is_file() and uploaded.get(which) != path.stat().st_mtime_ns:
+                tracker.log_file(path, "checkpoints")
+                uploaded[which] = path.stat().st_mtime_ns
 
     return Trainer(predictor=parts.predictor, raw_model=parts.model,
                    train_model=parts.train_model, loss_fn=parts.loss_fn,

@@ -214,7 +214,8 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
     sweep, points = load_sweep(path)
     base = points[0].experiment
     sid = sweep_id(sweep, points)
-    tracker = tracking.Tracker(root=base.tracking.dir, experiment=base.tracking.experiment)
+    tracker = tracking.Tracker(root=base.tracking.dir, experiment=base.tracking.experiment,
+                               uri=base.tracking.uri)
     parents = tracker.find_runs(f"tags.sweep_id = '{sid}' and tags.sweep_role = 'parent'")
     existing = parents[0].info.run_id if parents else None
     tags = {"sweep_id": sid, "sweep_role": "parent",
@@ -249,7 +250,7 @@ def run_sweep(path: str | Path, *, jobs: int = 1, report=print) -> SweepResult:
         failed = [o for o in outcomes if o.status != "FINISHED"]
         tracker.set_tags({"failed_children": str(len(failed))})
     return SweepResult(sid, parent_id, rows, best, failed,
-                       tracking.run_url(tracker.experiment_id, parent_id))
+                       tracking.run_url(tracker.experiment_id, parent_id, uri=tracker.uri))
 
 
 SUMMARY_METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/miou",

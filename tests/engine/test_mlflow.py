@@ -116,9 +116,10 @@ def test_promote_and_registered_models_serve_evaluate_and_predict(finished, caps
     assert "not in the registry" in capsys.readouterr().err
 
 
-def test_the_logged_model_is_a_pyfunc_that_predicts_what_cityseg_predict_writes(finished):
+def test_the_logged_model_is_a_pyfunc_that_predicts_what_cityseg_predict_writes(finished,
+                                                                              monkeypatch):
     tmp_path, exp, result, client, run = finished
-    mlflow.set_tracking_uri(tracking_uri(tmp_path / "runs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(tmp_path / "runs"))
     model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     path, photo = frame()
     image = tmp_path / "pyfunc.png"
@@ -146,7 +147,7 @@ np.save(sys.argv[4], model.predict(np.load(sys.argv[3])))
 """
 
 
-def test_the_logged_model_predicts_in_a_process_without_cityseg(finished):
+def test_the_logged_model_predicts_in_a_process_without_cityseg(finished, monkeypatch):
     """Only MLflow and the recorded requirements: cityseg comes with the model as its code."""
     tmp_path, exp, result, client, run = finished
     folder = tmp_path / "fresh"
@@ -157,7 +158,7 @@ def test_the_logged_model_predicts_in_a_process_without_cityseg(finished):
                            run.data.tags["model_uri"], "in.npy", "out.npy"], cwd=folder,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    mlflow.set_tracking_uri(tracking_uri(tmp_path / "runs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(tmp_path / "runs"))
     here = mlflow.pyfunc.load_model(run.data.tags["model_uri"]).predict(photo[None])
     assert np.array_equal(np.load(folder / "out.npy"), here)
 

@@ -1,0 +1,89 @@
+"""Tracking anywhere: a real `mlflow server` on 127.0.0.1, used from three "machines" (three
+tracking dirs that share nothing but the server)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from cityseg.cli import main
+from tests.conftest import QUICKSTART, tiny_overrides
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """An MLflow tracking server with a SQLite backend and its own artifact root."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}"
+                                   f"{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def sets(overrides):
+    return sum((["--set", o] for o in overrides), [])
+
+
+def test_train_on_one_machine_resume_evaluate_and_predict_on_others(server, tmp_path, capsys):
+    first = tiny_overrides(tmp_path / "a", epochs=1) + ["tracking.log_model=false"]
+    assert main(["run", str(QUICKSTART), *sets(first), "--tracking-uri", server]) == 0
+    assert f"{server}/#/experiments/" in capsys.readouterr().out
+    assert not (tmp_path / "a" / "runs" / "mlflow.db").exists()  # nothing tracked locally
+    client = MlflowClient(tracking_uri=server)
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED"
+
+    # machine b: another tracking dir, no local checkpoint; last.pt comes from the server
+    second = tiny_overrides(tmp_path / "b", epochs=2) + ["tracking.log_model=false"]
+    assert main(["run", str(QUICKSTART), *sets(second), "--resume", run.info.run_id,
+                 "--tracking-uri", server]) == 0
+    again = client.get_run(run.info.run_id)
+    assert again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/dice")] == [1, 2]
+
+    # machine c: compare, evaluate, predict and re-run from the server alone
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    elsewhere = str(tmp_path / "c" / "runs")
+    assert main(["compare", "--runs", elsewhere, "--tracking-uri", server]) == 0
+    assert run.info.run_id[:8] in capsys.readouterr().out
+    assert main(["evaluate", "--run", run.info.run_id, "--runs", elsewhere, "--no-log",
+                 "--tracking-uri", server, "--set", f"data.root={tmp_path / 'a' / 'synthetic'}",
+                 "--set", f"data.cache_dir={tmp_path / 'c' / 'cache'}"]) == 0
+    image = tmp_path / "street.png"
+    first_image = next((tmp_path / "a" / "synthetic").rglob("*_leftImg8bit.png"))
+    image.write_bytes(first_image.read_bytes())
+    assert main(["predict", "--run", run.info.run_id, "--runs", elsewhere, str(image),
+                 "--out", str(tmp_path / "c" / "masks"), "--tracking-uri", server]) == 0
+    assert (tmp_path / "c" / "masks" / "street_mask.png").is_file()
+    assert main(["run", "--from-run", run.info.run_id, "--runs", elsewhere,
+                 "--tracking-uri", server, "--set", f"tracking.dir={elsewhere}"]) == 0
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the flag does not leak into the caller
