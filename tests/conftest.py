@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,3 +47,32 @@ def _local_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def mlflow_process(*args: str, ready: str, env: dict[str, str] | None = None):
+    """`mlflow <args> --host 127.0.0.1 --port <free port>` from this environment; yields its
+    URL once GET <url><ready> answers, and stops it afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bin_dir = os.path.dirname(sys.executable)  # uvicorn and mlflow of this environment
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "mlflow"), *args, "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **(env or {}), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                urllib.request.urlopen(f"{url}{ready}", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, f"mlflow {args[0]} did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

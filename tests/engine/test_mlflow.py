@@ -4,10 +4,8 @@ model with its metrics; everything read back through MlflowClient."""
 import getpass
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -21,7 +19,7 @@ from cityseg.config import load_experiment
 from cityseg.data.datasets import data_index, reader_for
 from cityseg.engine import runner
 from cityseg.tracking import tracking_uri
-from tests.conftest import CITYSCAPES_MINI, QUICKSTART, REPO, tiny_overrides
+from tests.conftest import CITYSCAPES_MINI, QUICKSTART, REPO, mlflow_process, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -163,42 +161,17 @@ def test_the_logged_model_predicts_in_a_process_without_cityseg(finished, monkey
     assert np.array_equal(np.load(folder / "out.npy"), here)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_with_the_mask_predict_writes(finished):
     tmp_path, exp, result, client, run = finished
-    port = free_port()
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    server = subprocess.Popen(
-        [mlflow_bin, "models", "serve", "-m", run.data.tags["model_uri"], "--env-manager",
-         "local", "--host", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(tmp_path / "runs"),
-             # the server runs uvicorn from this environment, as an activated one would
-             "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "the model server did not start"
-                time.sleep(0.5)
-        path, photo = frame()
+    path, photo = frame()
+    with mlflow_process("models", "serve", "-m", run.data.tags["model_uri"], "--env-manager",
+                        "local", ready="/ping",
+                        env={"MLFLOW_TRACKING_URI": tracking_uri(tmp_path / "runs")}) as url:
         body = json.dumps({"inputs": photo[None].tolist()}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+        request = urllib.request.Request(f"{url}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=300) as response:
             served = np.array(json.loads(response.read())["predictions"], dtype=np.uint8)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     image = tmp_path / "served.png"
     Image.fromarray(photo).save(image)
     assert main(["predict", "--run", run.info.run_id, "--runs", str(tmp_path / "runs"),

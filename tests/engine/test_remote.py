@@ -2,51 +2,22 @@
 tracking dirs that share nothing but the server)."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow import MlflowClient
 
 from cityseg.cli import main
-from tests.conftest import QUICKSTART, tiny_overrides
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import QUICKSTART, mlflow_process, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """An MLflow tracking server with a SQLite backend and its own artifact root."""
     root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}"
-                                   f"{os.environ['PATH']}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_process("server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                        "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
+                        ready="/health") as url:
+        yield url
 
 
 def sets(overrides):
