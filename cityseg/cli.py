@@ -80,10 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("sweep",
-                       help="run one child per grid point of a sweep file under one parent run")
+                       help="train a sweep's children (a grid or an Optuna search) under one "
+                            "parent run; run it on several machines to share the work")
     p.add_argument("sweep", help="sweep YAML file (experiments/sweeps/...)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="children trained at once, in separate processes")
+                   help="workers on this machine, each training one child at a time")
+    p.add_argument("--storage", metavar="URL|PATH",
+                   help="Optuna storage the workers share: sqlite:///FILE, postgresql://..., "
+                        "mysql://..., or a journal file path on a shared filesystem "
+                        "(default: sqlite next to the local MLflow store)")
     p = sub.add_parser("compare", help="table of runs from the MLflow store, sorted by a metric")
     p.add_argument("--experiment", help="MLflow experiment name (default: all)")
     p.add_argument("--sweep", help="only the children of this sweep id")
@@ -278,26 +283,31 @@ def cmd_data(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
-    from cityseg.engine.sweep import load_sweep, run_sweep
+    from cityseg.engine.sweep import default_storage, load_sweep, run_sweep
+    from cityseg.errors import Interrupted
 
     if args.jobs < 1:
         raise CitysegError("--jobs must be at least 1")
-    sweep, points = load_sweep(args.sweep)  # every grid point validated before anything runs
-    out.print(f"[bold]{sweep.name}[/]: {len(points)} children, "
-              f"ranked by {sweep.metric} ({sweep.mode}), {args.jobs} at a time")
-    from cityseg.errors import Interrupted
-
+    plan = load_sweep(args.sweep)  # every grid point and range validated before anything runs
+    sweep = plan.config
+    size = (f"{len(plan.points)} grid points" if sweep.grid is not None
+            else f"{sweep.search.trials} {sweep.search.sampler} trials")
+    prune = sweep.pruning
+    out.print(f"[bold]{sweep.name}[/]: {size}, ranked by {sweep.metric} ({sweep.mode}), "
+              f"{args.jobs} worker(s) here" + (f", {prune.pruner} pruning" if prune else ""))
     try:
         result = run_sweep(args.sweep, jobs=args.jobs,
+                           storage=args.storage or default_storage(plan),
                            report=lambda line: out.print(f"  {line}", markup=False))
     except Interrupted as err:
         print(f"{signal.Signals(err.signum).name}: sweep stopped; finished children are kept. "
               f"Run the same command again to train the rest.", file=sys.stderr)
         return 128 + err.signum
     shown = list(dict.fromkeys((sweep.metric, "val/iou", "val/precision", "val/recall")))
-    table = Table("rank", "child", "status", *shown, "run id", box=None)
+    table = Table("rank", "child", "status", "epochs", *shown, "run id", box=None)
     for rank, row in enumerate(result.rows, start=1):
-        table.add_row(str(rank), row["child"], row["status"],
+        status = "PRUNED" if row["pruned"] else row["status"]
+        table.add_row(str(rank), row["child"], status, str(row["epochs"]),
                       *(f"{row[m]:.4f}" if isinstance(row.get(m), float) else "-" for m in shown),
                       row["run_id"][:8])
     out.print(table)
@@ -305,8 +315,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         out.print(f"best: {result.best['child']} ({sweep.metric} {result.best[sweep.metric]:.4f}); "
                   f"parent run {result.parent_id}, sweep id {result.sweep_id}")
     out.print(f"in the MLflow UI (make ui): {result.url}", markup=False)
-    for failed in result.failed:
-        print(f"error: child {failed.point.label} failed: {failed.error}", file=sys.stderr)
+    for child, error in result.failed:
+        print(f"error: child {child} failed: {error}", file=sys.stderr)
     return 1 if result.failed else 0
 
 

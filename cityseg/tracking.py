@@ -16,7 +16,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,11 +239,14 @@ class Tracker:
 
     @contextlib.contextmanager
     def session(self, *, run_name: str = "", tags: dict[str, str] | None = None,
-                reattach: str | None = None, system_metrics: bool = False) -> Iterator[str]:
+                reattach: str | None = None, system_metrics: bool = False,
+                leave_running: Callable[[], bool] | None = None) -> Iterator[str]:
         """The lifecycle of one run: start it (or reattach to the run id `reattach`, which is
         RUNNING again), keep its heartbeat fresh, yield its id, and always end it: FINISHED
         when the block completes, KILLED on Ctrl-C or SIGTERM (Interrupted), FAILED otherwise,
-        with the error as the run's `failure` tag."""
+        with the error as the run's `failure` tag. A block that completes while
+        `leave_running()` is true leaves the run RUNNING: other processes still write it (the
+        workers of a sweep), and the last one ends it."""
         if reattach is None:
             # MLflow's own context first (source name and type, user, git commit), ours over it
             context = resolve_tags(tags or {})
@@ -267,7 +270,8 @@ class Tracker:
             raise
         finally:
             if status == "FINISHED":
-                self._end(status)
+                if leave_running is None or not leave_running():
+                    self._end(status)
             else:  # an unwritable store leaves the run RUNNING, stale: `cityseg runs clean`
                 with contextlib.suppress(Exception):
                     self._end(status)
@@ -376,6 +380,11 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A table (column -> values) as a JSON artifact that the MLflow UI shows as a table."""
+        with self._artifact(artifact_file):
+            self.client.log_table(self.run_id, columns, artifact_file)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         with self._artifact(artifact_file):

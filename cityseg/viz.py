@@ -99,7 +99,7 @@ def _pyplot():
     return plt
 
 
-def _figure_image(fig) -> np.ndarray:
+def figure_image(fig) -> np.ndarray:
     """Render a finished matplotlib figure to an RGB array and close it."""
     for axis in fig.axes:
         axis.grid(alpha=0.3)
@@ -122,7 +122,7 @@ def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray
     left.legend()
     right.plot(epochs, [h[monitor] for h in history], marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel=monitor, title=monitor)
-    return _figure_image(fig)
+    return figure_image(fig)
 
 
 def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.ndarray:
@@ -148,7 +148,7 @@ def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.nda
     axis.set_xticks(positions, [str(v) for v in values])
     axis.set(xlabel=key, ylabel="value", title=f"metrics against {key}")
     axis.legend()
-    return _figure_image(fig)
+    return figure_image(fig)
 
 
 def comparison_panel(images: np.ndarray, targets: np.ndarray, columns: dict[str, np.ndarray], *,
@@ -178,4 +178,4 @@ def pr_curve(calibration) -> np.ndarray:
     right.axvline(c.thresholds[c.best], color="tab:red", linestyle="--")
     right.set(xlabel="threshold", ylabel="score", title="scores against threshold")
     right.legend()
-    return _figure_image(fig)
+    return figure_image(fig)

@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ from cityseg.engine.resume import (
 from cityseg.engine.trainer import FitResult, StopFlag, Trainer, TrainerSettings, TrainState
 from cityseg.errors import ConfigError, DataError, Interrupted  # noqa: F401  (tests catch it here)
 from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, Params
+
+# after each epoch (rank 0): tags to stop the run with, FINISHED, or None to go on
+EpochHook = Callable[[int, dict[str, float]], "dict[str, str] | None"]
 
 
 @dataclass
@@ -82,18 +86,21 @@ class Components:
 
 def run(exp: Experiment, *, display=None, resume: str | None = None,
         fallback_best: bool = False, run_name: str | None = None,
-        tags: dict[str, str] | None = None) -> RunResult:
+        tags: dict[str, str] | None = None, epoch_hook: EpochHook | None = None) -> RunResult:
     """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow.
 
     fallback_best: resume from best.pt when last.pt is corrupt. run_name defaults to the
-    experiment's name; tags are added to the run's (sweeps use both). Under torchrun, every
-    process calls this; rank 0 alone opens the MLflow run, prints and writes checkpoints.
+    experiment's name; tags are added to the run's (sweeps use both). epoch_hook(epoch,
+    metrics), called on rank 0 after each logged epoch, may return tags: the run gets them and
+    stops there, FINISHED (a pruned sweep trial). Under torchrun, every process calls this;
+    rank 0 alone opens the MLflow run, prints and writes checkpoints.
     """
     device = distributed.device_for(resolve_device(exp.trainer.device))
     world = distributed.setup(device)
     try:
         result = _run(exp, world, device, display=display if world.is_main else None,
-                      resume=resume, fallback_best=fallback_best, run_name=run_name, tags=tags)
+                      resume=resume, fallback_best=fallback_best, run_name=run_name, tags=tags,
+                      epoch_hook=epoch_hook)
     except BaseException:
         distributed.teardown(clean=False)
         raise
@@ -103,7 +110,7 @@ def run(exp: Experiment, *, display=None, resume: str | None = None,
 
 def _run(exp: Experiment, world: distributed.World, device: torch.device, *, display,
          resume: str | None, fallback_best: bool, run_name: str | None,
-         tags: dict[str, str] | None) -> RunResult:
+         tags: dict[str, str] | None, epoch_hook: EpochHook | None) -> RunResult:
     display = display or NullDisplay()
     check_world(exp, world, device)
     seed_everything(exp.seed)
@@ -141,7 +148,7 @@ def _run(exp: Experiment, world: distributed.World, device: torch.device, *, dis
     with session:  # on rank 0, the MLflow run: it ends whatever happens after it started
         tracker, run_id, crash = distributed.together(open_run) or (None, None, None)
         run_id = distributed.broadcast(run_id)
-        trainer = _trainer(exp, parts, run_id, tracker, display)
+        trainer = _trainer(exp, parts, run_id, tracker, display, epoch_hook)
         state = distributed.together(
             lambda: trainer.restore(point.checkpoint) if point is not None else TrainState())
         resumed_from = state.epoch - 1
@@ -251,7 +258,8 @@ def _new_run_tags(exp: Experiment, parts: Components, world: distributed.World,
 
 
 def _trainer(exp: Experiment, parts: Components, run_id: str,
-             tracker: tracking.Tracker | None, display) -> Trainer:
+             tracker: tracking.Tracker | None, display,
+             epoch_hook: EpochHook | None = None) -> Trainer:
     """The trainer; on_epoch_end logs to MLflow on rank 0 (tracker None elsewhere)."""
     t = exp.trainer
     settings = TrainerSettings(
@@ -264,7 +272,7 @@ def _trainer(exp: Experiment, parts: Components, run_id: str,
     upload = tracker is not None and (tracker.remote if upload == "auto" else upload)
     uploaded: dict[str, int] = {}  # checkpoint -> mtime already uploaded
 
-    def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> None:
+    def on_epoch_end(epoch: int, metrics: dict[str, float], sample_arrays) -> bool:
         tracker.beat()
         tracker.log_metrics(metrics, step=epoch)
         if sample_arrays is not None:
@@ -275,6 +283,12 @@ def _trainer(exp: Experiment, parts: Components, run_id: str,
             if path.is_file() and uploaded.get(which) != path.stat().st_mtime_ns:
                 tracker.log_file(path, "checkpoints")
                 uploaded[which] = path.stat().st_mtime_ns
+        stop_tags = epoch_hook(epoch, metrics) if epoch_hook is not None else None
+        if stop_tags:
+            tracker.set_tags(stop_tags)
+            display.message(f"stopped after epoch {epoch}: "
+                            + ", ".join(f"{k}={v}" for k, v in stop_tags.items()))
+        return bool(stop_tags)
 
     return Trainer(predictor=parts.predictor, raw_model=parts.model,
                    train_model=parts.train_model, loss_fn=parts.loss_fn,

@@ -78,7 +78,8 @@ class StopFlag:
         self.signum = 0
 
 
-EpochCallback = Callable[[int, dict[str, float], tuple | None], None]
+# called on rank 0 after each epoch's checkpoint; True stops training there (a pruned sweep trial)
+EpochCallback = Callable[[int, dict[str, float], tuple | None], bool | None]
 
 
 class Trainer:
@@ -309,16 +310,21 @@ class Trainer:
                 if is_best:
                     self._save(checkpoint, "best")
                 self.display.epoch_end(epoch, metrics, is_best)
+                halt = False
                 if self.on_epoch_end is not None:
-                    self.on_epoch_end(epoch, metrics, self.predict_samples())
+                    halt = bool(self.on_epoch_end(epoch, metrics, self.predict_samples()))
                 if self.s.patience and state.bad_epochs >= self.s.patience:
                     stopped_early = True
                     self.display.message(f"early stop: {self.s.monitor} has not improved for "
                                          f"{state.bad_epochs} epochs (best {state.best_score:.4f} "
                                          f"at epoch {state.best_epoch})")
                     break
-                # signalled during validation or logging (every rank stops here, or none)
-                (stop,) = distributed.agree([float(self.stop.signum)])
+                # signalled during validation or logging, or stopped by the callback: every rank
+                # stops here, or none
+                stop, halt = distributed.agree([float(self.stop.signum), float(halt)])
+                if halt and state.epoch <= self.s.epochs:
+                    stopped_early = True
+                    break
                 if stop and state.epoch <= self.s.epochs:
                     raise Interrupted(int(stop), self.run_id, f"the end of epoch {epoch}")
         finally:

@@ -73,6 +73,13 @@ def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tm
     assert len(parents) == 1 and len(children_after) == 3  # no new child
     assert again.parent_id == parent.info.run_id
 
+    # a new, empty Optuna study: its trials find the FINISHED children by config hash
+    lines = []
+    fresh = run_sweep(path, storage=f"sqlite:///{tmp_path}/other.db", report=lines.append)
+    assert sum("already FINISHED" in line for line in lines) == 3
+    assert not any(" training " in line for line in lines)
+    assert fresh.parent_id == parent.info.run_id and len(fresh.rows) == 3
+
 
 @pytest.mark.parametrize("stop",
                          [KeyboardInterrupt(), Interrupted(signal.SIGTERM, "run", "epoch 1")],
@@ -101,7 +108,8 @@ def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monk
     client, parents, children = runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 3 and first in {c.info.run_id for c in children}
-    assert sum("skipped" in line for line in lines) == 1
+    # the study knows the finished point: only the two missing ones are trained
+    assert sum(" training " in line for line in lines) == 2
 
 
 def test_every_grid_point_is_validated_before_anything_runs(tmp_path, capsys):
@@ -116,7 +124,7 @@ def test_every_grid_point_is_validated_before_anything_runs(tmp_path, capsys):
 
 def test_sweep_files_in_the_repository_validate():
     for name in ("fg_weight_quick.yaml", "fg_weight.yaml"):
-        sweep, points = load_sweep(QUICKSTART.parent / "sweeps" / name)
+        points = load_sweep(QUICKSTART.parent / "sweeps" / name).points
         assert ([p.values["loss.pos_weight"] for p in points][:5] == [1, 2, 4, 8, 16]
                 or len(points) == 15)
 
@@ -141,9 +149,9 @@ def test_interrupted_crosses_process_boundaries():
 
 
 def test_changing_epochs_makes_new_children(tmp_path):
-    short = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}))[1]
+    short = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]})).points
     longer = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]},
-                                    set={"trainer.epochs": 5}))[1]
+                                    set={"trainer.epochs": 5})).points
     assert {p.config_hash for p in short}.isdisjoint(p.config_hash for p in longer)
 
 
