@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -351,6 +352,10 @@ def default_storage(plan: Plan) -> str:
     return f"sqlite:///{root}/optuna.db"
 
 
+# what a worker sees when another creates a new database's tables at the same moment
+_CREATE_RACE = ("already exists", "UNIQUE constraint", "duplicate key", "IntegrityError")
+
+
 def open_study(plan: Plan, storage: str):
     """Join (or create) the sweep's Optuna study. A URL (sqlite://, postgresql://, mysql://)
     is an RDB storage with heartbeats; a plain path is Optuna's journal file."""
@@ -360,27 +365,36 @@ def open_study(plan: Plan, storage: str):
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # cityseg reports the trials itself
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sweep = plan.config
-    try:
-        if "://" in storage:
-            if storage.startswith("sqlite:///"):
-                Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            store = RDBStorage(
-                storage, heartbeat_interval=sweep.heartbeat_seconds,
-                grace_period=2 * sweep.heartbeat_seconds,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs=({"connect_args": {"timeout": 60}}
-                               if storage.startswith("sqlite") else None))
-        else:
+
+    def connect():
+        if "://" not in storage:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             Path(storage).parent.mkdir(parents=True, exist_ok=True)
-            store = JournalStorage(JournalFileBackend(storage))
-    except (ImportError, ModuleNotFoundError) as err:
-        raise ConfigError(f"--storage {storage}: {err}; for PostgreSQL install the cluster "
-                          f"extra: pip install 'cityseg[cluster]'") from None
-    except Exception as err:  # noqa: BLE001  (SQLAlchemy's errors: a bad URL, a dead server)
-        raise ConfigError(f"--storage {storage}: cannot open the Optuna storage: "
-                          f"{str(err).splitlines()[0]}") from None
+            return JournalStorage(JournalFileBackend(storage))
+        if storage.startswith("sqlite:///"):
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return RDBStorage(
+            storage, heartbeat_interval=sweep.heartbeat_seconds,
+            grace_period=2 * sweep.heartbeat_seconds,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            engine_kwargs=({"connect_args": {"timeout": 60}}
+                           if storage.startswith("sqlite") else None))
+
+    for attempt in range(5):
+        try:
+            store = connect()
+            break
+        except ImportError as err:
+            raise ConfigError(f"--storage {storage}: {err}; for PostgreSQL install the cluster "
+                              f"extra: pip install 'cityseg[cluster]'") from None
+        except Exception as err:  # noqa: BLE001  (SQLAlchemy's errors: a bad URL, a dead server)
+            # workers that start together on a new database race to create its tables
+            if any(m in str(err) for m in _CREATE_RACE) and attempt < 4:
+                time.sleep(1 + attempt)
+                continue
+            raise ConfigError(f"--storage {storage}: cannot open the Optuna storage: "
+                              f"{str(err).splitlines()[0]}") from None
     if sweep.grid is not None:
         sampler = optuna.samplers.GridSampler(
             {key: plan.choices(key) for key in sweep.grid})
@@ -662,6 +676,7 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
               report=print) -> SweepResult:
     """Join the sweep's study and parent run, train trials until none is left, and write the
     summary of every child so far on the parent run."""
+    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     plan = load_sweep(path)
@@ -674,7 +689,8 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
             **({NOTE_TAG: sweep.description} if sweep.description else {})}
     parent_id, created = parent_run(tracker, plan, tags)
 
-    def pending() -> int:  # trials that other workers are still training
+    def pending() -> int:  # trials that other (live) workers are still training
+        fail_stale_trials(study)
         return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
     with tracker.session(reattach=parent_id, leave_running=lambda: pending() > 0):
@@ -698,13 +714,14 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
         rows = summary_rows(plan, tracker, study)
         best = next((r for r in rows if isinstance(r.get(sweep.metric), float)
                      and r["status"] == "FINISHED" and not r["pruned"]), None)
-        _log_summary(tracker, plan, study, rows, best)
         left = pending()
-        tracker.set_tags({"children": str(len(rows)), "pending_trials": str(left),
-                          "failed_children": str(sum(r["status"] != "FINISHED" for r in rows))})
-        if left:
-            report(f"{left} trial(s) still training in other workers: the last worker to finish "
-                   f"writes the complete summary")
+        if left:  # the last worker to finish summarises everything
+            report(f"{left} trial(s) still training in other workers: the last of them writes "
+                   f"the summary and ends the parent run")
+        else:
+            _log_summary(tracker, plan, study, rows, best)
+            tracker.set_tags({"children": str(len(rows)), "failed_children": str(
+                sum(r["status"] != "FINISHED" for r in rows))})
     return SweepResult(plan.sweep_id, parent_id, rows, best, failed,
                        tracking.run_url(tracker.experiment_id, parent_id, uri=tracker.uri), left)
 

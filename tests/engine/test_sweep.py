@@ -1,7 +1,9 @@
 """Sweeps: a parent with nested children, parallel jobs, skipping finished children, summaries."""
 
+import json
 import pickle
 import signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,7 +28,8 @@ def write_sweep(tmp_path, grid, **extra):
             node = node.setdefault(part, {})
         node[last] = yaml.safe_load(value)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(base))
-    sweep = {"name": "tiny", "base": "tiny.yaml", "grid": grid, "metric": "val/dice", **extra}
+    sweep = {"name": "tiny", "base": "tiny.yaml", "metric": "val/dice", **extra,
+             **({"grid": grid} if grid is not None else {})}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
@@ -182,3 +185,75 @@ def test_a_child_interrupted_mid_training_is_resumed_not_restarted(tmp_path, mon
     assert killed[0].info.run_id in {c.info.run_id for c in children}  # the same run, continued
     assert any(f"resuming {killed[0].info.run_id}" in line for line in lines)
     assert [m.step for m in client.get_metric_history(killed[0].info.run_id, "val/dice")] == [1, 2]
+
+
+def test_search_with_pruning_stops_hopeless_children_which_end_finished_and_tagged(tmp_path):
+    # threshold 0.999 predicts (almost) no foreground, 0.01 (almost) all: the 0.999 children fall
+    # below the median of the finished ones, so the median rule prunes them once a 0.01 finished
+    search = {"params": {"trainer.threshold": {"choices": [0.01, 0.999]},
+                         "loss.pos_weight": {"low": 1, "high": 4, "log": True}},
+              "sampler": "random", "seed": 3, "trials": 6}
+    path = write_sweep(tmp_path, None, search=search, set={"trainer.epochs": 3},
+                       prune={"pruner": "median", "startup_trials": 1, "warmup_epochs": 0})
+    result = run_sweep(path, storage=f"sqlite:///{tmp_path}/study.db", report=lambda line: None)
+    import optuna
+
+    study = optuna.load_study(study_name=result.sweep_id, storage=f"sqlite:///{tmp_path}/study.db")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 6
+    assert "PRUNED" in states and "COMPLETE" in states
+    client, parents, children = runs(tmp_path)
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    by_id = {c.info.run_id: c for c in children}
+    for trial in study.trials:
+        child = by_id[trial.user_attrs["mlflow_run_id"]]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/dice")]
+        assert child.data.tags["optuna_trial"] == str(trial.number)
+        assert float(child.data.params["loss.pos_weight"]) == trial.params["loss.pos_weight"]
+        if trial.state.name == "PRUNED":
+            epoch = int(child.data.tags["pruned_at_epoch"])
+            assert child.data.tags["pruned"] == "true" and steps == list(range(1, epoch + 1))
+            assert epoch < 3 and trial.params["trainer.threshold"] == 0.999
+            assert child.data.tags["stopped_early"] == "true"
+        else:
+            assert "pruned" not in child.data.tags and steps == [1, 2, 3]
+            assert trial.value == child.data.metrics["val/dice"]
+    # the summary: finished children first, by Dice; the pruned ones after them
+    pruned = [row["pruned"] for row in result.rows]
+    assert pruned == sorted(pruned) and len(result.rows) == 6
+    assert result.best is not None and not result.best["pruned"]
+    (parent,) = parents
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"summary.csv", "summary.json", "plots/optuna_history.png",
+            "plots/optuna_importances.png", "plots/loss_pos_weight.png"} <= artifacts
+    summary = client.download_artifacts(parent.info.run_id, "summary.json")
+    table = json.loads(Path(summary).read_text())
+    assert len(table["data"]) == 6 and "pruned" in table["columns"]
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"search": {"params": {"loss.pos_weight": {"low": 1, "high": 8}}, "sampler": "bayes",
+                 "trials": 3}}, "search.sampler"),
+    ({"search": {"params": {"loss.pos_weight": {"low": 4, "high": 4}}, "trials": 3}},
+     "search.params.loss.pos_weight"),
+    ({"search": {"params": {"loss.pos_weight": {"low": 8, "high": 1}}, "trials": 3}},
+     "search.params.loss.pos_weight"),
+    ({"search": {"params": {"loss.pos_weight": {"choices": []}}, "trials": 3}},
+     "search.params.loss.pos_weight"),
+    ({"search": {"params": {"loss.bogus": {"low": 1, "high": 8}}, "trials": 3}},
+     "search.params.loss.bogus"),
+    ({"search": {"params": {"model.depth": {"low": 2, "high": 9}}, "trials": 3}},
+     "search.params.model.depth"),
+    ({"grid": {"loss.bogus": [1, 2]}}, "grid point bogus=1"),
+    ({"prune": "hyperband"}, "prune"),
+], ids=["sampler", "empty-range", "low-above-high", "no-choices", "unknown-key", "invalid-end",
+        "grid-unknown-key", "pruner"])
+def test_a_bad_sweep_file_is_refused_before_any_run_naming_the_field(tmp_path, capsys, change,
+                                                                      field):
+    grid = change.pop("grid", None if "search" in change else {"loss.pos_weight": [1, 2]})
+    path = write_sweep(tmp_path, grid, **change)
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
