@@ -1,6 +1,7 @@
 # cityseg: every target sets itself up (.venv + pip install -e .[dev]) on first use.
 #   make run [EXP=experiments/baseline.yaml] [SET="trainer.epochs=3 loss.pos_weight=8"] [NPROC=2]
-#   make sweep [SWEEP=experiments/sweeps/fg_weight_quick.yaml] [JOBS=2]; make compare [ARGS="--metric val/iou"]
+#   make sweep [SWEEP=experiments/sweeps/fg_weight_quick.yaml] [JOBS=2] [STORAGE=URL]
+#   make compare [ARGS="--metric val/iou"]
 #   make test | test-slow | lint | ui | validate | schema | bench
 
 PYTHON ?= python3
@@ -33,8 +34,9 @@ endif
 
 SWEEP  ?= experiments/sweeps/fg_weight_quick.yaml
 JOBS   ?= 1
+STORAGE ?=
 sweep: $(STAMP)
-	$(BIN)/cityseg sweep $(SWEEP) --jobs $(JOBS)
+	$(BIN)/cityseg sweep $(SWEEP) --jobs $(JOBS) $(if $(STORAGE),--storage $(STORAGE))
 
 compare: $(STAMP)
 	$(BIN)/cityseg compare $(ARGS)

@@ -206,23 +206,13 @@ class Plan:
         return [self.encode(key, v) for v in values]
 
     def grid_space(self) -> dict[str, list[Any]]:
-        """The grid as GridSampler keeps it: keys by name, encoded values."""
-        return {key: self.choices(key) for key in sorted(self.config.grid)}
+        """The grid as Optuna's GridSampler takes it: encoded values."""
+        return {key: self.choices(key) for key in self.config.grid}
 
-    def grid_values(self, grid_id: int) -> dict[str, Any]:
-        """The encoded params of GridSampler's grid id (the product of the values in
-        grid_space's order)."""
-        space = self.grid_space()
-        combo = next(itertools.islice(itertools.product(*space.values()), grid_id, None))
-        return dict(zip(space, combo, strict=True))
-
-    def grid_id(self, params: dict[str, Any]) -> int:
-        space = self.grid_space()
-        return list(itertools.product(*space.values())).index(tuple(params[k] for k in space))
-
-    def requeue(self, study, params: dict[str, Any]) -> None:
-        """Queue a point again (WAITING, taken before anything new), as Optuna's
-        RetryHeartbeatStaleTrialCallback does: a grid point keeps its grid id."""
+    def requeue(self, study, params: dict[str, Any], like=None) -> None:
+        """Queue a point again (WAITING: taken before anything new), as Optuna's
+        RetryHeartbeatStaleTrialCallback does; a grid point keeps the grid id of its earlier
+        trial `like`, which GridSampler's bookkeeping needs."""
         import optuna
         from optuna.distributions import (
             CategoricalDistribution,
@@ -241,8 +231,8 @@ class Plan:
             else:
                 distributions[key] = FloatDistribution(spec.low, spec.high, log=spec.log,
                                                        step=spec.step)
-        attrs = ({"grid_id": self.grid_id(params), "search_space": self.grid_space()}
-                 if self.config.grid is not None else {})
+        attrs = {k: v for k, v in (like.system_attrs if like is not None else {}).items()
+                 if k in ("grid_id", "search_space")}
         study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING, params=params, distributions=distributions,
             system_attrs={**attrs, "fixed_params": params}))
@@ -425,15 +415,11 @@ class ChildFailed(Exception):
 
 
 def _identity(plan: Plan, trial) -> dict[str, Any] | None:
-    """The point a trial holds, as Optuna params; None before it has one."""
+    """The point a trial holds, as Optuna params; None in the moment between being asked for
+    and suggesting its values (a queued one has them from the start)."""
     if trial.params:
         return dict(trial.params)
-    attrs = trial.system_attrs
-    if "fixed_params" in attrs:
-        return dict(attrs["fixed_params"])
-    if "grid_id" in attrs and plan.config.grid is not None:
-        return plan.grid_values(attrs["grid_id"])
-    return None
+    return dict(trial.system_attrs.get("fixed_params", {})) or None
 
 
 class Worker:
@@ -482,10 +468,12 @@ class Worker:
             if not free and not waiting:
                 self.report(f"{len(open_)} point(s) left, all being trained by other workers")
                 return False
-            tried = [p for t, p in ident if t.state == TrialState.FAIL]
+            tried = {json.dumps(p, sort_keys=True): t for t, p in ident
+                     if t.state == TrialState.FAIL and p is not None}
             for params in free:  # GridSampler hands out only points without a finished trial
-                if params in tried:
-                    self.plan.requeue(self.study, params)
+                failed = tried.get(json.dumps(params, sort_keys=True))
+                if failed is not None:
+                    self.plan.requeue(self.study, params, like=failed)
             return True
         search = self.plan.config.search
         for params in self._interrupted_children():
@@ -591,8 +579,10 @@ class Worker:
 
         value = metrics.get(self.plan.config.metric)
         if tags.get("pruned") == "true":
-            raise optuna.TrialPruned(f"{trial.user_attrs.get('child')} was pruned at epoch "
-                                     f"{tags.get('pruned_at_epoch')}")
+            why = (f"{trial.user_attrs.get('child')}: pruned after epoch "
+                   f"{tags.get('pruned_at_epoch')} ({self.plan.config.metric} {value:.4f})")
+            self.report(why)
+            raise optuna.TrialPruned(why)
         if value is None:
             raise ChildFailed(f"the child logged no {self.plan.config.metric}")
         return value

@@ -113,6 +113,15 @@ def test_interrupted_sweep_resumes_with_only_the_missing_children(tmp_path, monk
     assert len(children) == 3 and first in {c.info.run_id for c in children}
     # the study knows the finished point: only the two missing ones are trained
     assert sum(" training " in line for line in lines) == 2
+    # the interrupted point went back into the queue with its grid id: GridSampler's
+    # bookkeeping sees every point of the grid done once
+    import optuna
+
+    study = optuna.load_study(study_name=parents[0].data.tags["sweep_id"],
+                              storage=f"sqlite:///{tmp_path}/runs/optuna.db")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.system_attrs["grid_id"] for t in complete) == [0, 1, 2]
+    assert sorted(t.params["loss.pos_weight"] for t in complete) == [1, 2, 4]
 
 
 def test_every_grid_point_is_validated_before_anything_runs(tmp_path, capsys):
@@ -130,6 +139,9 @@ def test_sweep_files_in_the_repository_validate():
         points = load_sweep(QUICKSTART.parent / "sweeps" / name).points
         assert ([p.values["loss.pos_weight"] for p in points][:5] == [1, 2, 4, 8, 16]
                 or len(points) == 15)
+    search = load_sweep(QUICKSTART.parent / "sweeps" / "fg_weight_search.yaml")
+    assert search.kinds == {"loss.pos_weight": "float", "optimizer.lr": "float"}
+    assert search.config.pruning.pruner == "median" and not search.points
 
 
 def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys):
@@ -257,3 +269,13 @@ def test_a_bad_sweep_file_is_refused_before_any_run_naming_the_field(tmp_path, c
     err = capsys.readouterr().err
     assert field in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_range_takes_the_type_of_the_experiment_value(tmp_path):
+    search = {"params": {"model.depth": {"low": 2, "high": 3},
+                         "loss.pos_weight": {"low": 1, "high": 4}}, "trials": 1}
+    plan = load_sweep(write_sweep(tmp_path, None, search=search))
+    assert plan.kinds == {"model.depth": "int", "loss.pos_weight": "float"}
+    bad = {"params": {"model.depth": {"low": 2, "high": 3.5}}, "trials": 1}
+    with pytest.raises(ConfigError, match=r"search\.params\.model\.depth: .*whole numbers"):
+        load_sweep(write_sweep(tmp_path, None, search=bad))
