@@ -125,17 +125,33 @@ def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray
     return figure_image(fig)
 
 
-def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.ndarray:
+def metrics_against(rows: list[dict], *, key: str, metrics: list[str],
+                    scatter: bool = False) -> np.ndarray:
     """Each metric against the values of one swept key: mean over the children sharing a value
-    (e.g. several seeds), with the min-max spread as a band."""
+    (e.g. several seeds), with the min-max spread as a band. `scatter`: one point per child (a
+    search, whose children differ in every key)."""
     plt = _pyplot()
     finished = [r for r in rows if r.get("status") == "FINISHED"]
-    values = sorted({r[key] for r in finished}, key=lambda v: (isinstance(v, str), v))
+    values = sorted({_hashable(r[key]) for r in finished}, key=lambda v: (isinstance(v, str), v))
     numeric = all(isinstance(v, (int, float)) for v in values)
-    positions = values if numeric else list(range(len(values)))
     fig, axis = plt.subplots(figsize=(6.5, 4), dpi=100)
+    if scatter and numeric:
+        for metric in metrics:
+            points = [(r[key], r[metric]) for r in finished if metric in r]
+            axis.scatter(*zip(*points, strict=True), label=metric, alpha=0.8)
+        if len(values) > 1 and min(values) > 0 and max(values) / min(values) >= 8:
+            from matplotlib.ticker import ScalarFormatter
+
+            axis.set_xscale("log")
+            axis.xaxis.set_major_formatter(ScalarFormatter())
+            axis.xaxis.set_minor_formatter(ScalarFormatter())
+        axis.set(xlabel=key, ylabel="value", title=f"metrics against {key} (one point per child)")
+        axis.legend()
+        return figure_image(fig)
+    positions = values if numeric else list(range(len(values)))
     for metric in metrics:
-        groups = [[r[metric] for r in finished if r[key] == v and metric in r] for v in values]
+        groups = [[r[metric] for r in finished if _hashable(r[key]) == v and metric in r]
+                  for v in values]
         if not all(groups):
             continue
         means = [float(np.mean(g)) for g in groups]
@@ -149,6 +165,11 @@ def metrics_against(rows: list[dict], *, key: str, metrics: list[str]) -> np.nda
     axis.set(xlabel=key, ylabel="value", title=f"metrics against {key}")
     axis.legend()
     return figure_image(fig)
+
+
+def _hashable(value):
+    """A swept value as a set member: lists (an image size) as tuples."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def comparison_panel(images: np.ndarray, targets: np.ndarray, columns: dict[str, np.ndarray], *,

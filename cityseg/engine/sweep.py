@@ -558,8 +558,9 @@ class Worker:
         self.report(f"{point.label}: " + (f"resuming {resume}" if resume else "training")
                     + f" (trial {trial.number})")
         try:
+            hook = self._pruning(trial, point.experiment.trainer.epochs)
             result = runner.run(point.experiment, run_name=point.label, tags=tags,
-                                resume=resume, epoch_hook=self._pruning(trial))
+                                resume=resume, epoch_hook=hook)
         except (Interrupted, KeyboardInterrupt):
             raise  # the person wants the whole sweep to stop
         except Exception as err:  # noqa: BLE001  (a failed child is reported, the others go on)
@@ -587,7 +588,7 @@ class Worker:
             raise ChildFailed(f"the child logged no {self.plan.config.metric}")
         return value
 
-    def _pruning(self, trial):
+    def _pruning(self, trial, epochs: int):
         """The child's epoch hook: report the metric, stop the child when Optuna prunes it."""
         if self.plan.config.pruning is None:
             return None
@@ -595,7 +596,8 @@ class Worker:
 
         def hook(epoch: int, metrics: dict[str, float]) -> dict[str, str] | None:
             trial.report(metrics[metric], epoch)
-            if trial.should_prune():
+            # after the last epoch there is nothing left to save: the child is complete
+            if epoch < epochs and trial.should_prune():
                 return {"pruned": "true", "pruned_at_epoch": str(epoch)}
             return None
 
@@ -793,7 +795,7 @@ def _log_summary(tracker: tracking.Tracker, plan: Plan, study, rows: list[dict[s
     for key in keys:
         if key == "seed" or len({_yaml(r.get(key)) for r in complete}) < 2:
             continue
-        image = viz.metrics_against(complete, key=key,
+        image = viz.metrics_against(complete, key=key, scatter=sweep.search is not None,
                                     metrics=[m for m in metrics if m != "val/loss"])
         tracker.log_image(image, f"plots/{key.replace('.', '_')}.png")
     if sweep.search is not None:
@@ -837,15 +839,15 @@ PANEL_CHILDREN = 6  # the best ones: more columns would not be readable
 
 
 def comparison_panel(plan: Plan, rows: list[dict[str, Any]]):
-    """The same validation images predicted by the best finished children's final weights,
-    side by side (best first)."""
+    """The same validation images predicted by the best complete (not pruned) children's final
+    weights, side by side (best first)."""
     from cityseg import viz
     from cityseg.data.transforms import build_augmentations
     from cityseg.engine.predictor import Predictor
     from cityseg.registry import DATASETS, MODELS
 
     base = plan.base
-    chosen = [r for r in rows if r["status"] == "FINISHED" and r["run_id"]][:PANEL_CHILDREN]
+    chosen = [r for r in rows if r["status"] == "FINISHED" and not r["pruned"]][:PANEL_CHILDREN]
     children = {r["child"]: plan.point({k: r[k] for k in plan.keys if k in r}).experiment
                 for r in chosen}
     if (not children or base.tracking.num_samples == 0

@@ -170,8 +170,14 @@ def test_changing_epochs_makes_new_children(tmp_path):
     assert {p.config_hash for p in short}.isdisjoint(p.config_hash for p in longer)
 
 
-def test_a_child_interrupted_mid_training_is_resumed_not_restarted(tmp_path, monkeypatch):
-    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2]})
+@pytest.mark.parametrize("kind", ["grid", "search"])
+def test_a_child_interrupted_mid_training_is_resumed_not_restarted(tmp_path, monkeypatch, kind):
+    if kind == "grid":
+        path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2]})
+    else:  # the interrupted trial's point is queued again, not replaced by a new sample
+        path = write_sweep(tmp_path, None, search={
+            "params": {"loss.pos_weight": {"low": 1, "high": 4}}, "sampler": "random",
+            "trials": 2})
     original = runner.Trainer._optimizer_step
     steps = {"n": 0}
 
@@ -197,6 +203,20 @@ def test_a_child_interrupted_mid_training_is_resumed_not_restarted(tmp_path, mon
     assert killed[0].info.run_id in {c.info.run_id for c in children}  # the same run, continued
     assert any(f"resuming {killed[0].info.run_id}" in line for line in lines)
     assert [m.step for m in client.get_metric_history(killed[0].info.run_id, "val/dice")] == [1, 2]
+
+
+def test_a_journal_file_is_a_storage_for_a_shared_filesystem(tmp_path):
+    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2]})
+    journal = tmp_path / "shared" / "study.log"
+    result = run_sweep(path, storage=str(journal), report=lambda line: None)
+    client, parents, children = runs(tmp_path)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name=result.sweep_id,
+                              storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert sorted(t.params["loss.pos_weight"] for t in study.trials) == [1, 2]
 
 
 def test_search_with_pruning_stops_hopeless_children_which_end_finished_and_tagged(tmp_path):
