@@ -295,6 +295,13 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     prune = sweep.pruning
     out.print(f"[bold]{sweep.name}[/]: {size}, ranked by {sweep.metric} ({sweep.mode}), "
               f"{args.jobs} worker(s) here" + (f", {prune.pruner} pruning" if prune else ""))
+    from cityseg.tracking import is_local, tracking_uri
+
+    if args.storage is None and not is_local(tracking_uri(plan.base.tracking.dir,
+                                                          plan.base.tracking.uri)):
+        out.print(f"note: the Optuna study is in {default_storage(plan)} on this machine; "
+                  f"workers on other machines need a --storage they all reach "
+                  f"(README: Many machines)", markup=False)
     try:
         result = run_sweep(args.sweep, jobs=args.jobs,
                            storage=args.storage or default_storage(plan),

@@ -127,8 +127,10 @@ class SweepConfig(BaseModel):
     prune: Literal["median", "none"] | Prune = Field(
         "none", description="median (or a block with its settings) stops hopeless children")
     heartbeat_seconds: int = Field(
-        60, ge=1, description="Optuna heartbeat of a running trial (RDB storages); a trial "
-                              "silent for twice as long is failed and queued again")
+        180, ge=1, description="Optuna heartbeat of a running trial (RDB storages); a trial "
+                               "silent for twice as long is failed and queued again. Keep "
+                               "twice it above 300 s, when a child's run on another host counts "
+                               "as crashed")
 
     @model_validator(mode="after")
     def _one_kind(self) -> SweepConfig:
@@ -431,7 +433,8 @@ class Worker:
         self.tracker = tracking.Tracker(root=base.tracking.dir, experiment=base.tracking.experiment,
                                         uri=base.tracking.uri)
         self.failed: list[tuple[str, str]] = []  # (child, error) that failed in this worker
-        self.failed_points: list[dict[str, Any]] = []  # not retried by this worker
+        # points this worker leaves alone: they failed here, or another worker holds them
+        self.not_mine: list[dict[str, Any]] = []
 
     # -------------------------------------------------------------- the loop
 
@@ -461,7 +464,7 @@ class Worker:
         if self.plan.config.grid is not None:
             wanted = [{k: self.plan.encode(k, v) for k, v in p.values.items()}
                       for p in self.plan.points]
-            open_ = [p for p in wanted if p not in done and p not in self.failed_points]
+            open_ = [p for p in wanted if p not in done and p not in self.not_mine]
             if not open_:
                 return False
             free = [p for p in open_ if p not in busy]
@@ -477,7 +480,7 @@ class Worker:
             return True
         search = self.plan.config.search
         for params in self._interrupted_children():
-            if params not in done and params not in busy and params not in self.failed_points:
+            if params not in done and params not in busy and params not in self.not_mine:
                 self.plan.requeue(self.study, params)
                 busy.append(params)
                 waiting = True
@@ -534,6 +537,7 @@ class Worker:
                   if t.number < trial.number and _identity(plan, t) == mine]
         if owners:
             trial.set_user_attr("duplicate_of_trial", owners[0])
+            self.not_mine.append(mine)
             raise Duplicate(f"trial {owners[0]} is training {point.label}")
         earlier = tracker.find_runs(f"tags.sweep_id = '{plan.sweep_id}' and "
                                     f"tags.sweep_point = '{point.config_hash}'")
@@ -546,6 +550,7 @@ class Worker:
         resume = None
         if earlier and earlier[0].info.status == "RUNNING" and not tracking.is_stale(earlier[0]):
             trial.set_user_attr("duplicate_of_run", earlier[0].info.run_id)
+            self.not_mine.append(mine)
             raise Duplicate(f"run {earlier[0].info.run_id} is training {point.label}")
         if earlier and tracking.interrupted(earlier[0]):
             run_id = earlier[0].info.run_id
@@ -565,7 +570,7 @@ class Worker:
             raise  # the person wants the whole sweep to stop
         except Exception as err:  # noqa: BLE001  (a failed child is reported, the others go on)
             self.failed.append((point.label, str(err)))
-            self.failed_points.append(mine)
+            self.not_mine.append(mine)
             self.report(f"{point.label}: FAILED: {err}")
             raise ChildFailed(str(err)) from err
         trial.set_user_attr("mlflow_run_id", result.run_id)

@@ -60,7 +60,7 @@ def test_two_workers_share_one_study_and_one_parent_through_an_mlflow_server(tmp
         outputs = two_workers(path, f"sqlite:///{tmp_path / 'study.db'}", url)
         check_one_parent_and_each_point_once(MlflowClient(tracking_uri=url), 4)
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # everything went to the server
-    trained = [line for out in outputs for line in out.splitlines() if " training " in line]
+    trained = [line for out in outputs for line in out.splitlines() if ": training (trial" in line]
     assert len(trained) == 4, outputs
 
 
