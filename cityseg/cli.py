@@ -219,11 +219,16 @@ def cmd_schema(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_list(args: argparse.Namespace, out: Console) -> int:
     from cityseg.config import REGISTRY_FIELDS
+    from cityseg.models.encoders import ENCODERS
 
     for field, registry in REGISTRY_FIELDS.items():
         out.print(f"[bold]{field}[/] ({registry.kind}):")
         for name in registry.names():
             out.print(f"  {name:<22} {registry.get(name).description}")
+    out.print("[bold]model.encoder[/] (unet; model.weights: none | imagenet | PATH):")
+    out.print(f"  {'plain':<22} the original U-Net encoder (default)")
+    for name, spec in ENCODERS.items():
+        out.print(f"  {name:<22} {spec.description}")
     return 0
 
 

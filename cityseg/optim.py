@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from cityseg.errors import ConfigError
 from cityseg.registry import OPTIMIZERS, SCHEDULERS, Params
 
 
@@ -23,13 +25,63 @@ class AdamWParams(Params):
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, description="decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam moment coefficients")
+    encoder_lr_mult: float = Field(
+        1.0, gt=0.0, description="the encoder's learning rate as a multiple of lr (e.g. 0.1 to "
+                                 "fine-tune a pretrained encoder gently); needs model.encoder")
+    decay_norm_and_bias: Literal["auto"] | bool = Field(
+        "auto", description="weight decay on normalisation weights and biases too; auto: no "
+                            "with a pretrained-style encoder (the usual AdamW convention), yes "
+                            "with the plain U-Net (as it always trained)")
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, encoder_lr_mult: float,
+                 decay_norm_and_bias: bool) -> list[dict]:
+    """The model's trainable parameters in named groups: the encoder (if the model has one,
+    at lr * encoder_lr_mult) and the rest, each split into decayed weights and undecayed norm
+    weights and biases when asked. Empty groups are left out."""
+    encoder = getattr(model, "encoder", None)
+    in_encoder = {id(t) for t in encoder.parameters()} if encoder is not None else set()
+    undecayed = set()
+    if not decay_norm_and_bias:
+        for module in model.modules():
+            for name, tensor in module.named_parameters(recurse=False):
+                if isinstance(module, _NORMS) or name == "bias":
+                    undecayed.add(id(tensor))
+    groups: dict[str, dict] = {}
+    for tensor in model.parameters():
+        part = "encoder" if id(tensor) in in_encoder else "decoder" if in_encoder else "model"
+        decayed = id(tensor) not in undecayed
+        name = part if decayed else f"{part}_no_decay"
+        group = groups.setdefault(name, {
+            "name": name, "params": [],
+            "lr": lr * (encoder_lr_mult if part == "encoder" else 1.0),
+            "weight_decay": weight_decay if decayed else 0.0})
+        group["params"].append(tensor)
+    return list(groups.values())
 
 
 @OPTIMIZERS.register("adamw", params=AdamWParams)
 def adamw(p: AdamWParams, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter."""
-    trainable = [t for t in model.parameters() if t.requires_grad]
-    return torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay, betas=p.betas)
+    """AdamW over every parameter (a frozen encoder's too: it trains once unfrozen)."""
+    has_encoder = getattr(model, "encoder", None) is not None
+    if p.encoder_lr_mult != 1.0 and not has_encoder:
+        raise ConfigError("optimizer.encoder_lr_mult: the plain U-Net has no separate encoder; "
+                          "set model.encoder to a pretrained-style one, or leave it at 1")
+    decay = not has_encoder if p.decay_norm_and_bias == "auto" else p.decay_norm_and_bias
+    groups = param_groups(model, lr=p.lr, weight_decay=p.weight_decay,
+                          encoder_lr_mult=p.encoder_lr_mult, decay_norm_and_bias=decay)
+    return torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay, betas=p.betas)
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """Each param group's size, lr and weight decay, for the run's record."""
+    return {g.get("name", str(i)): {"tensors": len(g["params"]),
+                                    "parameters": sum(t.numel() for t in g["params"]),
+                                    "lr": g["lr"], "weight_decay": g["weight_decay"]}
+            for i, g in enumerate(optimizer.param_groups)}
 
 
 @dataclass

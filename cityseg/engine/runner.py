@@ -46,6 +46,7 @@ from cityseg.engine.resume import (
 )
 from cityseg.engine.trainer import FitResult, StopFlag, Trainer, TrainerSettings, TrainState
 from cityseg.errors import ConfigError, DataError, Interrupted  # noqa: F401  (tests catch it here)
+from cityseg.optim import describe_groups
 from cityseg.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, Params
 
 # after each epoch (rank 0): tags to stop the run with, FINISHED, or None to go on
@@ -243,8 +244,10 @@ def wrap_for_training(model: torch.nn.Module, exp: Experiment, world: distribute
     """DistributedDataParallel with several processes (a collective: every rank at once), then
     torch.compile if asked."""
     if world.distributed:
+        # a frozen encoder gets no gradients for a while: DDP must not wait for them
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(exp.model, "freeze_encoder_epochs", 0) > 0)
     return torch.compile(model) if exp.trainer.compile else model
 
 
@@ -266,7 +269,8 @@ def _trainer(exp: Experiment, parts: Components, run_id: str,
         epochs=t.epochs, grad_clip_norm=t.grad_clip_norm, accumulate=t.accumulate,
         boundary_tolerance=t.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
         patience=t.patience, min_delta=t.min_delta, tracking_dir=exp.tracking.dir,
-        checkpoint_every_s=t.checkpoint_minutes * 60)
+        checkpoint_every_s=t.checkpoint_minutes * 60,
+        freeze_encoder_epochs=getattr(exp.model, "freeze_encoder_epochs", 0))
 
     upload = exp.tracking.upload_checkpoints
     upload = tracker is not None and (tracker.remote if upload == "auto" else upload)
@@ -317,6 +321,11 @@ def _log_start(tracker: tracking.Tracker, exp: Experiment, parts: Components, st
     tracker.log_params({**flatten(exp.model_dump(mode="json")), **parts.loss_logged})
     tracker.log_datasets(_datasets(exp, parts.splits))
     tracker.log_text(to_yaml(exp), "config.yaml")
+    groups = describe_groups(parts.optimizer)
+    tracker.log_params({f"optimizer.group.{name}": f"{g['parameters']} parameters, lr "
+                        f"{g['lr']:g}, weight decay {g['weight_decay']:g}"
+                        for name, g in groups.items()})
+    tracker.log_text(json.dumps(groups, indent=2), "optimizer_groups.json")
     tracker.log_text(json.dumps(parts.class_frequencies, indent=2), "data/class_frequencies.json")
 
 

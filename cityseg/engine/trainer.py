@@ -45,6 +45,7 @@ class TrainerSettings:
     min_delta: float
     tracking_dir: Path  # checkpoints go to checkpoints.run_dir(tracking_dir, run_id)
     checkpoint_every_s: float = 0.0  # also write last.pt mid-epoch this often; 0: epoch ends only
+    freeze_encoder_epochs: int = 0  # the model's encoder is fixed (batch norm in eval) this long
 
 
 @dataclass
@@ -178,11 +179,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ loops
 
+    def _freeze_encoder(self, epoch: int) -> None:
+        """During the first freeze_encoder_epochs epochs the encoder neither learns nor updates
+        its batch-norm statistics (a function of the epoch: resuming keeps it)."""
+        encoder = getattr(self.raw_model, "encoder", None)
+        if encoder is None or not self.s.freeze_encoder_epochs:
+            return
+        frozen = epoch <= self.s.freeze_encoder_epochs
+        encoder.requires_grad_(not frozen)
+        if frozen:
+            encoder.eval()
+
     def train_epoch(self, state: TrainState) -> dict[str, float]:
         epoch, first_batch, world = state.epoch, state.step_in_epoch, self.world
         self.sampler.set_epoch(epoch, start_batch=first_batch)
         batches = self.sampler.batches
         self.model.train()
+        self._freeze_encoder(epoch)
         self.optimizer.zero_grad(set_to_none=True)
         device = self.predictor.device
         # rank 0 carries what the checkpoint counted so far; the sums over ranks are global
