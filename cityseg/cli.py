@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runs", type=Path, default=Path("runs"),
                        help="tracking dir (default runs)")
         p.add_argument("--device", default="auto")
+        p.add_argument("--inference", choices=["whole", "slide"],
+                       help="whole frame in one pass, or sliding windows of the training size "
+                            "(default: the experiment's trainer.inference.mode)")
+        p.add_argument("--overlap", type=float, help="slide: fraction of a window its neighbour "
+                                                     "overlaps (default 1/3)")
+        p.add_argument("--tta", choices=["none", "flip"],
+                       help="flip: average with the mirror image's logits")
         if name == "evaluate":
             p.add_argument("--split", default="val", help="split to evaluate (default val)")
             p.add_argument("--data-root", type=Path,
@@ -384,10 +391,18 @@ def cmd_promote(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def _inference_overrides(args: argparse.Namespace) -> list[str]:
+    """--inference, --overlap and --tta as overrides of the trained experiment."""
+    return [f"trainer.inference.{key}={value}"
+            for key, value in (("mode", args.inference), ("overlap", args.overlap),
+                               ("tta", args.tta)) if value is not None]
+
+
 def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     from cityseg.engine import checkpoints, inference
 
-    overrides = [*args.overrides, *([f"data.root={args.data_root}"] if args.data_root else [])]
+    overrides = [*args.overrides, *([f"data.root={args.data_root}"] if args.data_root else []),
+                 *_inference_overrides(args)]
     run_id = _source_run(args)
     trained = inference.load_trained(run_id=run_id, checkpoint=args.checkpoint, runs=args.runs,
                                      overrides=overrides, device=args.device)
@@ -432,7 +447,8 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
     from cityseg.engine import inference
 
     trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
-                                     runs=args.runs, device=args.device)
+                                     runs=args.runs, device=args.device,
+                                     overrides=_inference_overrides(args))
     progress = ((lambda files: track(files, description="predicting", console=out))
                 if out.is_terminal else (lambda f: f))
     written, skipped = inference.predict_files(trained, args.inputs, args.out,

@@ -36,6 +36,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class InferenceConfig(Section):
+    """How validation, evaluate, calibrate and predict turn a frame into logits."""
+
+    mode: Literal["whole", "slide"] = Field(
+        "whole", description="whole: the frame (at data.scale) in one pass; slide: windows of "
+                             "data.image_size over it, overlapping logits averaged")
+    overlap: float = Field(1 / 3, ge=0.0, lt=1.0,
+                           description="slide: fraction of a window its neighbour overlaps")
+    tta: Literal["none", "flip"] = Field(
+        "none", description="flip: average the logits of the frame and of its mirror image")
+
+    def describe(self) -> str:
+        """E.g. `slide (overlap 0.33) + flip`: what the run's metrics come from."""
+        text = f"slide (overlap {self.overlap:.2g})" if self.mode == "slide" else "whole"
+        return text + (" + flip" if self.tta == "flip" else "")
+
+
 class TrainerConfig(Section):
     """How to train."""
 
@@ -77,6 +94,8 @@ class TrainerConfig(Section):
     sync_bn: bool | Literal["auto"] = Field(
         "auto", description="SyncBatchNorm across processes (torchrun): auto = on CUDA with more "
                             "than one process and model.norm batch; it does not exist on the CPU")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig,
+                                       description=InferenceConfig.__doc__)
 
 
 class TrackingConfig(Section):
@@ -138,6 +157,16 @@ class Experiment(Section):
         if any(side % divisor for side in self.data.image_size):
             raise ValueError(f"data.image_size {list(self.data.image_size)} must be divisible by "
                              f"2**model.depth = {divisor}")
+        frame = self.data.frame_size
+        if frame != tuple(self.data.image_size):
+            if self.trainer.inference.mode == "whole" and any(s % divisor for s in frame):
+                raise ValueError(f"data.scale {list(frame)} must be divisible by 2**model.depth "
+                                 f"= {divisor} for trainer.inference.mode whole (or use slide)")
+            if not any(a.name in ("random_crop", "random_resized_crop") for a in self.augment):
+                raise ValueError(f"data.scale {list(frame)} differs from data.image_size "
+                                 f"{list(self.data.image_size)}: training samples must be cut "
+                                 f"to image_size; add random_crop (after random_scale) or "
+                                 f"random_resized_crop to augment")
         return self
 
     @model_validator(mode="after")
@@ -178,7 +207,7 @@ class Experiment(Section):
         """What component builders may know about this experiment besides their own params."""
         return BuildContext(task=self.data.task, out_channels=self.task.out_channels,
                             ignore_index=IGNORE_INDEX, image_size=self.data.image_size,
-                            seed=self.seed)
+                            seed=self.seed, frame_size=self.data.frame_size)
 
 
 REGISTRY_FIELDS = {"data": DATASETS, "augment": AUGMENTATIONS, "model": MODELS,

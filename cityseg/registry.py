@@ -31,6 +31,7 @@ class BuildContext:
     ignore_index: int
     image_size: tuple[int, int]  # (H, W) after resizing
     seed: int = 0  # the experiment's seed, for builders with randomness of their own
+    frame_size: tuple[int, int] | None = None  # (H, W) frames are kept at (data.scale)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,11 @@ class DataParams(Params):
         list(DEFAULT_FOREGROUND), min_length=1,
         description="Cityscapes train classes that count as foreground in the binary task")
     image_size: tuple[int, int] = Field(
-        (256, 512), description="(height, width) that images and masks are resized to")
+        (256, 512), description="(height, width) the model trains on: frames are resized to it, "
+                                "or cropped to it when data.scale keeps them larger")
+    scale: tuple[int, int] | None = Field(
+        None, description="(height, width) frames are kept at in the decode cache and validated "
+                          "at, e.g. [512, 1024] for half-scale Cityscapes; unset: image_size")
     batch_size: int = Field(8, ge=1, description="images per training and validation batch, "
                                                  "over all processes (torchrun): each of N "
                                                  "processes takes batch_size / N")
@@ -44,12 +48,17 @@ class DataParams(Params):
                                           "read arrays afterwards")
     cache_dir: Path = Field(Path("runs/cache"), description="where decoded arrays are kept")
 
-    @field_validator("image_size")
+    @field_validator("image_size", "scale")
     @classmethod
-    def _positive(cls, size: tuple[int, int]) -> tuple[int, int]:
-        if min(size) < 1:
-            raise ValueError(f"image_size must be positive, got {list(size)}")
+    def _positive(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        if size is not None and min(size) < 1:
+            raise ValueError(f"sizes must be positive, got {list(size)}")
         return size
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(H, W) of the frames as cached and validated: data.scale, else image_size."""
+        return tuple(self.scale or self.image_size)
 
 
 class CityscapesParams(DataParams):
@@ -239,10 +248,10 @@ class DataSplits:
 
 def reader_for(p: DataParams, index: DatasetIndex,
                split: str) -> tuple[DiskReader | CachedReader, str]:
-    """A reader of the split at data.image_size (through the cache if enabled), and its
-    fingerprint."""
+    """A reader of the split at data.scale (else image_size; through the cache if enabled),
+    and its fingerprint."""
     samples = index.samples[split]
-    args = {"layout": index.layout, "encoding": index.encoding, "size": p.image_size}
+    args = {"layout": index.layout, "encoding": index.encoding, "size": p.frame_size}
     if p.cache:
         decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.num_workers, **args)
         return CachedReader(decoded), decoded.fingerprint

@@ -86,6 +86,41 @@ def random_resized_crop(p: RandomResizedCropParams, ctx: BuildContext) -> v2.Tra
     return v2.RandomApply([crop], p=p.p)
 
 
+class RandomScaleParams(Params):
+    """Rescale the frame by a random ratio (mmsegmentation's Cityscapes recipe: 0.5 to 2)."""
+
+    ratio: tuple[float, float] = Field((0.5, 2.0), description="range of the scale factor "
+                                                                "applied to the frame's sides")
+    p: float = Field(1.0, ge=0.0, le=1.0, description="probability of rescaling a sample")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RandomScaleParams:
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {(lo, hi)}")
+        return self
+
+
+@AUGMENTATIONS.register("random_scale", params=RandomScaleParams)
+def random_scale(p: RandomScaleParams, ctx: BuildContext) -> v2.Transform:
+    """Both sides times r ~ U(ratio): bilinear (antialiased) for images, nearest for masks."""
+    frame = ctx.frame_size or ctx.image_size
+    jitter = v2.ScaleJitter(target_size=frame, scale_range=p.ratio, antialias=True)
+    return v2.RandomApply([jitter], p=p.p)
+
+
+class RandomCropParams(Params):
+    """Cut a data.image_size window at a random place (always: batches need that size); a
+    smaller frame is padded first, the mask's padding being ignore."""
+
+
+@AUGMENTATIONS.register("random_crop", params=RandomCropParams)
+def random_crop(p: RandomCropParams, ctx: BuildContext) -> v2.Transform:
+    """A random image_size crop of image and mask, padded where the frame is smaller."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+    return v2.RandomCrop(ctx.image_size, pad_if_needed=True, fill=fill)
+
+
 def build_augmentations(params: list[Params], ctx: BuildContext) -> v2.Transform | None:
     """The experiment's augment list as one joint transform, or None when it is empty."""
     if not params:

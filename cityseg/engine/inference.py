@@ -220,7 +220,8 @@ def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution:
     task = trained.task
     tags = {"source_run": trained.run_id, "eval_split": split,
             "eval_resolution": "full" if full_resolution else "training",
-            "checkpoint": str(trained.path), "threshold": str(trained.threshold)}
+            "checkpoint": str(trained.path), "threshold": str(trained.threshold),
+            "inference": trained.exp.trainer.inference.describe()}
     with tracker.session(run_name=f"eval-{trained.exp.name}-{split}", tags=tags) as run_id:
         tracker.log_metrics({f"{split}/{k}": v for k, v in found.items()}, step=0)
         tracker.log_text(json.dumps({"classes": list(task.class_names),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cityseg.config import Experiment
+from cityseg.config import Experiment, InferenceConfig
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.tasks import Task
 from cityseg.engine import distributed
@@ -46,23 +46,29 @@ class Predictor:
 
     def __init__(self, *, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
                  channels_last: bool, task: Task, threshold: float,
-                 image_size: tuple[int, int]) -> None:
+                 image_size: tuple[int, int], frame_size: tuple[int, int] | None = None,
+                 inference: InferenceConfig | None = None) -> None:
         self.model, self.device, self.amp_dtype = model, device, amp_dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.task, self.threshold, self.image_size = task, threshold, tuple(image_size)
+        # frames (validation, photos) are predicted at this size: data.scale, else image_size
+        self.frame_size = tuple(frame_size or image_size)
+        self.inference = inference or InferenceConfig()
 
     @classmethod
     def for_experiment(cls, exp: Experiment, model: nn.Module, *, device: str | None = None,
-                       threshold: float | None = None) -> Predictor:
+                       threshold: float | None = None,
+                       inference: InferenceConfig | None = None) -> Predictor:
         """The predictor an experiment trains and validates with (device overrides
-        trainer.device)."""
+        trainer.device, inference trainer.inference)."""
         dev = resolve_device(device or exp.trainer.device)
         model = model.to(dev, memory_format=torch.channels_last if exp.trainer.channels_last
                          else torch.contiguous_format)
         return cls(model=model, device=dev, amp_dtype=resolve_precision(exp.trainer.precision, dev),
                    channels_last=exp.trainer.channels_last, task=exp.task,
                    threshold=exp.trainer.threshold if threshold is None else threshold,
-                   image_size=exp.data.image_size)
+                   image_size=exp.data.image_size, frame_size=exp.data.frame_size,
+                   inference=inference or exp.trainer.inference)
 
     def with_model(self, model: nn.Module) -> Predictor:
         """The same settings around another module (the DDP-wrapped one that trains)."""
@@ -89,6 +95,38 @@ class Predictor:
         with autocast:
             return self.model(x)
 
+    def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of normalised frames of any size, at their size, as trainer.inference says:
+        the whole frame in one pass, or windows of the training size (overlapping logits
+        averaged); with flip, averaged with the logits of the mirror image."""
+        logits = self._frame_logits(x)
+        if self.inference.tta == "flip":
+            logits = (logits.float() + self._frame_logits(x.flip(-1)).float().flip(-1)) / 2
+        return logits
+
+    def _frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = self.image_size
+        if self.inference.mode == "whole" or tuple(x.shape[-2:]) == (height, width):
+            return self.logits(x)
+        rows, cols = x.shape[-2:]
+        # a frame smaller than a window: padded with zeros (the mean colour), cropped after
+        x = F.pad(x, (0, max(0, width - cols), 0, max(0, rows - height)))
+        tops = _starts(x.shape[-2], height, self.inference.overlap)
+        lefts = _starts(x.shape[-1], width, self.inference.overlap)
+        total = None
+        count = torch.zeros((1, 1, *x.shape[-2:]), device=x.device)
+        for top in tops:
+            windows = torch.cat([x[..., top : top + height, left : left + width]
+                                 for left in lefts])  # one row of windows per forward pass
+            out = self.logits(windows.contiguous(memory_format=self.memory_format)).float()
+            if total is None:
+                total = torch.zeros((x.shape[0], out.shape[1], *x.shape[-2:]), device=x.device)
+            for i, left in enumerate(lefts):
+                total[..., top : top + height, left : left + width] += out[
+                    i * len(x) : (i + 1) * len(x)]
+                count[..., top : top + height, left : left + width] += 1
+        return (total / count)[..., :rows, :cols]
+
     def labels(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) logits -> (B, H, W) labels of the task at this threshold."""
         return self.task.labels(logits, threshold=self.threshold)
@@ -97,23 +135,26 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 at the training size -> (B, H, W) labels on the device."""
+        """(B, 3, H, W) uint8 frames -> (B, H, W) labels on the device."""
         self.model.eval()
-        return self.labels(self.logits(self.inputs(images)))
+        return self.labels(self.frame_logits(self.inputs(images)))
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 at the training size -> (B, H, W) foreground probability."""
+        """(B, 3, H, W) uint8 frames -> (B, H, W) foreground probability."""
         self.model.eval()
-        return self.task.probabilities(self.logits(self.inputs(images)))
+        return self.task.probabilities(self.frame_logits(self.inputs(images)))
 
     @torch.inference_mode()
     def photo_logits(self, photo: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 photo of any size -> (1, C, H, W) float logits at the photo's size."""
+        """(H, W, 3) uint8 photo of any size -> (1, C, H, W) float logits at the photo's size:
+        resized (PIL bilinear, as the data pipeline resizes) to the frame size, predicted as
+        trainer.inference says, upsampled back."""
         self.model.eval()
-        height, width = self.image_size
+        height, width = self.frame_size
         small = np.asarray(Image.fromarray(photo).resize((width, height), Image.BILINEAR))
-        logits = self.logits(self.inputs(torch.from_numpy(small.copy()).permute(2, 0, 1)[None]))
+        frame = torch.from_numpy(small.copy()).permute(2, 0, 1)[None]
+        logits = self.frame_logits(self.inputs(frame))
         return F.interpolate(logits.float(), size=photo.shape[:2], mode="bilinear",
                              align_corners=False)
 
@@ -133,11 +174,11 @@ class Predictor:
                  tolerance: int, loss_fn: nn.Module | None = None
                  ) -> tuple[dict[str, float], torch.Tensor]:
         """Scores (with `loss` if loss_fn is given) and confusion counts over batches of
-        (uint8 images, masks) at the training size."""
+        (uint8 frames, masks)."""
         self.model.eval()
         tally = _Tally(self.task, tolerance=tolerance, device=self.device)
         for images, masks in batches:
-            logits, y = self.logits(self.inputs(images)), self.targets(masks)
+            logits, y = self.frame_logits(self.inputs(images)), self.targets(masks)
             loss = loss_fn(logits, y) if loss_fn is not None else None
             tally.add(self.labels(logits), y, loss=loss)
         return tally.result(with_loss=loss_fn is not None)
@@ -152,6 +193,16 @@ class Predictor:
             pred = self.labels(self.photo_logits(photo))
             tally.add(pred, self.targets(torch.from_numpy(labels)[None]))
         return tally.result(with_loss=False)
+
+
+def _starts(length: int, window: int, overlap: float) -> list[int]:
+    """Window offsets along one side: a stride of window * (1 - overlap), the last window
+    flush with the end."""
+    stride = max(1, round(window * (1 - overlap)))
+    starts = list(range(0, max(length - window, 0) + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
 
 
 class _Tally:

@@ -255,6 +255,7 @@ def _new_run_tags(exp: Experiment, parts: Components, world: distributed.World,
                   devices: list[str], extra: dict[str, str] | None) -> dict[str, str]:
     return {**run_tags(parts.predictor.device, parts.predictor.amp_dtype), **parts.data_tags,
             "world_size": str(world.size), "backend": world.backend,
+            "inference": exp.trainer.inference.describe(),
             "devices": "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)),
             "config_hash": config_hash(exp.model_dump(mode="json")),
             **({tracking.NOTE_TAG: exp.description} if exp.description else {}), **(extra or {})}
@@ -438,7 +439,7 @@ def _datasets(exp: Experiment, splits: DataSplits) -> list[tuple[str, dict]]:
     for context, split, dataset in (("training", "train", splits.train),
                                     ("validation", "val", splits.val)):
         fraction, _ = foreground_stats(dataset.reader.class_counts(), exp.data.foreground)
-        height, width = exp.data.image_size
+        height, width = exp.data.frame_size
         found.append((context, {
             "name": f"{exp.data.name}-{splits.index.layout}-{exp.data.task}-{split}",
             "digest": splits.fingerprints[split], "source": str(Path(exp.data.root).resolve()),
@@ -458,7 +459,7 @@ def _data_report(exp: Experiment, splits: DataSplits) -> tuple[dict[str, str], d
     fraction, _ = foreground_stats(counts, exp.data.foreground)
     tags = {"data.layout": splits.index.layout, "data.mask_encoding": splits.index.encoding.kind,
             "data.foreground_fraction": f"{fraction:.5f}"}
-    frequencies = {"split": "train", "resized_to": list(exp.data.image_size),
+    frequencies = {"split": "train", "resized_to": list(exp.data.frame_size),
                    "ignored_pixels": int(counts[IGNORE_INDEX]), "labelled_pixels": labelled,
                    "classes": {name: {"pixels": int(counts[i]),
                                       "frequency": int(counts[i]) / max(1, labelled)}

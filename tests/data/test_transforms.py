@@ -63,3 +63,45 @@ def test_bad_crop_range_is_rejected():
 
 def test_empty_augment_list_means_no_transform():
     assert build_augmentations([], CTX) is None
+
+
+def positional_pair(height=96, width=192):
+    """A frame whose mask is a function of pixel position (16-pixel blocks numbered across
+    both axes) and whose red channel encodes the same number: alignment is checkable anywhere."""
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    label = ((y // 16) * 5 + (x // 16)) % 20
+    image = torch.stack([label * 12, y % 256, x % 256]).to(torch.uint8)
+    return tv_tensors.Image(image), tv_tensors.Mask(label.to(torch.uint8))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_scale_and_crop_keep_image_and_mask_aligned(seed):
+    ctx = BuildContext(task="binary", out_channels=1, ignore_index=255, image_size=(48, 96),
+                       frame_size=(96, 192))
+    params = [AUGMENTATIONS.get("random_scale").params(name="random_scale", ratio=(0.3, 2.0)),
+              AUGMENTATIONS.get("random_crop").params(name="random_crop")]
+    transform = build_augmentations(params, ctx)
+    torch.manual_seed(seed)
+    image, mask = transform(*positional_pair())
+    assert image.shape == (3, 48, 96) and mask.shape == (48, 96)
+    labelled = mask != 255
+    # away from block edges (bilinear blends two blocks there, and nearest and bilinear may
+    # place an edge a pixel apart) the image says the mask's label
+    padded = torch.nn.functional.pad(mask[None, None].float(), (1, 1, 1, 1), mode="replicate")
+    same = torch.nn.functional.max_pool2d(padded, 3, stride=1) == -torch.nn.functional.max_pool2d(
+        -padded, 3, stride=1)
+    interior = labelled & same[0, 0]
+    assert interior.sum() >= 100
+    from_image = (image[0].float() / 12).round().long()
+    assert (from_image[interior] == mask[interior].long()).float().mean() > 0.99
+    # padding (a frame scaled below the crop size): ignore in the mask, black in the image
+    assert (image[:, ~labelled] == 0).all()
+
+
+def test_random_crop_pads_a_small_frame_with_ignore():
+    ctx = BuildContext(task="binary", out_channels=1, ignore_index=255, image_size=(48, 96))
+    crop = AUGMENTATIONS.build(AUGMENTATIONS.get("random_crop").params(name="random_crop"), ctx)
+    image, mask = crop(*positional_pair(32, 64))
+    assert mask.shape == (48, 96) and (mask == 255).sum() == 48 * 96 - 32 * 64
+    kept = mask != 255
+    assert torch.equal((image[0][kept].float() / 12).round().long(), mask[kept].long())

@@ -183,3 +183,32 @@ def test_evaluate_logs_a_linked_run(trained_run, capsys):
     assert evaluation.info.status == "FINISHED" and "val/dice" in evaluation.data.metrics
     samples = client.list_artifacts(evaluation.info.run_id, "samples")
     assert "samples/val.png" in {a.path for a in samples}
+
+
+def test_crop_training_at_a_kept_scale_with_slide_validation_and_evaluate_overrides(tmp_path):
+    overrides = [*tiny_overrides(tmp_path, epochs=1), "tracking.log_model=false",
+                 "data.scale=[64,128]",
+                 "augment=[{name: random_scale, ratio: [0.5, 1.5]}, {name: random_crop}, "
+                 "{name: hflip}]",
+                 "trainer.inference.mode=slide", "trainer.inference.overlap=0.5"]
+    exp = load_experiment(QUICKSTART, overrides)
+    result = runner.run(exp)
+    client = MlflowClient(tracking_uri=tracking_uri(tmp_path / "runs"))
+    run = client.get_run(result.run_id)
+    assert run.data.tags["inference"] == "slide (overlap 0.5)"
+    assert "val/dice" in run.data.metrics
+    # validation saw 64x128 frames: the decode cache holds them at that size
+    trained = inference.load_trained(run_id=result.run_id, checkpoint=None, runs=tmp_path / "runs")
+    images, _ = next(iter(inference.split_loader(trained, "val")))
+    assert tuple(images.shape[-2:]) == (64, 128)
+    assert main(["evaluate", "--run", result.run_id, "--runs", str(tmp_path / "runs"),
+                 "--inference", "whole", "--tta", "flip"]) == 0
+    evals = [r for r in client.search_runs([run.info.experiment_id])
+             if r.data.tags.get("source_run") == result.run_id]
+    assert [r.data.tags["inference"] for r in evals] == ["whole + flip"]
+
+
+def test_a_kept_scale_without_a_crop_is_refused():
+    with pytest.raises(Exception, match=r"data\.scale \[64, 128\] differs .* add random_crop"):
+        load_experiment(QUICKSTART, ["data.scale=[64,128]", "data.image_size=[32,64]",
+                                     "augment=[{name: hflip}]"])

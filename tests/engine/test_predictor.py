@@ -108,3 +108,60 @@ def test_a_new_task_is_one_entry_of_the_table():
     found, counts = p.evaluate_photos([(image, lut[train_ids])], tolerance=0)
     assert counts.tolist() == [[64, 0], [0, 64]] and found["iou"] == 1.0
     assert drivable.mask_values[p.predict_photo(image)[0]].max() == 255
+
+
+def _modes(model, *, size, mode, overlap=1 / 3, tta="none"):
+    from cityseg.config import InferenceConfig
+
+    return Predictor(model=model, device=torch.device("cpu"), amp_dtype=None,
+                     channels_last=False, task=TASKS["multiclass"], threshold=0.5,
+                     image_size=size, inference=InferenceConfig(mode=mode, overlap=overlap,
+                                                                tta=tta))
+
+
+@pytest.mark.parametrize("frame", [(32, 64), (50, 90), (20, 40), (64, 200)],
+                         ids=["window", "larger", "smaller", "wide"])
+@pytest.mark.parametrize("overlap", [0.0, 1 / 3, 0.5])
+def test_slide_equals_whole_for_a_pointwise_model_at_any_size(frame, overlap):
+    torch.manual_seed(0)
+    pointwise = nn.Conv2d(3, 5, kernel_size=1)
+    x = torch.randn(2, 3, *frame)
+    whole = _modes(pointwise, size=(32, 64), mode="whole").frame_logits(x)
+    slide = _modes(pointwise, size=(32, 64), mode="slide", overlap=overlap).frame_logits(x)
+    assert slide.shape == whole.shape == (2, 5, *frame)
+    torch.testing.assert_close(slide, whole, rtol=0, atol=1e-6)
+
+
+def test_slide_on_a_frame_of_the_window_size_is_whole_inference_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 5, padding=2))
+    x = torch.randn(1, 3, 32, 64)
+    assert torch.equal(_modes(model, size=(32, 64), mode="slide").frame_logits(x),
+                       _modes(model, size=(32, 64), mode="whole").frame_logits(x))
+
+
+def test_slide_without_overlap_stitches_the_windows_of_a_spatial_model():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 5, padding=2)  # sees its neighbours: windows differ from whole
+    x = torch.randn(1, 3, 32, 128)
+    slide = _modes(model, size=(32, 64), mode="slide", overlap=0.0).frame_logits(x)
+    with torch.no_grad():
+        expected = torch.cat([model(x[..., :64]), model(x[..., 64:])], dim=-1)
+    torch.testing.assert_close(slide, expected)
+    whole = _modes(model, size=(32, 64), mode="whole").frame_logits(x)
+    assert not torch.allclose(slide, whole)  # the seam: padding inside the frame
+
+
+def test_flip_tta_of_a_mirror_symmetric_model_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 3, padding=1, bias=True)
+    with torch.no_grad():  # left-right symmetric kernels: the model commutes with mirroring
+        model.weight.copy_((model.weight + model.weight.flip(-1)) / 2)
+    x = torch.randn(2, 3, 32, 64)
+    plain = _modes(model, size=(32, 64), mode="whole").frame_logits(x)
+    flipped = _modes(model, size=(32, 64), mode="whole", tta="flip").frame_logits(x)
+    torch.testing.assert_close(flipped, plain.float(), rtol=0, atol=1e-6)
+    lopsided = nn.Conv2d(3, 2, 3, padding=1)
+    assert not torch.allclose(_modes(lopsided, size=(32, 64), mode="whole",
+                                     tta="flip").frame_logits(x),
+                              _modes(lopsided, size=(32, 64), mode="whole").frame_logits(x))
