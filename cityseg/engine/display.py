@@ -13,7 +13,7 @@ from rich.table import Table
 
 # metric -> (header, format); sized so a row fits an 80-column log
 SUMMARY = {"train/loss": ("train\nloss", ".4f"), "val/loss": ("val\nloss", ".4f"),
-           "val/dice": ("dice", ".4f"), "val/iou": ("iou", ".4f"),
+           "val/dice": ("dice", ".4f"), "val/iou": ("iou", ".4f"), "val/miou": ("miou", ".4f"),
            "val/precision": ("prec.", ".4f"), "val/recall": ("recall", ".4f"),
            "lr": ("lr", ".1e"), "throughput/img_s": ("img/s", ".1f")}
 
@@ -68,9 +68,10 @@ class RichDisplay:
         self._header_shown = True
         table.add_column("epoch", width=max(6, 2 * len(str(self._epochs)) + 2), justify="right",
                          no_wrap=True)
-        for header, _ in SUMMARY.values():
-            table.add_column(header, width=7, justify="right", no_wrap=True)
-        cells = [format(metrics[key], fmt) for key, (_, fmt) in SUMMARY.items()]
+        shown = [key for key in SUMMARY if key in metrics]  # the task's (multiclass: miou)
+        for key in shown:
+            table.add_column(SUMMARY[key][0], width=7, justify="right", no_wrap=True)
+        cells = [format(metrics[key], SUMMARY[key][1]) for key in shown]
         table.add_row(f"{epoch}/{self._epochs}{'*' if best else ' '}", *cells)
         self.console.print(table)
 
