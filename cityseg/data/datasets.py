@@ -47,6 +47,11 @@ class DataParams(Params):
     cache: bool = Field(True, description="decode and resize every image once into cache_dir and "
                                           "read arrays afterwards")
     cache_dir: Path = Field(Path("runs/cache"), description="where decoded arrays are kept")
+    augment_on: Literal["auto", "workers", "device"] = Field(
+        "auto", description="where training augmentations run: workers (per sample, in the "
+                            "DataLoader's processes), device (the loader delivers cached uint8 "
+                            "frames and the same augmentations run on the training device); "
+                            "auto: device on CUDA, workers on the CPU")
 
     @field_validator("image_size", "scale")
     @classmethod
@@ -150,6 +155,8 @@ class SegmentationDataset(Dataset):
         self.lut = lut  # train id -> task label
         self.transform = transform
         self.seed = seed
+        # True: leave the transform to the training device; samples come with their seeds
+        self.deferred = False
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -167,12 +174,47 @@ class SegmentationDataset(Dataset):
         photo, train_ids = self.reader[index]
         img = tv_tensors.Image(torch.from_numpy(photo).permute(2, 0, 1))  # (3, H, W)
         mask = tv_tensors.Mask(torch.from_numpy(self.lut[train_ids]))  # (H, W)
+        seed = sample_seed(self.seed, epoch, index)
+        if self.deferred:
+            return (img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor),
+                    torch.tensor(seed, dtype=torch.int64))
         if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
-                torch.default_generator.manual_seed(
-                    (self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
-                img, mask = self.transform(img, mask)
+            img, mask = augment_sample(self.transform, img, mask, seed)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: a function of (seed, epoch, index)."""
+    return (seed * 1_000_003 + epoch * 100_003 + index) % 2**63
+
+
+def augment_sample(transform: v2.Transform, img: torch.Tensor, mask: torch.Tensor,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample through the augmentations, their random parameters drawn from `seed` (on
+    the CPU generator, wherever the pixels are), the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return transform(tv_tensors.Image(img), tv_tensors.Mask(mask))
+
+
+class DeviceAugmenter:
+    """The training augmentations applied on the training device to a batch of cached uint8
+    frames, each sample with its own parameters from its seed: the same pipeline and the same
+    parameters as in DataLoader workers, so resuming stays exact and the two modes agree.
+
+    torchvision.transforms.v2 draws one set of parameters per call, so the batch goes through
+    it sample by sample: the pixels never leave the device, only the parameters come from the
+    CPU generator."""
+
+    def __init__(self, transform: v2.Transform) -> None:
+        self.transform = transform
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [augment_sample(self.transform, img, mask, int(seed))
+                 for img, mask, seed in zip(images, masks, seeds.tolist(), strict=True)]
+        return (torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs]),
+                torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs]))
 
 
 class EpochSampler(Sampler):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from cityseg import tracking, viz
 from cityseg.config import Experiment, flatten, to_yaml
 from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES, foreground_stats
-from cityseg.data.datasets import DataSplits, EpochSampler, ShardSampler
+from cityseg.data.datasets import DataSplits, DeviceAugmenter, EpochSampler, ShardSampler
 from cityseg.data.transforms import build_augmentations
 from cityseg.engine import checkpoints, distributed
 from cityseg.engine.display import NullDisplay
@@ -74,6 +74,7 @@ class Components:
     sampler: EpochSampler
     val_loader: DataLoader
     samples: tuple[torch.Tensor, torch.Tensor] | None  # fixed validation images for panels
+    device_augment: object | None  # DeviceAugmenter when augmentations run on the device
     model: torch.nn.Module  # plain: its state_dict goes into checkpoints
     predictor: Predictor  # validation and panels
     train_model: torch.nn.Module  # what trains: maybe compiled, DistributedDataParallel
@@ -217,6 +218,10 @@ def build_components(exp: Experiment, splits: DataSplits, point: ResumePoint | N
     """Loaders, model, loss, optimizer and schedule; a checkpoint's weights must fit."""
     world = distributed.world()
     ctx = exp.build_context()
+    device_augment = None
+    if augment_on(exp, device) == "device" and splits.train.transform is not None:
+        device_augment = DeviceAugmenter(splits.train.transform)
+        splits.train.deferred = True  # the loader delivers cached frames and their seeds
     train_loader, sampler, val_loader = _loaders(splits, exp, world,
                                                  pin_memory=device.type == "cuda")
     samples = splits.val.first(exp.tracking.num_samples)
@@ -234,9 +239,19 @@ def build_components(exp: Experiment, splits: DataSplits, point: ResumePoint | N
     schedule = SCHEDULERS.build(exp.scheduler, optimizer, steps_per_epoch=steps_per_epoch,
                                 epochs=exp.trainer.epochs, mode=exp.monitor_mode)
     data_tags, frequencies = _data_report(exp, splits)
-    return Components(splits, train_loader, sampler, val_loader, samples, model, predictor,
+    return Components(splits, train_loader, sampler, val_loader, samples, device_augment,
+                      model, predictor,
                       model, LOSSES.build(loss_params, ctx), loss_logged, optimizer, schedule,
                       data_tags, frequencies)
+
+
+def augment_on(exp: Experiment, device: torch.device) -> str:
+    """Where the training augmentations run: data.augment_on, auto = the device on CUDA (a GPU
+    outruns per-sample augmentation in a few workers), workers on the CPU (there the workers
+    run beside the step instead of inside it)."""
+    if exp.data.augment_on != "auto":
+        return exp.data.augment_on
+    return "device" if device.type == "cuda" else "workers"
 
 
 def wrap_for_training(model: torch.nn.Module, exp: Experiment, world: distributed.World,
@@ -255,6 +270,7 @@ def _new_run_tags(exp: Experiment, parts: Components, world: distributed.World,
                   devices: list[str], extra: dict[str, str] | None) -> dict[str, str]:
     return {**run_tags(parts.predictor.device, parts.predictor.amp_dtype), **parts.data_tags,
             "world_size": str(world.size), "backend": world.backend,
+            "augment_on": augment_on(exp, parts.predictor.device),
             "inference": exp.trainer.inference.describe(),
             "devices": "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)),
             "config_hash": config_hash(exp.model_dump(mode="json")),
@@ -302,7 +318,7 @@ def _trainer(exp: Experiment, parts: Components, run_id: str,
                    val_loader=parts.val_loader, settings=settings,
                    config=exp.model_dump(mode="json"), run_id=run_id, samples=parts.samples,
                    on_epoch_end=on_epoch_end if tracker is not None else None,
-                   display=display)
+                   display=display, device_augment=parts.device_augment)
 
 
 def _log_start(tracker: tracking.Tracker, exp: Experiment, parts: Components, state: TrainState,

@@ -93,7 +93,7 @@ class Trainer:
                  train_model: nn.Module | None = None,
                  samples: tuple[torch.Tensor, torch.Tensor] | None = None,
                  on_epoch_end: EpochCallback | None = None, display=None,
-                 stop: StopFlag | None = None) -> None:
+                 stop: StopFlag | None = None, device_augment=None) -> None:
         self.s = settings
         self.world = distributed.world()
         self.predictor = predictor  # validation and panels: never wrapped in DDP
@@ -110,6 +110,8 @@ class Trainer:
         self.config, self.run_id = config, run_id  # saved inside every checkpoint
         self.samples = samples  # fixed validation images for the per-epoch panel
         self.on_epoch_end = on_epoch_end
+        # augmentations on the device: the loader delivers (frames, masks, seeds)
+        self.device_augment = device_augment
         self.display = display or NullDisplay()
         self.stop = stop or StopFlag()
         self.confusion: torch.Tensor | None = None  # of the last validation
@@ -239,7 +241,11 @@ class Trainer:
                     where = (f"epoch {epoch}, batch {done} of {batches}" if done
                              else f"the end of epoch {epoch - 1}")
                     raise Interrupted(int(stop), self.run_id, where)
-            images, masks = fetched
+            images, masks, *seeds = fetched
+            if self.device_augment is not None:
+                images, masks = self.device_augment(
+                    images.to(device, non_blocking=True), masks.to(device, non_blocking=True),
+                    seeds[0])
             x, y = self.train_predictor.inputs(images), self.train_predictor.targets(masks)
             loss = self.loss_fn(self.train_predictor.logits(x), y)
             group_start = (batch - 1) // self.s.accumulate * self.s.accumulate
