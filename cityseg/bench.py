@@ -300,7 +300,7 @@ def _spread(values: list[float]) -> dict:
 
 
 def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeats: int,
-                       steps: int, console: Console | None) -> dict:
+                       steps: int, plain_steps: int, console: Console | None) -> dict:
     """cityseg end to end vs the plain loop (alternated), the bare step, FLOPs, MFU, data."""
     from cityseg.engine.environment import resolve_precision
 
@@ -308,7 +308,7 @@ def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeat
     ours, plain = [], []
     for _ in range(repeats):
         ours.append(end_to_end(exp))
-        plain.append(plain_loop(root, workers=workers, device=device, steps=steps))
+        plain.append(plain_loop(root, workers=workers, device=device, steps=plain_steps))
     amp = resolve_precision(exp.trainer.precision, device)
     shape = BASELINE_SHAPE
     model_kw = dict(in_channels=3, out_channels=1, norm="batch", upsample="transpose",
@@ -316,6 +316,9 @@ def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeat
     bare = time_steps(model_kw, size=tuple(shape["image_size"]), batch=shape["batch"],
                       device=device, amp=amp, channels_last=exp.trainer.channels_last,
                       steps=steps)
+    on_device = exp.model_copy(update={"data": exp.data.model_copy(
+        update={"augment_on": "device"})})
+    device_augment = end_to_end(on_device)
     flops = model_flops(device)
     peak = matmul_peak(device, amp)
     ceiling = loader_ceiling(exp)
@@ -336,6 +339,7 @@ def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeat
         "mfu": {"bare_step": bare * flops["forward_backward"] / peak,
                 "end_to_end": e2e["median"] * flops["forward_backward"] / peak},
         "data_loader": {"images_per_s": ceiling},
+        "augment_on": {"workers": e2e["median"], "device": device_augment},
         "bound_by": "data" if ceiling < bare else "model",
     }
     if console is not None:
@@ -368,14 +372,19 @@ def print_side_by_side(r: dict, console: Console) -> None:
         f"data path alone: {r['data_loader']['images_per_s']:.1f} images/s with "
         f"{r['workers']} workers against the step's {r['bare_step']['images_per_s']:.2f}: "
         + ("training is bound by the model (the data path keeps up)." if r["bound_by"] == "model"
-           else "training is bound by the data path: the device waits for data."))
+           else "training is bound by the data path: the device waits for data.")
+        + f"\naugmentations in {r['workers']} DataLoader workers: "
+          f"{r['augment_on']['workers']:.2f} images/s end to end; on the training device "
+          f"(data.augment_on: device): {r['augment_on']['device']:.2f}.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=4,
-                        help="timed steps of the plain loop and of the bare step")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps of the bare training step (and its table)")
+    parser.add_argument("--plain-steps", type=int, default=4,
+                        help="timed steps of the plain loop (slow: fp32, PIL)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternations of cityseg end to end and the plain loop")
     parser.add_argument("--cityscapes", type=Path,
@@ -401,7 +410,8 @@ def main() -> None:
         # as in a real epoch of hundreds of steps only if there are several steps
         ensure_dataset(root, num_train=48, num_val=2, size=(1024, 2048), seed=0)
     report = bench_side_by_side(root, workers=args.workers, device=device, repeats=args.repeats,
-                                steps=args.steps, console=None if args.json else console)
+                                steps=args.steps, plain_steps=args.plain_steps,
+                                console=None if args.json else console)
     report["frames"] = source
     if args.json:
         print(json.dumps(report, indent=2))
