@@ -546,7 +546,11 @@ class Worker:
             run = finished[0]
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             self.report(f"{point.label}: already FINISHED ({run.info.run_id}), skipped")
-            return self._outcome(trial, run.data.metrics, run.data.tags)
+            try:
+                return self._outcome(trial, run.data.metrics, run.data.tags)
+            except ChildFailed:
+                self.not_mine.append(mine)  # nothing to train: never ask for it again here
+                raise
         resume = None
         if earlier and earlier[0].info.status == "RUNNING" and not tracking.is_stale(earlier[0]):
             trial.set_user_attr("duplicate_of_run", earlier[0].info.run_id)
