@@ -221,8 +221,15 @@ class Tracker:
             self.experiment_id = found.experiment_id
         else:  # a local store keeps artifacts beside it; a server decides where its go
             location = (root / "artifacts").resolve().as_uri() if not self.remote else None
-            self.experiment_id = self.client.create_experiment(experiment,
-                                                               artifact_location=location)
+            try:
+                self.experiment_id = self.client.create_experiment(experiment,
+                                                                   artifact_location=location)
+            except MlflowException:
+                # created by another process a moment ago (sweep workers starting together)
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                self.experiment_id = found.experiment_id
         if found is None or EXPERIMENT_KIND_TAG not in found.tags:
             # the UI then opens the experiment on its training runs, not on a GenAI overview
             self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,

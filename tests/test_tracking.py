@@ -40,3 +40,18 @@ def test_a_session_reattaches_to_an_earlier_run(tmp_path):
     with tracker.session(reattach=run_id) as again:
         assert again == run_id and status_and_tags(tmp_path, run_id)[0] == "RUNNING"
     assert status_and_tags(tmp_path, run_id)[0] == "FINISHED"
+
+
+def test_an_experiment_created_by_another_process_meanwhile_is_joined(tmp_path, monkeypatch):
+    # two sweep workers start together: both find no experiment, one creates it first
+    first = tracking.Tracker(root=tmp_path, experiment="shared")
+    real = MlflowClient.get_experiment_by_name
+    calls = {"n": 0}
+
+    def not_yet(self, name):
+        calls["n"] += 1
+        return None if calls["n"] == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", not_yet)
+    second = tracking.Tracker(root=tmp_path, experiment="shared")
+    assert second.experiment_id == first.experiment_id and calls["n"] == 2
