@@ -124,9 +124,19 @@ def check_same_world(point: ResumePoint, world_size: int) -> None:
             f"resumes with any number")
 
 
+def _as_now(config: dict) -> dict:
+    """A saved config as this version reads it: keys added since it was saved take their
+    defaults, so a checkpoint from before an upgrade still resumes (unless it no longer
+    validates: then as it was, and the differences are named)."""
+    try:
+        return Experiment.model_validate(config).model_dump(mode="json")
+    except Exception:  # noqa: BLE001  (a removed or renamed key: compared raw)
+        return config
+
+
 def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None:
     """Refuse to resume when anything but the epoch count differs from the checkpoint's config."""
-    saved, now = flatten(checkpoint["config"]), flatten(exp.model_dump(mode="json"))
+    saved, now = flatten(_as_now(checkpoint["config"])), flatten(exp.model_dump(mode="json"))
     changed = sorted(k for k in saved.keys() | now.keys()
                      if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:

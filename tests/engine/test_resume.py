@@ -14,6 +14,7 @@ from cityseg.cli import main
 from cityseg.config import load_experiment
 from cityseg.engine import runner
 from cityseg.engine.checkpoints import load as load_checkpoint
+from cityseg.engine.checkpoints import save_atomic
 from cityseg.errors import ConfigError, TrainingDiverged
 from cityseg.losses import WeightedBCE
 from cityseg.models.unet import UNet
@@ -227,3 +228,23 @@ def test_compiled_model_trains_and_checkpoints_plain_weights(tmp_path):
     result = runner.run(exp)
     keys = load_checkpoint(result.checkpoints["last"])["model"]
     assert not any(k.startswith("_orig_mod") for k in keys)
+
+
+def test_a_checkpoint_saved_before_new_config_keys_existed_still_resumes(tmp_path):
+    overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
+    result = runner.run(load_experiment(QUICKSTART, overrides))
+    path = result.checkpoints["last"]
+    saved = load_checkpoint(path)
+    # as an older cityseg wrote it: no keys that came later (their defaults are what it did)
+    for section, key in (("trainer", "inference"), ("data", "scale"), ("data", "augment_on"),
+                         ("model", "encoder"), ("model", "weights")):
+        del saved["config"][section][key]
+    save_atomic(saved, path)
+    more = runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=2"]),
+                      resume=result.run_id)
+    assert more.run_id == result.run_id and more.resumed_from == 1
+    with pytest.raises(ConfigError, match=r"trainer\.inference\.mode: whole in the checkpoint, "
+                                          r"slide now"):
+        runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=3",
+                                                "trainer.inference.mode=slide"]),
+                   resume=result.run_id)
