@@ -63,6 +63,9 @@ _STORAGE_TROUBLE = ("disk is full", "disk i/o error", "readonly database", "read
                     "no space left", "unable to open database", "permission denied")
 
 
+_IDEMPOTENT = ("log_inputs", "set_tag", "set_experiment_tag")  # safe to repeat after a race
+
+
 class _RetryingClient:
     """MlflowClient whose calls retry with exponential backoff while SQLite says it is locked,
     and turn a full disk or an unwritable store into a StorageError naming the store."""
@@ -85,9 +88,10 @@ class _RetryingClient:
                         reason = str(err).splitlines()[0][:200]
                         raise StorageError(f"MLflow store {self._store}: cannot "
                                            f"{name.replace('_', ' ')}: {reason}") from None
-                    # parallel sweep children logging one dataset race on its unique row: the
-                    # loser's retry finds the winner's
-                    race = name == "log_inputs" and "unique constraint" in text
+                    # processes writing one row at once (sweep children logging one dataset,
+                    # workers tagging one experiment or parent run) race on its unique key: the
+                    # loser's retry finds the winner's row and updates it
+                    race = name in _IDEMPOTENT and "unique constraint" in text
                     if ("locked" not in text and not race) or attempt == RETRIES - 1:
                         raise
                     time.sleep(0.05 * 2**attempt * (1 + random.random()))

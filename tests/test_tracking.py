@@ -55,3 +55,27 @@ def test_an_experiment_created_by_another_process_meanwhile_is_joined(tmp_path, 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", not_yet)
     second = tracking.Tracker(root=tmp_path, experiment="shared")
     assert second.experiment_id == first.experiment_id and calls["n"] == 2
+
+
+def test_tag_writes_that_race_on_a_unique_row_are_retried_other_calls_are_not():
+    # two workers tagging one experiment at the same moment: the server's insert of the loser
+    # fails on the row the winner just wrote; writing the tag again updates that row
+    class Store:
+        def __init__(self):
+            self.calls = 0
+
+        def _race_once(self, *args):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint "
+                                   "failed: experiment_tags.key, experiment_tags.experiment_id")
+            return "ok"
+
+        set_experiment_tag = set_tag = create_run = _race_once
+
+    for name in ("set_experiment_tag", "set_tag"):
+        store = Store()
+        assert getattr(tracking._RetryingClient(store, "x"), name)("1", "k", "v") == "ok"
+        assert store.calls == 2
+    with pytest.raises(RuntimeError, match="UNIQUE constraint"):
+        tracking._RetryingClient(Store(), "x").create_run("1")
