@@ -532,9 +532,18 @@ class Worker:
         point = plan.point(values)
         trial.set_user_attr("child", point.label)
         mine = dict(trial.params)
-        owners = [t.number for t in self.study.get_trials(deepcopy=False,
-                                                          states=(TrialState.RUNNING,))
-                  if t.number < trial.number and _identity(plan, t) == mine]
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        grid_id = next((t.system_attrs.get("grid_id") for t in running
+                        if t.number == trial.number), None)
+
+        def same_point(other) -> bool:
+            # a grid trial has its grid id from the moment it is asked for (every worker's
+            # GridSampler numbers the grid alike), its params only once it suggests them
+            if grid_id is not None and "grid_id" in other.system_attrs:
+                return other.system_attrs["grid_id"] == grid_id
+            return _identity(plan, other) == mine
+
+        owners = [t.number for t in running if t.number < trial.number and same_point(t)]
         if owners:
             trial.set_user_attr("duplicate_of_trial", owners[0])
             self.not_mine.append(mine)

@@ -299,3 +299,19 @@ def test_a_range_takes_the_type_of_the_experiment_value(tmp_path):
     bad = {"params": {"model.depth": {"low": 2, "high": 3.5}}, "trials": 1}
     with pytest.raises(ConfigError, match=r"search\.params\.model\.depth: .*whole numbers"):
         load_sweep(write_sweep(tmp_path, None, search=bad))
+
+
+def test_a_grid_point_handed_out_twice_is_trained_once_even_before_its_params_exist(
+        tmp_path, monkeypatch):
+    # GridSampler hands a running point to a second worker once the grid is exhausted; the
+    # first worker may not even have suggested its params yet: the grid id says it all
+    from cityseg.engine.sweep import Duplicate, Worker, open_study
+
+    plan = load_sweep(write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}))
+    study = open_study(plan, f"sqlite:///{tmp_path}/study.db")
+    first, second = study.ask(), study.ask()  # both points RUNNING, no params yet
+    third = study.ask()  # the grid is exhausted: a duplicate of one of them
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("trained a duplicate"))
+    with pytest.raises(Duplicate, match=r"trial [01] is training"):
+        Worker(plan, study, parent_id="none", report=lambda line: None)(third)
+    assert {first.number, second.number} == {0, 1}
