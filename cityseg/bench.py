@@ -277,10 +277,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype | None, n: int = 2048,
 
 def loader_ceiling(exp) -> float:
     """Images/s the training DataLoader alone delivers (cache, augmentations, workers)."""
-    from cityseg.registry import DATASETS
+    from cityseg.engine.display import NullDisplay
+    from cityseg.engine.runner import build_data
 
-    ctx = exp.build_context()
-    splits = DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
+    splits = build_data(exp, NullDisplay())
     loader = DataLoader(splits.train, batch_size=exp.data.batch_size, shuffle=True,
                         num_workers=exp.data.num_workers,
                         persistent_workers=exp.data.num_workers > 0)

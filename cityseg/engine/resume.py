@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from cityseg.config import Experiment, flatten
 from cityseg.engine import checkpoints
 from cityseg.errors import ConfigError
@@ -130,7 +132,7 @@ def _as_now(config: dict) -> dict:
     validates: then as it was, and the differences are named)."""
     try:
         return Experiment.model_validate(config).model_dump(mode="json")
-    except Exception:  # noqa: BLE001  (a removed or renamed key: compared raw)
+    except ValidationError:  # a removed or renamed key: compared raw
         return config
 
 

@@ -211,32 +211,33 @@ class Plan:
         """The grid as Optuna's GridSampler takes it: encoded values."""
         return {key: self.choices(key) for key in self.config.grid}
 
-    def requeue(self, study, params: dict[str, Any], like=None) -> None:
-        """Queue a point again (WAITING: taken before anything new), as Optuna's
-        RetryHeartbeatStaleTrialCallback does; a grid point keeps the grid id of its earlier
-        trial `like`, which GridSampler's bookkeeping needs."""
-        import optuna
+    def distribution(self, key: str):
+        """The Optuna distribution a swept key is drawn from (a grid's values: categorical)."""
         from optuna.distributions import (
             CategoricalDistribution,
             FloatDistribution,
             IntDistribution,
         )
 
-        distributions = {}
-        for key in self.keys:
-            spec = self.config.search.params[key] if self.config.search else None
-            if spec is None or spec.choices is not None:
-                distributions[key] = CategoricalDistribution(self.choices(key))
-            elif self.kinds[key] == "int":
-                distributions[key] = IntDistribution(int(spec.low), int(spec.high), log=spec.log,
-                                                     step=int(spec.step or 1))
-            else:
-                distributions[key] = FloatDistribution(spec.low, spec.high, log=spec.log,
-                                                       step=spec.step)
+        spec = self.config.search.params[key] if self.config.search else None
+        if spec is None or spec.choices is not None:
+            return CategoricalDistribution(self.choices(key))
+        if self.kinds[key] == "int":
+            return IntDistribution(int(spec.low), int(spec.high), log=spec.log,
+                                   step=int(spec.step or 1))
+        return FloatDistribution(spec.low, spec.high, log=spec.log, step=spec.step)
+
+    def requeue(self, study, params: dict[str, Any], like=None) -> None:
+        """Queue a point again (WAITING: taken before anything new), as Optuna's
+        RetryHeartbeatStaleTrialCallback does; a grid point keeps the grid id of its earlier
+        trial `like`, which GridSampler's bookkeeping needs."""
+        import optuna
+
         attrs = {k: v for k, v in (like.system_attrs if like is not None else {}).items()
                  if k in ("grid_id", "search_space")}
         study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING, params=params, distributions=distributions,
+            state=optuna.trial.TrialState.WAITING, params=params,
+            distributions={key: self.distribution(key) for key in self.keys},
             system_attrs={**attrs, "fixed_params": params}))
 
 
@@ -506,20 +507,17 @@ class Worker:
     # -------------------------------------------------------------- one trial
 
     def _suggest(self, trial) -> dict[str, Any]:
-        plan = self.plan
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
         values = {}
-        for key in plan.keys:
-            if plan.config.grid is not None or plan.kinds[key] == "choice":
-                value = plan.decode(key, trial.suggest_categorical(key, plan.choices(key)))
+        for key in self.plan.keys:
+            d = self.plan.distribution(key)
+            if isinstance(d, CategoricalDistribution):
+                values[key] = self.plan.decode(key, trial.suggest_categorical(key, d.choices))
+            elif isinstance(d, IntDistribution):
+                values[key] = trial.suggest_int(key, d.low, d.high, log=d.log, step=d.step)
             else:
-                spec = plan.config.search.params[key]
-                if plan.kinds[key] == "int":
-                    value = trial.suggest_int(key, int(spec.low), int(spec.high), log=spec.log,
-                                              step=int(spec.step or 1))
-                else:
-                    value = trial.suggest_float(key, spec.low, spec.high, log=spec.log,
-                                                step=spec.step)
-            values[key] = value
+                values[key] = trial.suggest_float(key, d.low, d.high, log=d.log, step=d.step)
         return values
 
     def __call__(self, trial) -> float:
@@ -679,7 +677,6 @@ class SweepResult:
     best: dict[str, Any] | None
     failed: list[tuple[str, str]]  # (child, error) of the children that failed here
     url: str  # the parent run's page in the MLflow UI
-    pending: int = 0  # trials other workers are still training
 
 
 def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
@@ -721,7 +718,7 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
             failed = Worker(plan, study, parent_id=parent_id, report=report).work()
         else:
             failed = _run_workers(plan, storage, parent_id, jobs)
-        rows = summary_rows(plan, tracker, study)
+        rows = summary_rows(plan, tracker)
         best = next((r for r in rows if isinstance(r.get(sweep.metric), float)
                      and r["status"] == "FINISHED" and not r["pruned"]), None)
         left = pending()
@@ -733,7 +730,7 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
             tracker.set_tags({"children": str(len(rows)), "failed_children": str(
                 sum(r["status"] != "FINISHED" for r in rows))})
     return SweepResult(plan.sweep_id, parent_id, rows, best, failed,
-                       tracking.run_url(tracker.experiment_id, parent_id, uri=tracker.uri), left)
+                       tracking.run_url(tracker.experiment_id, parent_id, uri=tracker.uri))
 
 
 def _run_workers(plan: Plan, storage: str, parent_id: str, jobs: int) -> list[tuple[str, str]]:
@@ -758,7 +755,7 @@ SUMMARY_METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/mi
                    "val/boundary_f1", "val/loss")
 
 
-def summary_rows(plan: Plan, tracker: tracking.Tracker, study) -> list[dict[str, Any]]:
+def summary_rows(plan: Plan, tracker: tracking.Tracker) -> list[dict[str, Any]]:
     """One row per point (its newest child), ranked: finished children by the metric, then
     pruned ones (their metric is from an earlier epoch), then those without it."""
     rows, seen = [], set()

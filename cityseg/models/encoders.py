@@ -67,10 +67,6 @@ def stages_for(name: str, depth: int) -> int:
     return depth - first + 1
 
 
-def _module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
@@ -98,7 +94,7 @@ class TorchvisionEncoder(nn.Module):
         self.channels = list(spec.channels[:used])
         self.strides = [spec.first_stride * 2**i for i in range(used)]
         # a plain list: the modules are registered once, under net, with torchvision's names
-        self._stages = [[_module(net, path) for path in stage] for stage in spec.stages[:used]]
+        self._stages = [[net.get_submodule(path) for path in stage] for stage in spec.stages[:used]]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
