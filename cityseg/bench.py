@@ -48,12 +48,16 @@ from cityseg.registry import BuildContext
 
 
 def time_steps(model_kw: dict, *, size: tuple[int, int], batch: int, device: torch.device,
-               amp: torch.dtype | None, channels_last: bool, steps: int) -> float:
-    """Training images per second of forward + backward + AdamW step on random data."""
+               amp: torch.dtype | None, channels_last: bool, steps: int,
+               compile: bool = False) -> float:
+    """Training images per second of forward + backward + AdamW step on random data (the
+    model torch.compile'd if asked: the warm-up steps compile it)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = UNet(**model_kw).to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if compile:
+        model = torch.compile(model)
     loss_fn = WeightedBCE(pos_weight=2.0, ignore_index=255).to(device)
     x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 2, (batch, *size), device=device)
@@ -305,24 +309,30 @@ def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeat
     from cityseg.engine.environment import resolve_precision
 
     exp = bench_experiment(root, workers=workers, device=str(device))
-    ours, plain = [], []
+    compiled = exp.model_copy(update={"trainer": exp.trainer.model_copy(
+        update={"compile": True})})
+    ours, fused, plain = [], [], []
     for _ in range(repeats):
         ours.append(end_to_end(exp))
+        fused.append(end_to_end(compiled))  # the first epoch compiles, the second is timed
         plain.append(plain_loop(root, workers=workers, device=device, steps=plain_steps))
     amp = resolve_precision(exp.trainer.precision, device)
     shape = BASELINE_SHAPE
     model_kw = dict(in_channels=3, out_channels=1, norm="batch", upsample="transpose",
                     dropout=0.0, depth=shape["depth"], base_channels=shape["base_channels"])
-    bare = time_steps(model_kw, size=tuple(shape["image_size"]), batch=shape["batch"],
-                      device=device, amp=amp, channels_last=exp.trainer.channels_last,
-                      steps=steps)
+    bare, bare_compiled = (
+        time_steps(model_kw, size=tuple(shape["image_size"]), batch=shape["batch"],
+                   device=device, amp=amp, channels_last=exp.trainer.channels_last,
+                   steps=steps, compile=compile)
+        for compile in (False, True))
     on_device = exp.model_copy(update={"data": exp.data.model_copy(
         update={"augment_on": "device"})})
     device_augment = end_to_end(on_device)
     flops = model_flops(device)
     peak = matmul_peak(device, amp)
     ceiling = loader_ceiling(exp)
-    e2e = _spread(ours)
+    e2e, e2e_compiled = _spread(ours), _spread(fused)
+    per_image = flops["forward_backward"]
     report = {
         "schema": SCHEMA_VERSION,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
@@ -336,11 +346,18 @@ def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeat
         "end_to_end_vs_bare_step": e2e["median"] / bare,
         "flops_per_image": flops,
         "matmul_peak_flops": peak,
-        "mfu": {"bare_step": bare * flops["forward_backward"] / peak,
-                "end_to_end": e2e["median"] * flops["forward_backward"] / peak},
+        "mfu": {"bare_step": bare * per_image / peak,
+                "end_to_end": e2e["median"] * per_image / peak},
         "data_loader": {"images_per_s": ceiling},
         "augment_on": {"workers": e2e["median"], "device": device_augment},
         "bound_by": "data" if ceiling < bare else "model",
+        "compiled": {  # the same with trainer.compile: true (torch.compile)
+            "end_to_end": {"images_per_s": e2e_compiled},
+            "speedup": e2e_compiled["median"] / statistics.median(plain),
+            "bare_step": {"images_per_s": bare_compiled},
+            "end_to_end_vs_bare_step": e2e_compiled["median"] / bare_compiled,
+            "mfu": {"bare_step": bare_compiled * per_image / peak,
+                    "end_to_end": e2e_compiled["median"] * per_image / peak}},
     }
     if console is not None:
         print_side_by_side(report, console)
@@ -354,21 +371,25 @@ def print_side_by_side(r: dict, console: Console) -> None:
                         f"{shape['base_channels']}, batch {shape['batch']}), training images/s")
     for column in ("", "median", "min", "max"):
         table.add_column(column, justify="right")
-    for label, key in ((f"cityseg ({r['precision']}, "
-                        f"{'channels_last' if r['channels_last'] else 'NCHW'})", "end_to_end"),
-                       ("plain loop (PIL, fp32, NCHW, .item())", "plain_loop")):
-        v = r[key]["images_per_s"]
+    ours = f"cityseg ({r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}"
+    for label, v in ((f"{ours})", r["end_to_end"]["images_per_s"]),
+                     (f"{ours}, trainer.compile)", r["compiled"]["end_to_end"]["images_per_s"]),
+                     ("plain loop (PIL, fp32, NCHW, .item())", r["plain_loop"]["images_per_s"])):
         table.add_row(label, f"{v['median']:.2f}", f"{v['min']:.2f}", f"{v['max']:.2f}")
     console.print(table)
-    flops = r["flops_per_image"]
+    flops, c = r["flops_per_image"], r["compiled"]
     console.print(
         f"cityseg is {r['speedup']:.1f}x the plain loop; it runs at "
         f"{r['end_to_end_vs_bare_step']:.0%} of the bare {r['precision']} step "
         f"({r['bare_step']['images_per_s']:.2f} images/s).\n"
+        f"with trainer.compile: true, cityseg is {c['speedup']:.1f}x the plain loop, at "
+        f"{c['end_to_end_vs_bare_step']:.0%} of the compiled bare step "
+        f"({c['bare_step']['images_per_s']:.2f} images/s).\n"
         f"model: {flops['forward'] / 1e9:.1f} GFLOP forward, "
         f"{flops['forward_backward'] / 1e9:.1f} GFLOP forward + backward per image; matmul peak "
         f"{r['matmul_peak_flops'] / 1e12:.2f} TFLOP/s ({r['precision']}); MFU "
-        f"{r['mfu']['bare_step']:.0%} (bare step), {r['mfu']['end_to_end']:.0%} (end to end).\n"
+        f"{r['mfu']['bare_step']:.0%} (bare step), {r['mfu']['end_to_end']:.0%} (end to end); "
+        f"compiled {c['mfu']['bare_step']:.0%} and {c['mfu']['end_to_end']:.0%}.\n"
         f"data path alone: {r['data_loader']['images_per_s']:.1f} images/s with "
         f"{r['workers']} workers against the step's {r['bare_step']['images_per_s']:.2f}: "
         + ("training is bound by the model (the data path keeps up)." if r["bound_by"] == "model"

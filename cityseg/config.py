@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cityseg import data, losses, models, optim  # noqa: F401
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.tasks import TASKS, Task
+from cityseg.data.transforms import device_problem
 from cityseg.errors import ConfigError
 from cityseg.registry import (
     AUGMENTATIONS,
@@ -167,6 +168,8 @@ class Experiment(Section):
                                  f"{list(self.data.image_size)}: training samples must be cut "
                                  f"to image_size; add random_crop (after random_scale) or "
                                  f"random_resized_crop to augment")
+        if self.data.augment_on == "device" and (problem := device_problem(self.augment)):
+            raise ValueError(f"data.augment_on: device: {problem}")
         return self
 
     @model_validator(mode="after")

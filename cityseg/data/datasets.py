@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from cityseg.data import synthetic
 from cityseg.data.cache import DecodedSplit, fingerprint, load_or_build
 from cityseg.data.cityscapes import DEFAULT_FOREGROUND, TRAIN_CLASSES
+from cityseg.data.device_augment import DeviceAugmenter
 from cityseg.data.layouts import DatasetIndex, Encoding, Sample, index_dataset, read_resized
 from cityseg.data.tasks import TASKS
 from cityseg.errors import DataError
@@ -48,10 +49,11 @@ class DataParams(Params):
                                           "read arrays afterwards")
     cache_dir: Path = Field(Path("runs/cache"), description="where decoded arrays are kept")
     augment_on: Literal["auto", "workers", "device"] = Field(
-        "auto", description="where training augmentations run: workers (per sample, in the "
-                            "DataLoader's processes), device (the loader delivers cached uint8 "
-                            "frames and the same augmentations run on the training device); "
-                            "auto: device on CUDA, workers on the CPU")
+        "auto", description="where training augmentations run: workers (torchvision, per "
+                            "sample, in the DataLoader's processes), device (the loader delivers "
+                            "cached uint8 frames and each sample's random parameters; kornia "
+                            "applies them batched on the training device); auto: device on "
+                            "CUDA when every augmentation has a batched form, else workers")
 
     @field_validator("image_size", "scale")
     @classmethod
@@ -155,8 +157,9 @@ class SegmentationDataset(Dataset):
         self.lut = lut  # train id -> task label
         self.transform = transform
         self.seed = seed
-        # True: leave the transform to the training device; samples come with their seeds
-        self.deferred = False
+        # set: the augmentations run batched on the training device; each sample comes
+        # unaugmented with its parameters, drawn here from its seed
+        self.device_augment: DeviceAugmenter | None = None
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -175,9 +178,9 @@ class SegmentationDataset(Dataset):
         img = tv_tensors.Image(torch.from_numpy(photo).permute(2, 0, 1))  # (3, H, W)
         mask = tv_tensors.Mask(torch.from_numpy(self.lut[train_ids]))  # (H, W)
         seed = sample_seed(self.seed, epoch, index)
-        if self.deferred:
+        if self.device_augment is not None:
             return (img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor),
-                    torch.tensor(seed, dtype=torch.int64))
+                    self.device_augment.draw(seed, tuple(img.shape)))
         if self.transform is not None:
             img, mask = augment_sample(self.transform, img, mask, seed)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
@@ -195,26 +198,6 @@ def augment_sample(transform: v2.Transform, img: torch.Tensor, mask: torch.Tenso
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         return transform(tv_tensors.Image(img), tv_tensors.Mask(mask))
-
-
-class DeviceAugmenter:
-    """The training augmentations applied on the training device to a batch of cached uint8
-    frames, each sample with its own parameters from its seed: the same pipeline and the same
-    parameters as in DataLoader workers, so resuming stays exact and the two modes agree.
-
-    torchvision.transforms.v2 draws one set of parameters per call, so the batch goes through
-    it sample by sample: the pixels never leave the device, only the parameters come from the
-    CPU generator."""
-
-    def __init__(self, transform: v2.Transform) -> None:
-        self.transform = transform
-
-    def __call__(self, images: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [augment_sample(self.transform, img, mask, int(seed))
-                 for img, mask, seed in zip(images, masks, seeds.tolist(), strict=True)]
-        return (torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs]),
-                torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs]))
 
 
 class EpochSampler(Sampler):

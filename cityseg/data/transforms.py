@@ -4,16 +4,37 @@ Images are `tv_tensors.Image` (uint8, C x H x W) and masks `tv_tensors.Mask` (ui
 so geometric transforms move both the same way, masks are resampled with nearest neighbour,
 photometric transforms leave masks alone, and pixels a transform invents in the mask (the
 corners of a rotation) get the ignore index rather than a made-up class.
+
+Each augmentation also has a batched form (`@batched`): the kornia module that does the same on
+a batch on the training device, each sample with its own parameters (data.augment_on: device).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import kornia.augmentation as K
+import torch
 from pydantic import Field, model_validator
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cityseg.data.cityscapes import IGNORE_INDEX
+from cityseg.data.device_augment import DeviceAugmenter, RandomScaleCrop
 from cityseg.registry import AUGMENTATIONS, BuildContext, Params
+
+# augmentation name -> builder(params, ctx) of its kornia form, for data.augment_on: device
+BATCHED: dict[str, Callable[[Params, BuildContext], torch.nn.Module]] = {}
+
+
+def batched(name: str) -> Callable:
+    """Decorator: `@batched("hflip")` on the builder of that augmentation's kornia form."""
+
+    def decorator(builder: Callable) -> Callable:
+        BATCHED[name] = builder
+        return builder
+
+    return decorator
 
 
 class HFlipParams(Params):
@@ -26,6 +47,11 @@ class HFlipParams(Params):
 def hflip(p: HFlipParams, ctx: BuildContext) -> v2.Transform:
     """Random horizontal flip of image and mask."""
     return v2.RandomHorizontalFlip(p=p.p)
+
+
+@batched("hflip")
+def hflip_batched(p: HFlipParams, ctx: BuildContext) -> torch.nn.Module:
+    return K.RandomHorizontalFlip(p=p.p)
 
 
 class RotateParams(Params):
@@ -41,6 +67,11 @@ def rotate(p: RotateParams, ctx: BuildContext) -> v2.Transform:
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
     rotation = v2.RandomRotation(p.degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)
     return v2.RandomApply([rotation], p=p.p)
+
+
+@batched("rotate")
+def rotate_batched(p: RotateParams, ctx: BuildContext) -> torch.nn.Module:
+    return K.RandomRotation(p.degrees, resample="bilinear", p=p.p)
 
 
 class ColorJitterParams(Params):
@@ -59,6 +90,12 @@ def color_jitter(p: ColorJitterParams, ctx: BuildContext) -> v2.Transform:
     jitter = v2.ColorJitter(brightness=p.brightness, contrast=p.contrast,
                             saturation=p.saturation, hue=p.hue)
     return v2.RandomApply([jitter], p=p.p)
+
+
+@batched("color_jitter")
+def color_jitter_batched(p: ColorJitterParams, ctx: BuildContext) -> torch.nn.Module:
+    return K.ColorJitter(brightness=p.brightness, contrast=p.contrast, saturation=p.saturation,
+                         hue=p.hue, p=p.p)
 
 
 class RandomResizedCropParams(Params):
@@ -86,6 +123,13 @@ def random_resized_crop(p: RandomResizedCropParams, ctx: BuildContext) -> v2.Tra
     return v2.RandomApply([crop], p=p.p)
 
 
+@batched("random_resized_crop")
+def random_resized_crop_batched(p: RandomResizedCropParams, ctx: BuildContext
+                                ) -> torch.nn.Module:
+    return K.RandomResizedCrop(ctx.image_size, scale=p.scale, ratio=p.ratio, p=p.p,
+                               cropping_mode="resample")
+
+
 class RandomScaleParams(Params):
     """Rescale the frame by a random ratio (mmsegmentation's Cityscapes recipe: 0.5 to 2)."""
 
@@ -109,6 +153,13 @@ def random_scale(p: RandomScaleParams, ctx: BuildContext) -> v2.Transform:
     return v2.RandomApply([jitter], p=p.p)
 
 
+@batched("random_scale")
+def random_scale_batched(p: RandomScaleParams, ctx: BuildContext) -> torch.nn.Module:
+    """Scaled frames differ in size and cannot share a batch: on the device, random_scale is
+    one warp with the random_crop that must follow it (see device_augmentations)."""
+    return RandomScaleCrop(ctx.image_size, ratio=p.ratio, p=p.p)
+
+
 class RandomCropParams(Params):
     """Cut a data.image_size window at a random place (always: batches need that size); a
     smaller frame is padded first, the mask's padding being ignore."""
@@ -121,8 +172,39 @@ def random_crop(p: RandomCropParams, ctx: BuildContext) -> v2.Transform:
     return v2.RandomCrop(ctx.image_size, pad_if_needed=True, fill=fill)
 
 
+@batched("random_crop")
+def random_crop_batched(p: RandomCropParams, ctx: BuildContext) -> torch.nn.Module:
+    return RandomScaleCrop(ctx.image_size)
+
+
 def build_augmentations(params: list[Params], ctx: BuildContext) -> v2.Transform | None:
     """The experiment's augment list as one joint transform, or None when it is empty."""
     if not params:
         return None
     return v2.Compose([AUGMENTATIONS.build(p, ctx) for p in params])
+
+
+def device_problem(params: list[Params]) -> str | None:
+    """Why the augment list cannot run batched on the device, or None when it can."""
+    for i, p in enumerate(params):
+        if p.name not in BATCHED:
+            return (f"augment[{i}] {p.name} has no batched (kornia) form; "
+                    f"use data.augment_on: workers")
+        if p.name == "random_scale" and (i + 1 == len(params)
+                                         or params[i + 1].name != "random_crop"):
+            return (f"augment[{i}] random_scale must be followed directly by random_crop to run "
+                    f"on the device (scaled frames differ in size and cannot share a batch until "
+                    f"they are cut); reorder augment or use data.augment_on: workers")
+    return None
+
+
+def device_augmentations(params: list[Params], ctx: BuildContext) -> DeviceAugmenter | None:
+    """The augment list as one batched kornia pipeline (random_scale + random_crop fused into
+    one warp), or None when it is empty. The list must pass `device_problem`."""
+    if not params:
+        return None
+    if (problem := device_problem(params)) is not None:
+        raise ValueError(problem)
+    modules = [BATCHED[p.name](p, ctx) for i, p in enumerate(params)
+               if not (p.name == "random_crop" and i and params[i - 1].name == "random_scale")]
+    return DeviceAugmenter(*modules)

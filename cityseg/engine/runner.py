@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 from cityseg import tracking, viz
 from cityseg.config import Experiment, flatten, to_yaml
 from cityseg.data.cityscapes import IGNORE_INDEX, TRAIN_CLASSES, foreground_stats
-from cityseg.data.datasets import DataSplits, DeviceAugmenter, EpochSampler, ShardSampler
-from cityseg.data.transforms import build_augmentations
+from cityseg.data.datasets import DataSplits, EpochSampler, ShardSampler
+from cityseg.data.device_augment import DeviceAugmenter
+from cityseg.data.transforms import build_augmentations, device_augmentations, device_problem
 from cityseg.engine import checkpoints, distributed
 from cityseg.engine.display import NullDisplay
 from cityseg.engine.environment import (
@@ -74,7 +75,7 @@ class Components:
     sampler: EpochSampler
     val_loader: DataLoader
     samples: tuple[torch.Tensor, torch.Tensor] | None  # fixed validation images for panels
-    device_augment: object | None  # DeviceAugmenter when augmentations run on the device
+    device_augment: DeviceAugmenter | None  # set when augmentations run on the device
     model: torch.nn.Module  # plain: its state_dict goes into checkpoints
     predictor: Predictor  # validation and panels
     train_model: torch.nn.Module  # what trains: maybe compiled, DistributedDataParallel
@@ -219,9 +220,10 @@ def build_components(exp: Experiment, splits: DataSplits, point: ResumePoint | N
     world = distributed.world()
     ctx = exp.build_context()
     device_augment = None
-    if augment_on(exp, device) == "device" and splits.train.transform is not None:
-        device_augment = DeviceAugmenter(splits.train.transform)
-        splits.train.deferred = True  # the loader delivers cached frames and their seeds
+    if augment_on(exp, device) == "device":
+        # the loader delivers cached frames and their augmentations' parameters
+        device_augment = device_augmentations(exp.augment, ctx)
+        splits.train.device_augment = device_augment
     train_loader, sampler, val_loader = _loaders(splits, exp, world,
                                                  pin_memory=device.type == "cuda")
     samples = splits.val.first(exp.tracking.num_samples)
@@ -251,7 +253,8 @@ def augment_on(exp: Experiment, device: torch.device) -> str:
     run beside the step instead of inside it)."""
     if exp.data.augment_on != "auto":
         return exp.data.augment_on
-    return "device" if device.type == "cuda" else "workers"
+    batched = device_problem(exp.augment) is None
+    return "device" if device.type == "cuda" and batched else "workers"
 
 
 def wrap_for_training(model: torch.nn.Module, exp: Experiment, world: distributed.World,

@@ -241,11 +241,11 @@ class Trainer:
                     where = (f"epoch {epoch}, batch {done} of {batches}" if done
                              else f"the end of epoch {epoch - 1}")
                     raise Interrupted(int(stop), self.run_id, where)
-            images, masks, *seeds = fetched
-            if self.device_augment is not None:
+            images, masks, *drawn = fetched
+            if self.device_augment is not None:  # drawn: the batch's augmentation parameters
                 images, masks = self.device_augment(
                     images.to(device, non_blocking=True), masks.to(device, non_blocking=True),
-                    seeds[0])
+                    drawn[0])
             x, y = self.train_predictor.inputs(images), self.train_predictor.targets(masks)
             loss = self.loss_fn(self.train_predictor.logits(x), y)
             group_start = (batch - 1) // self.s.accumulate * self.s.accumulate

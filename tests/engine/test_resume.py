@@ -63,11 +63,13 @@ def test_sigterm_checkpoints_marks_killed_and_resume_finishes_without_duplicate_
     assert steps(client, run.info.run_id, "train/loss") == list(range(1, 41))
 
 
-def test_interrupted_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_interrupted_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, augment_on):
     def experiment(folder, epochs=2):
         return load_experiment(QUICKSTART, [*tiny_overrides(tmp_path / folder, epochs=epochs),
                                             NO_MODEL, "data.batch_size=2", "data.num_train=8",
-                                            "trainer.deterministic=true"])
+                                            "trainer.deterministic=true",
+                                            f"data.augment_on={augment_on}"])
 
     straight = runner.run(experiment("a"))
     # the same experiment, stopped by a signal after batch 2 of epoch 2, then resumed
