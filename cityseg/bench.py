@@ -2,13 +2,16 @@
 
 One run, on the same frames, model, batch and machine:
 - end to end: cityseg's real trainer and data path (decode cache, augmentations in workers,
-  metrics, MLflow logging) against a plain PyTorch loop written the way the original script
-  trained (PIL decode and PIL transforms in __getitem__, fp32, NCHW, a .item() every step),
-  alternated, with the median and spread of each and their ratio;
-- the bare training step (random tensors, bf16 + channels_last) the trainer should approach;
+  metrics, MLflow logging), as configured and with trainer.compile, against a plain PyTorch
+  loop written the way the original script trained (PIL decode and PIL transforms in
+  __getitem__, fp32, NCHW, a .item() every step), alternated, with the median and spread of
+  each and their ratio;
+- the bare training step (random tensors, bf16 + channels_last; eager and compiled) the
+  trainer should approach, timed in every repeat beside the end-to-end runs;
 - model FLOPs per image (torch's flop counter), the device's measured matmul peak in the same
   precision, and the model FLOP utilisation (MFU) of the bare step and of the end-to-end run;
-- the data path's ceiling: images/s the DataLoader alone delivers, and which one bounds training.
+- the data path's ceiling: images/s the DataLoader alone delivers, and which one bounds training;
+- end to end with the augmentations batched on the training device (data.augment_on: device).
 Then the older tables: training step by precision and layout, and decoding vs the cache.
 
 Figures, not asserts. Everything it needs is generated (synthetic 2048x1024 streets under
@@ -47,39 +50,47 @@ from cityseg.models.unet import UNet
 from cityseg.registry import BuildContext
 
 
-def time_steps(model_kw: dict, *, size: tuple[int, int], batch: int, device: torch.device,
-               amp: torch.dtype | None, channels_last: bool, steps: int,
-               compile: bool = False) -> float:
-    """Training images per second of forward + backward + AdamW step on random data (the
-    model torch.compile'd if asked: the warm-up steps compile it)."""
-    torch.manual_seed(0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(**model_kw).to(device, memory_format=memory_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if compile:
-        model = torch.compile(model)
-    loss_fn = WeightedBCE(pos_weight=2.0, ignore_index=255).to(device)
-    x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=memory_format)
-    y = torch.randint(0, 2, (batch, *size), device=device)
+class StepTimer:
+    """Forward + backward + AdamW on random data at one shape, precision and layout: built
+    (and torch.compile'd if asked) once, warmed up, then timed as often as wanted."""
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, model_kw: dict, *, size: tuple[int, int], batch: int,
+                 device: torch.device, amp: torch.dtype | None, channels_last: bool,
+                 compile: bool = False) -> None:
+        torch.manual_seed(0)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = UNet(**model_kw).to(device, memory_format=memory_format)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.model = torch.compile(model) if compile else model
+        self.loss_fn = WeightedBCE(pos_weight=2.0, ignore_index=255).to(device)
+        self.x = torch.randn(batch, 3, *size, device=device).contiguous(
+            memory_format=memory_format)
+        self.y = torch.randint(0, 2, (batch, *size), device=device)
+        self.amp, self.device = amp, device
+        for _ in range(2):  # warm-up: allocator, kernel selection, compilation
+            self._step()
+
+    def _step(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(self.x)
+        loss = self.loss_fn(logits, self.y)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
 
-    for _ in range(2):  # warm-up: allocator, kernel selection
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def images_per_s(self, seconds: float) -> float:
+        """Training images per second over at least `seconds` (and at least 2 steps)."""
+        self._sync()
+        steps, start = 0, time.perf_counter()
+        while steps < 2 or time.perf_counter() - start < seconds:
+            self._step()
+            self._sync()
+            steps += 1
+        return steps * len(self.x) / (time.perf_counter() - start)
 
 
 def time_loader(dataset: SegmentationDataset, *, workers: int, epochs: int) -> float:
@@ -124,20 +135,20 @@ def bench_data(root: Path, *, workers: int, console: Console, source: str) -> No
     console.print(table)
 
 
-def bench_steps(device: torch.device, steps_arg: int, console: Console) -> None:
+def bench_steps(device: torch.device, seconds: float, console: Console) -> None:
     """Training-step speed of the quickstart and baseline U-Nets by precision and memory layout."""
     table = Table(title="training step (forward + backward + AdamW), images/s")
     for column in ("model", "input", "batch", "fp32", "fp32 NHWC", "bf16 NHWC"):
         table.add_column(column, justify="right")
     on_cpu = device.type == "cpu"
-    configs = [("quickstart d3 b16", dict(depth=3, base_channels=16), (96, 192), 16, steps_arg),
-               ("baseline d4 b32", dict(depth=4, base_channels=32), (256, 512), 4 if on_cpu else 16,
-                max(2, steps_arg // 4) if on_cpu else steps_arg)]
-    for label, kw, size, batch, steps in configs:
+    configs = [("quickstart d3 b16", dict(depth=3, base_channels=16), (96, 192), 16),
+               ("baseline d4 b32", dict(depth=4, base_channels=32), (256, 512),
+                4 if on_cpu else 16)]
+    for label, kw, size, batch in configs:
         model_kw = dict(in_channels=3, out_channels=1, norm="batch", upsample="transpose",
                         dropout=0.0, **kw)
-        speeds = [time_steps(model_kw, size=size, batch=batch, device=device, amp=amp,
-                             channels_last=cl, steps=steps)
+        speeds = [StepTimer(model_kw, size=size, batch=batch, device=device, amp=amp,
+                            channels_last=cl).images_per_s(seconds)
                   for amp, cl in ((None, False), (None, True), (torch.bfloat16, True))]
         table.add_row(label, f"{size[0]}x{size[1]}", str(batch), *(f"{s:.1f}" for s in speeds))
     console.print(table)
@@ -304,27 +315,30 @@ def _spread(values: list[float]) -> dict:
 
 
 def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeats: int,
-                       steps: int, plain_steps: int, console: Console | None) -> dict:
-    """cityseg end to end vs the plain loop (alternated), the bare step, FLOPs, MFU, data."""
+                       seconds: float, plain_steps: int, console: Console | None) -> dict:
+    """cityseg end to end (as configured, and compiled) vs the plain loop, alternated, each
+    repeat also timing the bare step (eager and compiled) so that every ratio compares figures
+    taken minutes, not a run, apart; then FLOPs, MFU, the data ceiling, device augmentation."""
     from cityseg.engine.environment import resolve_precision
 
     exp = bench_experiment(root, workers=workers, device=str(device))
     compiled = exp.model_copy(update={"trainer": exp.trainer.model_copy(
         update={"compile": True})})
-    ours, fused, plain = [], [], []
-    for _ in range(repeats):
-        ours.append(end_to_end(exp))
-        fused.append(end_to_end(compiled))  # the first epoch compiles, the second is timed
-        plain.append(plain_loop(root, workers=workers, device=device, steps=plain_steps))
     amp = resolve_precision(exp.trainer.precision, device)
     shape = BASELINE_SHAPE
     model_kw = dict(in_channels=3, out_channels=1, norm="batch", upsample="transpose",
                     dropout=0.0, depth=shape["depth"], base_channels=shape["base_channels"])
-    bare, bare_compiled = (
-        time_steps(model_kw, size=tuple(shape["image_size"]), batch=shape["batch"],
-                   device=device, amp=amp, channels_last=exp.trainer.channels_last,
-                   steps=steps, compile=compile)
-        for compile in (False, True))
+    steps = [StepTimer(model_kw, size=tuple(shape["image_size"]), batch=shape["batch"],
+                       device=device, amp=amp, channels_last=exp.trainer.channels_last,
+                       compile=compile) for compile in (False, True)]
+    ours, fused, plain, bare, bare_compiled = [], [], [], [], []
+    for _ in range(repeats):
+        ours.append(end_to_end(exp))
+        fused.append(end_to_end(compiled))  # the first epoch compiles, the second is timed
+        plain.append(plain_loop(root, workers=workers, device=device, steps=plain_steps))
+        bare.append(steps[0].images_per_s(seconds))
+        bare_compiled.append(steps[1].images_per_s(seconds))
+    bare, bare_compiled = statistics.median(bare), statistics.median(bare_compiled)
     on_device = exp.model_copy(update={"data": exp.data.model_copy(
         update={"augment_on": "device"})})
     device_augment = end_to_end(on_device)
@@ -402,8 +416,8 @@ def print_side_by_side(r: dict, console: Console) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=10,
-                        help="timed steps of the bare training step (and its table)")
+    parser.add_argument("--step-seconds", type=float, default=6.0,
+                        help="seconds each timing of a bare training step lasts")
     parser.add_argument("--plain-steps", type=int, default=4,
                         help="timed steps of the plain loop (slow: fp32, PIL)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -431,14 +445,14 @@ def main() -> None:
         # as in a real epoch of hundreds of steps only if there are several steps
         ensure_dataset(root, num_train=48, num_val=2, size=(1024, 2048), seed=0)
     report = bench_side_by_side(root, workers=args.workers, device=device, repeats=args.repeats,
-                                steps=args.steps, plain_steps=args.plain_steps,
+                                seconds=args.step_seconds, plain_steps=args.plain_steps,
                                 console=None if args.json else console)
     report["frames"] = source
     if args.json:
         print(json.dumps(report, indent=2))
         return
     if not args.skip_steps:
-        bench_steps(device, args.steps, console)
+        bench_steps(device, args.step_seconds, console)
     bench_data(root, workers=args.workers, console=console, source=source)
 
 
