@@ -14,7 +14,7 @@ becomes the ignore index.
 from __future__ import annotations
 
 import torch
-from kornia.augmentation import AugmentationSequential, RandomResizedCrop
+from kornia.augmentation import AugmentationSequential, ColorJitter, RandomResizedCrop
 from kornia.augmentation.container.params import ParamItem
 from kornia.augmentation.random_generator.base import RandomGeneratorBase
 
@@ -93,11 +93,11 @@ class DeviceAugmenter:
 
     def _params(self, drawn: dict[str, torch.Tensor], shape: torch.Size) -> list[ParamItem]:
         items = []
-        for name, _ in self.sequential.named_children():
+        for name, module in self.sequential.named_children():
             data = {key.split("/", 1)[1]: value for key, value in drawn.items()
                     if key.startswith(f"{name}/")}
             data["forward_input_shape"] = torch.tensor(shape)
-            if "brightness_factor" in data:  # ColorJitter: one fixed order, not one per batch
+            if isinstance(module, ColorJitter):  # one fixed order, not one per batch
                 data["order"] = torch.arange(4)
             items.append(ParamItem(name, data))
         return items
