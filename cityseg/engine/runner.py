@@ -248,9 +248,10 @@ def build_components(exp: Experiment, splits: DataSplits, point: ResumePoint | N
 
 
 def augment_on(exp: Experiment, device: torch.device) -> str:
-    """Where the training augmentations run: data.augment_on, auto = the device on CUDA (a GPU
-    outruns per-sample augmentation in a few workers), workers on the CPU (there the workers
-    run beside the step instead of inside it)."""
+    """Where the training augmentations run: data.augment_on, auto = the device on CUDA when
+    every augmentation has a batched form (a GPU outruns per-sample augmentation in a few
+    workers), else workers (on the CPU they run beside the step instead of inside it, and
+    measured as fast)."""
     if exp.data.augment_on != "auto":
         return exp.data.augment_on
     batched = device_problem(exp.augment) is None
