@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cityseg.data.datasets import EpochSampler
+from cityseg.data.device_augment import DeviceAugmenter
 from cityseg.engine import checkpoints, distributed
 from cityseg.engine.display import NullDisplay
 from cityseg.engine.predictor import Predictor
@@ -93,7 +94,8 @@ class Trainer:
                  train_model: nn.Module | None = None,
                  samples: tuple[torch.Tensor, torch.Tensor] | None = None,
                  on_epoch_end: EpochCallback | None = None, display=None,
-                 stop: StopFlag | None = None, device_augment=None) -> None:
+                 stop: StopFlag | None = None,
+                 device_augment: DeviceAugmenter | None = None) -> None:
         self.s = settings
         self.world = distributed.world()
         self.predictor = predictor  # validation and panels: never wrapped in DDP
@@ -110,7 +112,7 @@ class Trainer:
         self.config, self.run_id = config, run_id  # saved inside every checkpoint
         self.samples = samples  # fixed validation images for the per-epoch panel
         self.on_epoch_end = on_epoch_end
-        # augmentations on the device: the loader delivers (frames, masks, seeds)
+        # augmentations on the device: the loader delivers (frames, masks, their parameters)
         self.device_augment = device_augment
         self.display = display or NullDisplay()
         self.stop = stop or StopFlag()
