@@ -18,6 +18,10 @@ class StorageError(CitysegError):
     path and what was being written."""
 
 
+class RankFailed(CitysegError):
+    """Another rank failed (torchrun): its message, so rank 0 can record why the run stopped."""
+
+
 class TrainingDiverged(Exception):
     """The training loss became NaN or infinite; the message names the epoch and step."""
 

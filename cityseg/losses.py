@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from cityseg.errors import ConfigError
 from cityseg.registry import LOSSES, BuildContext, Params
 
 
@@ -153,17 +154,23 @@ class CrossEntropyParams(Params):
 
     tasks: ClassVar[tuple[str, ...]] = ("multiclass",)
     class_weights: list[float] = Field(
-        [], description="one weight per train class (19), or [] for equal weights")
+        [], description="one weight per class of the task (19 train classes), or [] for equal "
+                        "weights")
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=1.0, description="mass spread uniformly over classes")
 
     @field_validator("class_weights")
     @classmethod
     def _weights(cls, weights: list[float]) -> list[float]:
-        if weights and (len(weights) != 19 or min(weights) < 0):
-            raise ValueError(f"class_weights needs 19 non-negative numbers (one per train class), "
-                             f"got {len(weights)}")
+        if weights and min(weights) < 0:
+            raise ValueError(f"class_weights must be non-negative, got {min(weights)}")
         return weights
+
+    def check_fits(self, ctx: BuildContext) -> None:
+        if self.class_weights and len(self.class_weights) != ctx.out_channels:
+            raise ValueError(f"loss.class_weights: {len(self.class_weights)} numbers given, but "
+                             f"the {ctx.task} task has {ctx.out_channels} classes (one weight "
+                             f"each, or [] for equal weights)")
 
 
 def _pos_weight(p: WeightedBCEParams | BCEDiceParams) -> float:
@@ -202,6 +209,10 @@ def focal(p: FocalParams, ctx: BuildContext) -> nn.Module:
 @LOSSES.register("cross_entropy", params=CrossEntropyParams)
 def cross_entropy(p: CrossEntropyParams, ctx: BuildContext) -> nn.Module:
     """Cross-entropy over the train classes, ignoring void pixels."""
+    try:
+        p.check_fits(ctx)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     weight = torch.tensor(p.class_weights, dtype=torch.float32) if p.class_weights else None
     return CrossEntropy(weight=weight, label_smoothing=p.label_smoothing,
                         ignore_index=ctx.ignore_index)

@@ -8,10 +8,13 @@ ratios (not a mean of per-batch or per-image scores).
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class ConfusionMatrix:
@@ -29,6 +32,22 @@ class ConfusionMatrix:
         index = target[valid].long() * self.num_classes + pred[valid].long()
         self.counts += torch.bincount(index,
                                       minlength=self.num_classes**2).view(self.num_classes, -1)
+
+
+def confusion_record(counts: torch.Tensor | np.ndarray, class_names: tuple[str, ...] | list[str]
+                     ) -> dict:
+    """The one schema of confusion_matrix.json: counts[t][p] for ground truth t, prediction p."""
+    if tuple(counts.shape) != (len(class_names), len(class_names)):
+        raise ValueError(f"a confusion matrix of {len(class_names)} classes is "
+                         f"{len(class_names)} x {len(class_names)}, got {tuple(counts.shape)}")
+    return {"rows": "ground truth", "columns": "prediction", "classes": list(class_names),
+            "counts": counts.tolist()}
+
+
+def lower_is_better(name: str) -> bool:
+    """How a metric ranks runs: losses fall, scores rise (the one rule for monitor, sweeps and
+    `cityseg compare`)."""
+    return name.endswith("loss")
 
 
 def binary_predictions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -50,15 +69,13 @@ def binary_scores(counts: torch.Tensor) -> dict[str, float]:
     (tn, fp), (fn, tp) = counts.tolist()  # one device->host copy
     no_foreground = tp + fp + fn == 0
     empty = 1.0 if no_foreground else 0.0
-    scores = {
+    return {
         "dice": _ratio(2 * tp, 2 * tp + fp + fn, empty=empty),
         "iou": _ratio(tp, tp + fp + fn, empty=empty),
         "precision": _ratio(tp, tp + fp, empty=empty),
         "recall": _ratio(tp, tp + fn, empty=empty),
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn, empty=1.0),
     }
-    assert not any(math.isnan(v) for v in scores.values()), scores
-    return scores
 
 
 def multiclass_scores(counts: torch.Tensor, class_names: tuple[str, ...]) -> dict[str, float]:

@@ -21,6 +21,10 @@ class Params(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def check_fits(self, ctx: BuildContext) -> None:
+        """Raise ValueError when these params cannot serve the experiment `ctx` describes
+        (checked with the experiment, before anything is built)."""
+
 
 @dataclass(frozen=True)
 class BuildContext:

@@ -120,3 +120,13 @@ def test_readme_components_table_matches_the_schema():
         own = [f for f in fields if not (key[0] == "data" and key[1] and f in shared)]
         problems += [f"{key}: {f}" for f in own if f not in row]
     assert not problems, problems
+
+
+def test_evaluate_refuses_write_threshold_before_loading_a_model(tmp_path, capsys):
+    """Neither checkpoint exists: the --write-threshold problem is found first."""
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--write-threshold"]) == 2
+    assert "--write-threshold needs --calibrate" in capsys.readouterr().err
+    assert main(["evaluate", "--run", "0123abcd", "--runs", str(tmp_path / "runs"),
+                 "--calibrate", "--write-threshold"]) == 2
+    assert "--write-threshold needs a local checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -233,3 +233,11 @@ def test_override_of_a_component_section_the_file_omits(tmp_path):
     exp = load_experiment(path, ["optimizer.lr=1e-4", "loss.pos_weight=3"])
     assert exp.optimizer.name == "adamw" and exp.optimizer.lr == 1e-4
     assert exp.loss.name == "weighted_bce" and exp.loss.pos_weight == 3.0
+
+
+def test_class_weights_that_do_not_fit_the_task_are_refused_with_the_experiment():
+    multiclass = QUICKSTART.with_name("multiclass.yaml")
+    with pytest.raises(ConfigError, match=r"multiclass.yaml: 1 error\n  loss.class_weights: 3 "
+                                          r"numbers given, but the multiclass task has 19"):
+        load_experiment(multiclass, ["loss.class_weights=[1, 2, 3]"])
+    assert load_experiment(multiclass, [f"loss.class_weights={[1.0] * 19}"]).loss.class_weights

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cityseg.config import Experiment  # noqa: F401  (registers every loss)
+from cityseg.errors import ConfigError
 from cityseg.losses import BinaryFocal, CrossEntropy, SoftDice, WeightedBCE
 from cityseg.registry import LOSSES, BuildContext
 
@@ -106,3 +107,15 @@ def test_every_registered_loss_runs_forward_and_backward(name):
 def test_pos_weight_auto_must_be_resolved_before_building():
     with pytest.raises(ValueError, match="resolved from the training data"):
         LOSSES.build(LOSSES.get("weighted_bce").params(name="weighted_bce", pos_weight="auto"), CTX)
+
+
+def test_cross_entropy_class_weights_must_fit_the_tasks_classes():
+    params = LOSSES.get("cross_entropy").params
+    three = BuildContext(task="multiclass", out_channels=3, ignore_index=IGNORE, image_size=(4, 4))
+    loss_fn = LOSSES.build(params(name="cross_entropy", class_weights=[3.0, 1.0, 1.0]), three)
+    assert loss_fn.weight.tolist() == [3.0, 1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"loss.class_weights: 19 numbers given, but the "
+                                          r"multiclass task has 3 classes"):
+        LOSSES.build(params(name="cross_entropy", class_weights=[1.0] * 19), three)
+    with pytest.raises(ValueError, match="class_weights must be non-negative"):
+        params(name="cross_entropy", class_weights=[1.0, -1.0, 1.0])

@@ -9,6 +9,7 @@ from cityseg.metrics import (
     ConfusionMatrix,
     binary_predictions,
     binary_scores,
+    confusion_record,
     multiclass_scores,
 )
 
@@ -203,3 +204,13 @@ def test_boundary_f1_ignores_boundaries_next_to_ignored_pixels():
     pred = square(3, 3)
     pred[:, 7:] = 1  # whatever is predicted there does not count
     assert boundary_f1(pred, target, 0) == 1.0
+
+
+def test_confusion_record_is_the_one_schema_of_confusion_matrix_json():
+    counts = torch.tensor([[5, 1], [2, 7]])
+    record = confusion_record(counts, ("background", "foreground"))
+    assert record == {"rows": "ground truth", "columns": "prediction",
+                      "classes": ["background", "foreground"], "counts": [[5, 1], [2, 7]]}
+    assert confusion_record(counts.numpy(), ("background", "foreground")) == record
+    with pytest.raises(ValueError, match="3 classes is 3 x 3, got"):
+        confusion_record(counts, ("a", "b", "c"))

@@ -14,7 +14,7 @@ import numpy as np
 from cityseg.data.cityscapes import (
     DEFAULT_FOREGROUND,
     IGNORE_INDEX,
-    TRAIN_CLASSES,
+    class_frequencies,
     foreground_stats,
 )
 from cityseg.data.layouts import Encoding, Sample, index_dataset, read_sample
@@ -65,11 +65,10 @@ def check_dataset(root: Path, *, layout: str = "auto", splits: tuple[str, ...] =
                                        "foreground_fraction": fraction}
             if split == splits[0]:
                 train_counts = counts
-    labelled = int(train_counts[: len(TRAIN_CLASSES)].sum())
     fraction, ratio = foreground_stats(train_counts, foreground)
     report["class_frequencies"] = {  # of the labelled pixels of the first split
-        name: int(train_counts[i]) / labelled if labelled else 0.0
-        for i, name in enumerate(TRAIN_CLASSES)}
+        name: entry["frequency"]
+        for name, entry in class_frequencies(train_counts)["classes"].items()}
     report["ignored_fraction"] = float(train_counts[IGNORE_INDEX] / max(1, train_counts.sum()))
     report["foreground"] = list(foreground)
     report["foreground_fraction"] = fraction

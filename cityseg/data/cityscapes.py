@@ -176,3 +176,13 @@ def foreground_stats(counts: np.ndarray,
     if fg == 0:
         return 0.0, float("inf")
     return fg / total, (total - fg) / fg
+
+
+def class_frequencies(counts: np.ndarray) -> dict:
+    """Ignored and labelled pixels, and each train class's pixels and share of the labelled
+    ones, from pixels per train id (256 counts)."""
+    labelled = int(counts[: len(TRAIN_CLASSES)].sum())
+    return {"ignored_pixels": int(counts[IGNORE_INDEX]), "labelled_pixels": labelled,
+            "classes": {name: {"pixels": int(counts[i]),
+                               "frequency": int(counts[i]) / max(1, labelled)}
+                        for i, name in enumerate(TRAIN_CLASSES)}}

@@ -67,6 +67,10 @@ class DataParams(Params):
         """(H, W) of the frames as cached and validated: data.scale, else image_size."""
         return tuple(self.scale or self.image_size)
 
+    def index(self, splits: tuple[str, ...]) -> DatasetIndex:
+        """The samples of the splits, found where and as this dataset keeps its files."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its samples are")
+
 
 class CityscapesParams(DataParams):
     """Cityscapes in any of its usual copies: official, folders (Kaggle) or pairs (pix2pix)."""
@@ -76,6 +80,9 @@ class CityscapesParams(DataParams):
         "auto", description="auto (detected from the folder), official, folders or pairs")
     train_split: str = Field("train", description="split used for training")
     val_split: str = Field("val", description="split used for validation")
+
+    def index(self, splits: tuple[str, ...]) -> DatasetIndex:
+        return index_dataset(self.root, layout=self.layout, splits=splits)
 
 
 class SyntheticParams(DataParams):
@@ -87,6 +94,9 @@ class SyntheticParams(DataParams):
     source_size: tuple[int, int] = Field(
         (128, 256), description="(height, width) of the written PNGs")
     seed: int = Field(0, description="generator seed; the same seed writes the same scenes")
+
+    def index(self, splits: tuple[str, ...]) -> DatasetIndex:
+        return index_dataset(self.root, layout="official", splits=splits)  # as it is written
 
 
 def task_lut(p: DataParams) -> np.ndarray:
@@ -285,11 +295,7 @@ def reader_for(p: DataParams, index: DatasetIndex,
 
 def data_index(p: DataParams, splits: tuple[str, ...]) -> DatasetIndex:
     """The samples of any splits of the configured dataset (evaluation on train, val or test)."""
-    if isinstance(p, SyntheticParams):
-        return index_dataset(p.root, layout="official", splits=splits)
-    if isinstance(p, CityscapesParams):
-        return index_dataset(p.root, layout=p.layout, splits=splits)
-    raise TypeError(f"no index for {type(p).__name__}")
+    return p.index(splits)
 
 
 def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,
@@ -317,7 +323,7 @@ def cityscapes(p: CityscapesParams, ctx: BuildContext, *,
             f"https://www.cityscapes-dataset.com/downloads/ (free registration), unzip both into "
             f"{p.root} so that it holds leftImg8bit/ and gtFine/, or point data.root elsewhere: "
             f"--set data.root=/path/to/cityscapes (Kaggle folder and pix2pix pair copies work too)")
-    index = index_dataset(p.root, layout=p.layout, splits=(p.train_split, p.val_split))
+    index = p.index((p.train_split, p.val_split))
     return build_splits(p, index, train_split=p.train_split, val_split=p.val_split,
                         train_transform=train_transform, seed=ctx.seed)
 
@@ -328,6 +334,6 @@ def synthetic_streets(p: SyntheticParams, ctx: BuildContext, *,
     """Synthetic streets, written to `root` on first use and then read like Cityscapes."""
     synthetic.ensure_dataset(p.root, num_train=p.num_train, num_val=p.num_val,
                              size=p.source_size, seed=p.seed)
-    index = index_dataset(p.root, layout="official")
+    index = p.index(("train", "val"))
     return build_splits(p, index, train_split="train", val_split="val",
                         train_transform=train_transform, seed=ctx.seed)

@@ -103,3 +103,14 @@ TASKS: dict[str, Task] = {
         overlay_alpha=np.full(256, 0.5), mask_values=np.arange(256, dtype=np.uint8),
         per_class_report=True),
 }
+
+
+# every per-epoch metric some task logs, each task's in its order: what a sweep's summary
+# files hold where a run has them
+LOGGED_METRICS: tuple[str, ...] = tuple(dict.fromkeys(
+    metric for task in TASKS.values() for metric in task.monitors))
+
+# what a table of runs shows beside the metric it ranks by: each task's two first scores and
+# boundary F1 (every score would not fit a terminal)
+HEADLINE_METRICS: tuple[str, ...] = tuple(dict.fromkeys(
+    (*(metric for task in TASKS.values() for metric in task.monitors[:2]), "val/boundary_f1")))

@@ -14,7 +14,7 @@ import os
 import pickle
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -39,9 +39,26 @@ def path_of(root: Path, run_id: str, which: Which) -> Path:
     return run_dir(root, run_id) / f"{which}.pt"
 
 
-def pack(*, state, metrics: dict[str, float], config: dict, run_id: str, model: nn.Module,
-         optimizer: torch.optim.Optimizer, schedule, scaler: torch.amp.GradScaler) -> dict:
-    """A checkpoint of the training loop at `state` (a TrainState)."""
+@dataclass
+class TrainState:
+    """The loop's position and memory; saved in every checkpoint."""
+
+    epoch: int = 1  # the epoch in progress, or the next one to run
+    step_in_epoch: int = 0  # batches of `epoch` already trained (a run stopped mid-epoch)
+    loss_sum: float = 0.0  # of those batches, for the epoch's mean train loss
+    seen: int = 0
+    best_score: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the last improvement, for early stopping
+    history: list[dict[str, float]] = field(default_factory=list)
+    world_size: int = 1  # processes that trained it: a mid-epoch position belongs to them
+
+
+
+def pack(*, state: TrainState, metrics: dict[str, float], config: dict, run_id: str,
+         model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
+         scaler: torch.amp.GradScaler) -> dict:
+    """A checkpoint of the training loop at `state`."""
     return {"format": FORMAT, "epoch": state.epoch - (state.step_in_epoch == 0),
             "metrics": metrics, "config": config, "run_id": run_id, "state": asdict(state),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -49,14 +66,20 @@ def pack(*, state, metrics: dict[str, float], config: dict, run_id: str, model: 
 
 
 def unpack(checkpoint: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
-           scaler: torch.amp.GradScaler) -> dict:
+           scaler: torch.amp.GradScaler) -> TrainState:
     """Load weights, optimizer, scheduler, scaler and RNG states; returns the loop's state."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedule.load_state_dict(checkpoint["scheduler"])
     scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
-    return checkpoint["state"]
+    return saved_state(checkpoint)
+
+
+def saved_state(checkpoint: dict) -> TrainState:
+    """The loop's position a checkpoint holds (keys added since it was written take the
+    defaults TrainState declares)."""
+    return TrainState(**checkpoint["state"])
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -85,7 +108,8 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 def load(path: Path, *, name: str | None = None) -> dict:
     """A cityseg checkpoint, loaded safely (weights_only); ConfigError naming the file (or
-    `name`, e.g. an artifact of a run) if it is unreadable, truncated or not a checkpoint."""
+    `name`, e.g. an artifact of a run) if it is unreadable, truncated, not a checkpoint or of
+    a format this cityseg does not read."""
     shown = name or str(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,6 +119,10 @@ def load(path: Path, *, name: str | None = None) -> dict:
                           f"or corrupt (a crash or a full disk while it was copied?)") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state" not in checkpoint:
         raise ConfigError(f"{shown}: not a cityseg training checkpoint")
+    if "format" not in checkpoint or checkpoint["format"] != FORMAT:
+        found = repr(checkpoint["format"]) if "format" in checkpoint else "missing"
+        raise ConfigError(f"{shown}: checkpoint format {found}, but this cityseg reads format "
+                          f"{FORMAT} (written by another version of cityseg?)")
     return checkpoint
 
 
@@ -110,7 +138,8 @@ def check_weights_fit(checkpoint: dict, model: nn.Module, path: Path) -> None:
 
 def fetch(root: Path, run_id: str, which: Which) -> tuple[Path, dict]:
     """A run's checkpoint, (path, loaded): the local file training wrote, else the run's MLflow
-    artifact. A corrupt one is a ConfigError that names it and the other places to look."""
+    artifact (its path then names the download, removed once loaded). A corrupt one is a
+    ConfigError that names it and the other places to look."""
     local = path_of(root, run_id, which)
     other = path_of(root, run_id, "last" if which == "best" else "best")
     advice = (f"; try the run's other checkpoint (--checkpoint {other}) if it is there, or "
@@ -121,13 +150,14 @@ def fetch(root: Path, run_id: str, which: Which) -> tuple[Path, dict]:
         except ConfigError as err:
             raise ConfigError(f"{err}{advice}") from None
     artifact = f"checkpoints/{which}.pt"
-    path = tracking.download_artifact(
-        root, run_id, artifact,
-        missing=f"has no model: no {artifact} (it may have failed before its first epoch ended)")
-    try:
-        return path, load(path, name=f"artifact {artifact} of run {run_id}")
-    except ConfigError as err:
-        raise ConfigError(f"{err}{advice}") from None
+    with tracking.downloaded(
+            root, run_id, artifact,
+            missing=f"has no model: no {artifact} (it may have failed before its first epoch "
+                    f"ended)") as path:
+        try:
+            return path, load(path, name=f"artifact {artifact} of run {run_id}")
+        except ConfigError as err:
+            raise ConfigError(f"{err}{advice}") from None
 
 
 def last_in_place(root: Path, run_id: str) -> Path | None:
@@ -137,11 +167,11 @@ def last_in_place(root: Path, run_id: str) -> Path | None:
     if local.is_file():
         return local
     try:
-        fetched = tracking.download_artifact(root, run_id, "checkpoints/last.pt", missing="")
-    except CitysegError:
+        with tracking.downloaded(root, run_id, "checkpoints/last.pt", missing="") as fetched:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(fetched, local)
+    except CitysegError:  # no store, no such run, or a run without last.pt
         return None
-    local.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(fetched, local)
     return local
 
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from cityseg.errors import CitysegError
+from cityseg.errors import RankFailed
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this has lost a peer
@@ -139,10 +139,6 @@ def broadcast(obj: T) -> T:
 def barrier() -> None:
     if _WORLD.distributed:
         dist.barrier(group=_CONTROL)
-
-
-class RankFailed(CitysegError):
-    """Another rank failed; its message, so rank 0 can record why the run stopped."""
 
 
 def together(step: Callable[[], T], *, local_main_first: bool = False) -> T:

@@ -20,8 +20,9 @@ from cityseg.data.datasets import SegmentationDataset, data_index, reader_for, t
 from cityseg.data.layouts import IMAGE_EXTS, read_sample
 from cityseg.data.tasks import Task
 from cityseg.engine import checkpoints
-from cityseg.engine.predictor import Predictor
+from cityseg.engine.predictor import Predictor, place_model
 from cityseg.errors import CitysegError
+from cityseg.metrics import confusion_record
 from cityseg.registry import MODELS
 
 HISTOGRAM_BINS = 1000  # threshold resolution of the calibration
@@ -47,21 +48,25 @@ class Trained:
 
 
 def load_trained(*, run_id: str | None, checkpoint: Path | None, runs: Path,
-                 overrides: list[str] | tuple[str, ...] = (), device: str = "auto") -> Trained:
-    """The best checkpoint of a run (local, else the run's artifact) or a checkpoint file."""
+                 overrides: list[str] | tuple[str, ...] = (), device: str = "auto",
+                 which: checkpoints.Which = "best") -> Trained:
+    """A run's best (or last) checkpoint, local else the run's artifact, or a checkpoint file,
+    as a model whose weights fit, on the device, inside its Predictor."""
     if (run_id is None) == (checkpoint is None):
         raise CitysegError("give --run RUN_ID or --checkpoint PATH (one of them)")
     if checkpoint is not None:
         path, saved = checkpoint, checkpoints.load(checkpoint)
     else:
-        path, saved = checkpoints.fetch(runs, run_id, "best")
+        path, saved = checkpoints.fetch(runs, run_id, which)
     raw = apply_overrides(copy.deepcopy(saved["config"]), overrides)
     exp = validate(raw, source=f"config of checkpoint {path}")
     model = MODELS.build(exp.model, exp.build_context())
     checkpoints.check_weights_fit(saved, model, path)
     asked = any(o.startswith("trainer.threshold=") for o in overrides)
+    # a threshold is in the checkpoint only once `evaluate --calibrate --write-threshold` put it
     threshold = float(saved["threshold"]) if "threshold" in saved and not asked else None
-    predictor = Predictor.for_experiment(exp, model.eval(), device=device, threshold=threshold)
+    model = place_model(model.eval(), exp, device)
+    predictor = Predictor.for_experiment(exp, model, device=device, threshold=threshold)
     return Trained(exp, predictor, saved, path, saved["run_id"])
 
 
@@ -215,8 +220,8 @@ def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution:
                    found: dict[str, float], confusion: torch.Tensor,
                    calibration: Calibration | None) -> str:
     """A new MLflow run holding the evaluation, linked to the run that trained the model."""
-    tracker = tracking.Tracker(root=runs, experiment=trained.exp.tracking.experiment,
-                               uri=trained.exp.tracking.uri)
+    tracker = tracking.open(runs, experiment=trained.exp.tracking.experiment,
+                            uri=trained.exp.tracking.uri)
     task = trained.task
     tags = {"source_run": trained.run_id, "eval_split": split,
             "eval_resolution": "full" if full_resolution else "training",
@@ -224,8 +229,7 @@ def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution:
             "inference": trained.exp.trainer.inference.describe()}
     with tracker.session(run_name=f"eval-{trained.exp.name}-{split}", tags=tags) as run_id:
         tracker.log_metrics({f"{split}/{k}": v for k, v in found.items()}, step=0)
-        tracker.log_text(json.dumps({"classes": list(task.class_names),
-                                     "counts": confusion.tolist()}, indent=2),
+        tracker.log_text(json.dumps(confusion_record(confusion, task.class_names), indent=2),
                          "confusion_matrix.json")
         if task.per_class_report:
             tracker.log_image(viz.confusion_image(confusion.numpy(), task.class_names),

@@ -40,6 +40,22 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
 
 
+def place_model(model: nn.Module, exp: Experiment, device: str | torch.device) -> nn.Module:
+    """The model moved (in place) to the device, in the memory layout trainer.channels_last
+    asks for: the step before `Predictor.for_experiment`."""
+    layout = torch.channels_last if exp.trainer.channels_last else torch.contiguous_format
+    return model.to(resolve_device(str(device)), memory_format=layout)
+
+
+def _check_placed(model: nn.Module, device: torch.device) -> None:
+    """ValueError when some weight of the model lies on another device than the predictor's."""
+    here = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as weights report it
+    elsewhere = {str(t.device) for t in (*model.parameters(), *model.buffers()) if t.device != here}
+    if elsewhere:
+        raise ValueError(f"the model is on {', '.join(sorted(elsewhere))}, the predictor on "
+                         f"{here}: place_model(model, exp, device) first")
+
+
 class Predictor:
     """A model with everything that decides what it predicts: device, precision, memory layout,
     task, threshold and the image size it was trained at."""
@@ -56,14 +72,13 @@ class Predictor:
         self.inference = inference or InferenceConfig()
 
     @classmethod
-    def for_experiment(cls, exp: Experiment, model: nn.Module, *, device: str | None = None,
-                       threshold: float | None = None,
+    def for_experiment(cls, exp: Experiment, model: nn.Module, *,
+                       device: str | torch.device | None = None, threshold: float | None = None,
                        inference: InferenceConfig | None = None) -> Predictor:
-        """The predictor an experiment trains and validates with (device overrides
-        trainer.device, inference trainer.inference)."""
-        dev = resolve_device(device or exp.trainer.device)
-        model = model.to(dev, memory_format=torch.channels_last if exp.trainer.channels_last
-                         else torch.contiguous_format)
+        """The predictor an experiment trains and validates with, around a model already on the
+        device (`place_model`); device overrides trainer.device, inference trainer.inference."""
+        dev = resolve_device(str(device or exp.trainer.device))
+        _check_placed(model, dev)
         return cls(model=model, device=dev, amp_dtype=resolve_precision(exp.trainer.precision, dev),
                    channels_last=exp.trainer.channels_last, task=exp.task,
                    threshold=exp.trainer.threshold if threshold is None else threshold,

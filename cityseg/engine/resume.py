@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cityseg import tracking
 from cityseg.config import Experiment, flatten
 from cityseg.engine import checkpoints
 from cityseg.errors import ConfigError
@@ -28,18 +30,57 @@ class ResumePoint:
 
     path: Path
     checkpoint: dict
+    crash: str | None = None  # why its RUNNING run is taken over (the process crashed)
 
     @property
     def run_id(self) -> str:
         return self.checkpoint["run_id"]
 
 
-def config_hash(config: dict, *, resumable: bool = True) -> str:
-    """Identity of an experiment's config: for resuming (ignoring the epoch count, which a
-    resumed run may raise), or whole (resumable=False: sweep children)."""
+def config_hash(exp: Experiment, *, resumable: bool = True) -> str:
+    """Identity of an experiment's config: for resuming (ignoring what a resumed run may
+    change, such as the epoch count), or whole (resumable=False: sweep points).
+
+    Only values that differ from the schema's defaults count (and which component each section
+    names), so an upgrade that adds a key with a default keeps every hash: `--resume auto` still
+    finds older runs and a sweep keeps its id."""
+    full = flatten(exp.model_dump(mode="json"))
+    chosen = flatten(exp.model_dump(mode="json", exclude_defaults=True))
     ignored = RESUMABLE_CHANGES if resumable else set()
-    kept = {k: v for k, v in flatten(config).items() if k not in ignored}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in full.items()
+            if (k in chosen or k.rpartition(".")[2] == "name") and k not in ignored}
+    return _digest(kept)
+
+
+def legacy_config_hash(exp: Experiment) -> str:
+    """The resume hash of cityseg 0.1 before the hash above (every key, defaults included):
+    the tag of runs trained by it, so that `--resume auto` finds them too."""
+    kept = {k: v for k, v in flatten(exp.model_dump(mode="json")).items()
+            if k not in RESUMABLE_CHANGES}
+    return _digest(kept)
+
+
+def _digest(flat: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_resume_point(spec: str | None, exp: Experiment, fallback_best: bool, display
+                      ) -> tuple[Tracker | None, ResumePoint | None]:
+    """`--resume spec`: the store (opened only if it exists: resuming never creates one) and
+    the point to continue from; (None, None) when not resuming."""
+    if not spec:
+        return None, None
+    t = exp.tracking
+    try:
+        tracker = tracking.open(t.dir, experiment=t.experiment, uri=t.uri, create=False)
+    except tracking.NoStore:
+        tracker = None
+    point = resume_point(spec, exp, tracker, fallback_best=fallback_best)
+    if point is None:
+        display.message("--resume auto: no interrupted run of this experiment and config; "
+                        "starting a new one")
+        return tracker, None
+    return tracker, dataclasses.replace(point, crash=check_run_resumable(point, exp, tracker))
 
 
 def store_path(exp: Experiment) -> Path:
@@ -57,12 +98,12 @@ def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path
             return None
         raise ConfigError(f"--resume {spec}: no MLflow store at {store_path(exp)}")
     if spec == "auto":
-        run_id = tracker.resumable_run(config_hash(exp.model_dump(mode="json")))
+        run_id = tracking.resumable_run(tracker, config_hash(exp), legacy_config_hash(exp))
         return checkpoints.last_in_place(root, run_id) if run_id else None
-    if tracker.run_exists(spec):
-        refuse_if_alive(tracker, spec)
+    if tracker.run_exists(spec):  # whether it is alive is checked with its checkpoint
         path = checkpoints.last_in_place(root, spec)
         if path is None:
+            refuse_if_alive(tracker, spec)  # a live run may not have checkpointed yet
             raise ConfigError(f"--resume {spec}: the run has no checkpoint, neither at "
                               f"{checkpoints.path_of(root, spec, 'last')} nor among its artifacts")
         return path
@@ -92,11 +133,12 @@ def resume_point(spec: str, exp: Experiment, tracker: Tracker | None, *,
     return ResumePoint(path, checkpoint)
 
 
-def check_run_resumable(point: ResumePoint, exp: Experiment, tracker: Tracker) -> str | None:
+def check_run_resumable(point: ResumePoint, exp: Experiment, tracker: Tracker | None
+                        ) -> str | None:
     """A checkpoint continues its own run, which must be in this store and not alive in
     another process (two writers would corrupt it). Returns why a RUNNING run is taken over
     (its process crashed), or None."""
-    if not tracker.run_exists(point.run_id):
+    if tracker is None or not tracker.run_exists(point.run_id):
         raise ConfigError(f"{point.path}: its run {point.run_id} is not in {store_path(exp)}; "
                           f"resume with the tracking.dir it was trained with")
     state = refuse_if_alive(tracker, point.run_id)
@@ -116,12 +158,12 @@ def refuse_if_alive(tracker: Tracker, run_id: str) -> Liveness | None:
 def check_same_world(point: ResumePoint, world_size: int) -> None:
     """A checkpoint from the middle of an epoch resumes only with the processes that wrote it
     (their ranks hold its position); one from an epoch's end resumes with any number."""
-    state = point.checkpoint["state"]
-    saved = state.get("world_size", 1)
-    if state["step_in_epoch"] and saved != world_size:
+    state = checkpoints.saved_state(point.checkpoint)
+    saved = state.world_size
+    if state.step_in_epoch and saved != world_size:
         raise ConfigError(
-            f"{point.path}: stopped in the middle of epoch {state['epoch']} (batch "
-            f"{state['step_in_epoch']}) with {saved} process(es); resume it with {saved}, not "
+            f"{point.path}: stopped in the middle of epoch {state.epoch} (batch "
+            f"{state.step_in_epoch}) with {saved} process(es); resume it with {saved}, not "
             f"{world_size} (torchrun --nproc-per-node). A checkpoint from an epoch's end "
             f"resumes with any number")
 

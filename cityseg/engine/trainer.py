@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,9 +24,11 @@ from torch.utils.data import DataLoader
 from cityseg.data.datasets import EpochSampler
 from cityseg.data.device_augment import DeviceAugmenter
 from cityseg.engine import checkpoints, distributed
+from cityseg.engine.checkpoints import TrainState
 from cityseg.engine.display import NullDisplay
 from cityseg.engine.predictor import Predictor
-from cityseg.errors import Interrupted, TrainingDiverged
+from cityseg.engine.recorder import NullRecorder
+from cityseg.errors import Interrupted, RankFailed, TrainingDiverged
 from cityseg.optim import Schedule
 
 PROGRESS_REFRESH_S = 0.5
@@ -50,27 +50,33 @@ class TrainerSettings:
 
 
 @dataclass
-class TrainState:
-    """The loop's position and memory; saved in every checkpoint."""
-
-    epoch: int = 1  # the epoch in progress, or the next one to run
-    step_in_epoch: int = 0  # batches of `epoch` already trained (a run stopped mid-epoch)
-    loss_sum: float = 0.0  # of those batches, for the epoch's mean train loss
-    seen: int = 0
-    best_score: float | None = None
-    best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since the last improvement, for early stopping
-    history: list[dict[str, float]] = field(default_factory=list)
-    world_size: int = 1  # processes that trained it: a mid-epoch position belongs to them
-
-
-@dataclass
 class FitResult:
     history: list[dict[str, float]]
     best_epoch: int
     best_score: float
     checkpoints: dict[str, Path]
     stopped_early: bool
+
+
+class _Tally:
+    """What this rank's epoch has counted, on the device: summed loss, images, first bad batch."""
+
+    def __init__(self, carried_loss: float, device: torch.device) -> None:
+        self.loss = torch.full((), carried_loss, dtype=torch.float64, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 1-based; 0: none
+        self.seen = 0
+        self.known_bad = 0  # first_bad as last read on the host (with the progress bar)
+
+    def add(self, loss: torch.Tensor, batch: int, images: int) -> None:
+        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(loss), batch,
+                                     self.first_bad)
+        self.loss += loss.double() * images
+        self.seen += images
+
+    def sums(self) -> torch.Tensor:
+        """(2,) float64 on the device: summed loss and images, ready to all-reduce."""
+        return torch.stack([self.loss, torch.tensor(float(self.seen), dtype=torch.float64,
+                                                    device=self.loss.device)])
 
 
 class StopFlag:
@@ -80,10 +86,6 @@ class StopFlag:
         self.signum = 0
 
 
-# called on rank 0 after each epoch's checkpoint; True stops training there (a pruned sweep trial)
-EpochCallback = Callable[[int, dict[str, float], tuple | None], bool | None]
-
-
 class Trainer:
     """Trains a segmentation model and keeps best and last checkpoints (rank 0 writes them)."""
 
@@ -91,10 +93,8 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, schedule: Schedule, train_loader: DataLoader,
                  sampler: EpochSampler, val_loader: DataLoader, settings: TrainerSettings,
                  config: dict, run_id: str, raw_model: nn.Module | None = None,
-                 train_model: nn.Module | None = None,
-                 samples: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 on_epoch_end: EpochCallback | None = None, display=None,
-                 stop: StopFlag | None = None,
+                 train_model: nn.Module | None = None, recorder: NullRecorder | None = None,
+                 display=None, stop: StopFlag | None = None,
                  device_augment: DeviceAugmenter | None = None) -> None:
         self.s = settings
         self.world = distributed.world()
@@ -110,8 +110,8 @@ class Trainer:
                                            enabled=predictor.amp_dtype == torch.float16)
         self.train_loader, self.sampler, self.val_loader = train_loader, sampler, val_loader
         self.config, self.run_id = config, run_id  # saved inside every checkpoint
-        self.samples = samples  # fixed validation images for the per-epoch panel
-        self.on_epoch_end = on_epoch_end
+        # rank 0's side effects (checkpoints, MLflow); a NullRecorder on the other ranks
+        self.recorder = recorder or NullRecorder()
         # augmentations on the device: the loader delivers (frames, masks, their parameters)
         self.device_augment = device_augment
         self.display = display or NullDisplay()
@@ -138,14 +138,12 @@ class Trainer:
                                 scaler=self.scaler)
 
     def _save(self, checkpoint: dict, which: str) -> None:
-        if self.world.is_main:
-            checkpoints.save_atomic(checkpoint, self.paths[which])
+        self.recorder.save(checkpoint, self.paths[which])
 
     def restore(self, checkpoint: dict) -> TrainState:
         """Load a checkpoint's weights, optimizer, scheduler, scaler, RNG states; its position."""
-        return TrainState(**checkpoints.unpack(checkpoint, model=self.raw_model,
-                                               optimizer=self.optimizer, schedule=self.schedule,
-                                               scaler=self.scaler))
+        return checkpoints.unpack(checkpoint, model=self.raw_model, optimizer=self.optimizer,
+                                  schedule=self.schedule, scaler=self.scaler)
 
     def _diverged(self, epoch: int, steps: list[float]) -> TrainingDiverged:
         """steps: per rank, the first batch (from 1) with a non-finite loss, or 0; all 0: the
@@ -179,7 +177,7 @@ class Trainer:
         """Every rank's reading error is known to all; raise the first on every rank."""
         for rank, message in enumerate(distributed.gather(own)):
             if message:
-                raise distributed.RankFailed(f"rank {rank} failed reading data: {message}")
+                raise RankFailed(f"rank {rank} failed reading data: {message}")
 
     # ------------------------------------------------------------------ loops
 
@@ -195,88 +193,100 @@ class Trainer:
             encoder.eval()
 
     def train_epoch(self, state: TrainState) -> dict[str, float]:
+        """Train the rest of epoch `state.epoch`: before each batch the ranks agree, then the
+        step; the epoch's totals are summed over ranks once, at its end."""
         epoch, first_batch, world = state.epoch, state.step_in_epoch, self.world
         self.sampler.set_epoch(epoch, start_batch=first_batch)
         batches = self.sampler.batches
         self.model.train()
         self._freeze_encoder(epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        device = self.predictor.device
         # rank 0 carries what the checkpoint counted so far; the sums over ranks are global
-        carried = world.is_main
-        total_loss = torch.full((), state.loss_sum if carried else 0.0, dtype=torch.float64,
-                                device=device)
-        first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 1-based batch; 0: none
-        seen, known_bad, last_refresh, start = 0, 0, 0.0, time.perf_counter()
-        last_save = time.monotonic()
+        tally = _Tally(state.loss_sum if world.is_main else 0.0, self.predictor.device)
+        last_refresh, start, last_save = 0.0, time.perf_counter(), time.monotonic()
         self.display.epoch_start(epoch, self.s.epochs, batches, done=first_batch)
         loader = iter(self.train_loader)
         for batch in range(first_batch + 1, batches + 1):
             fetched, error = self._next(loader)
-            done = batch - 1  # batches trained so far: a checkpoint position if a step ended
-            # a position to stop at: after an optimizer step, with a checkpoint of it or before
-            stoppable = done % self.s.accumulate == 0 and (done > 0 or epoch > 1)
-            due = (self.s.checkpoint_every_s > 0 and done > first_batch and stoppable
-                   and time.monotonic() - last_save >= self.s.checkpoint_every_s)
-            bad_slots = [0.0] * world.size
-            bad_slots[world.rank] = known_bad
-            stop, due_any, failed, *bad = distributed.agree(
-                [float(self.stop.signum), float(due), float(bool(error)), *bad_slots])
-            if failed:
-                self._raise_failures(error)
-            if any(bad):
-                raise self._diverged(epoch, bad)
-            if (stop or due_any) and stoppable:
-                if done > first_batch:  # the position after the last step, exactly
-                    bad = distributed.all_reduce(self._bad_slots(first_bad), "sum").tolist()
-                    if any(bad):
-                        raise self._diverged(epoch, bad)
-                    sums = distributed.all_reduce(torch.stack(
-                        [total_loss, torch.tensor(float(seen), dtype=torch.float64,
-                                                  device=device)]), "sum").tolist()
-                    here = dataclasses.replace(state, step_in_epoch=done, loss_sum=sums[0],
-                                               seen=state.seen + int(sums[1]),
-                                               world_size=world.size)
-                    self._save(self._checkpoint(here, {}), "last")
-                    last_save = time.monotonic()
-                if stop:
-                    where = (f"epoch {epoch}, batch {done} of {batches}" if done
-                             else f"the end of epoch {epoch - 1}")
-                    raise Interrupted(int(stop), self.run_id, where)
-            images, masks, *drawn = fetched
-            if self.device_augment is not None:  # drawn: the batch's augmentation parameters
-                images, masks = self.device_augment(
-                    images.to(device, non_blocking=True), masks.to(device, non_blocking=True),
-                    drawn[0])
-            x, y = self.train_predictor.inputs(images), self.train_predictor.targets(masks)
-            loss = self.loss_fn(self.train_predictor.logits(x), y)
-            group_start = (batch - 1) // self.s.accumulate * self.s.accumulate
-            # the last group may be short
-            group_size = min(self.s.accumulate, batches - group_start)
-            self.scaler.scale(loss / group_size).backward()
-            if batch % self.s.accumulate == 0 or batch == batches:
-                self._optimizer_step()
-            loss = loss.detach()
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), batch, first_bad)
-            total_loss += loss.double() * len(images)
-            seen += len(images)
+            if self._agree(state, batch, batches, error=error, tally=tally, last_save=last_save):
+                last_save = time.monotonic()
+            images, loss = self._train_step(fetched, batch, batches)
+            tally.add(loss, batch, len(images))
             now, shown = time.perf_counter(), None
             if now - last_refresh > PROGRESS_REFRESH_S:  # a sync at most twice a second
-                shown, known_bad, last_refresh = loss.item(), first_bad.item(), now
-            img_per_s = seen * world.size / max(now - start, 1e-9)  # all ranks, as rank 0 sees
+                shown, tally.known_bad, last_refresh = loss.item(), tally.first_bad.item(), now
+            img_per_s = tally.seen * world.size / max(now - start, 1e-9)  # as rank 0 sees
             self.display.step(len(images) * world.size, shown, img_per_s)
+        return self._epoch_totals(state, tally, time.perf_counter() - start)
+
+    def _agree(self, state: TrainState, batch: int, batches: int, *, error: str,
+               tally: _Tally, last_save: float) -> bool:
+        """Before `batch`, every rank learns whether any must stop (a signal), checkpoint (the
+        timer), or fail (a reading error, a non-finite loss), and all do it at this step.
+        Returns whether a mid-epoch checkpoint was written."""
+        epoch, first_batch, world = state.epoch, state.step_in_epoch, self.world
+        done = batch - 1  # batches trained so far: a checkpoint position if a step ended
+        # a position to stop at: after an optimizer step, with a checkpoint of it or before
+        stoppable = done % self.s.accumulate == 0 and (done > 0 or epoch > 1)
+        due = (self.s.checkpoint_every_s > 0 and done > first_batch and stoppable
+               and time.monotonic() - last_save >= self.s.checkpoint_every_s)
+        bad_slots = [0.0] * world.size
+        bad_slots[world.rank] = tally.known_bad
+        stop, due_any, failed, *bad = distributed.agree(
+            [float(self.stop.signum), float(due), float(bool(error)), *bad_slots])
+        if failed:
+            self._raise_failures(error)
+        if any(bad):
+            raise self._diverged(epoch, bad)
+        saved = False
+        if (stop or due_any) and stoppable and done > first_batch:
+            # the position after the last step, exactly
+            bad = distributed.all_reduce(self._bad_slots(tally.first_bad), "sum").tolist()
+            if any(bad):
+                raise self._diverged(epoch, bad)
+            loss_sum, seen = distributed.all_reduce(tally.sums(), "sum").tolist()
+            here = dataclasses.replace(state, step_in_epoch=done, loss_sum=loss_sum,
+                                       seen=state.seen + int(seen), world_size=world.size)
+            self._save(self._checkpoint(here, {}), "last")
+            saved = True
+        if stop and stoppable:
+            where = (f"epoch {epoch}, batch {done} of {batches}" if done
+                     else f"the end of epoch {epoch - 1}")
+            raise Interrupted(int(stop), self.run_id, where)
+        return saved
+
+    def _train_step(self, fetched: tuple, batch: int, batches: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward, and the optimizer step at the end of an accumulation group;
+        (images, the batch's detached loss)."""
+        images, masks, *drawn = fetched
+        if self.device_augment is not None:  # drawn: the batch's augmentation parameters
+            device = self.predictor.device
+            images, masks = self.device_augment(
+                images.to(device, non_blocking=True), masks.to(device, non_blocking=True),
+                drawn[0])
+        x, y = self.train_predictor.inputs(images), self.train_predictor.targets(masks)
+        loss = self.loss_fn(self.train_predictor.logits(x), y)
+        group_start = (batch - 1) // self.s.accumulate * self.s.accumulate
+        group_size = min(self.s.accumulate, batches - group_start)  # the last may be short
+        self.scaler.scale(loss / group_size).backward()
+        if batch % self.s.accumulate == 0 or batch == batches:
+            self._optimizer_step()
+        return images, loss.detach()
+
+    def _epoch_totals(self, state: TrainState, tally: _Tally, elapsed: float
+                      ) -> dict[str, float]:
+        """The epoch's train metrics, summed over ranks; divergence of loss or weights raises."""
         finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
         # the epoch's one collective and one host copy
         totals = distributed.all_reduce(torch.cat([
-            torch.stack([total_loss, torch.tensor(float(seen), dtype=torch.float64,
-                                                  device=device), (~finite).double()]),
-            self._bad_slots(first_bad)]), "sum").tolist()
+            tally.sums(), (~finite).double().reshape(1), self._bad_slots(tally.first_bad)]),
+            "sum").tolist()
         loss_sum, seen_all, not_finite, bad = totals[0], totals[1], totals[2], totals[3:]
         if any(bad):
-            raise self._diverged(epoch, bad)
+            raise self._diverged(state.epoch, bad)
         if not_finite:  # a finite loss but an overflowing update: never checkpoint such weights
-            raise self._diverged(epoch, bad)
-        elapsed = time.perf_counter() - start
+            raise self._diverged(state.epoch, bad)
         return {"train/loss": loss_sum / max(state.seen + seen_all, 1),
                 "throughput/img_s": seen_all / elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
@@ -292,13 +302,6 @@ class Trainer:
             self.val_loader, tolerance=self.s.boundary_tolerance, loss_fn=self.loss_fn)
         return {f"val/{k}": v for k, v in found.items()}
 
-    def predict_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(images, targets, predictions) of the fixed validation samples, as numpy arrays."""
-        if self.samples is None:
-            return None
-        images, masks = self.samples
-        return images.numpy(), masks.numpy(), self.predictor.predict(images).cpu().numpy()
-
     def _improved(self, score: float, best: float | None) -> bool:
         if best is None:
             return True
@@ -309,8 +312,6 @@ class Trainer:
     def fit(self, state: TrainState | None = None) -> FitResult:
         """Train from `state` (a fresh one, or one restored from a checkpoint) to the last epoch."""
         state = state or TrainState()
-        if self.world.is_main:
-            self.paths["last"].parent.mkdir(parents=True, exist_ok=True)
         stopped_early = False
         try:
             while state.epoch <= self.s.epochs:
@@ -331,9 +332,7 @@ class Trainer:
                 if is_best:
                     self._save(checkpoint, "best")
                 self.display.epoch_end(epoch, metrics, is_best)
-                halt = False
-                if self.on_epoch_end is not None:
-                    halt = bool(self.on_epoch_end(epoch, metrics, self.predict_samples()))
+                halt = self.recorder.epoch_end(epoch, metrics, self.predictor)
                 if self.s.patience and state.bad_epochs >= self.s.patience:
                     stopped_early = True
                     self.display.message(f"early stop: {self.s.monitor} has not improved for "

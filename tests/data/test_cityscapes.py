@@ -4,6 +4,7 @@ import pytest
 from cityseg.data.cityscapes import (
     LABELS,
     TRAIN_CLASSES,
+    class_frequencies,
     foreground_stats,
     id_colors,
     id_to_train_id_lut,
@@ -76,3 +77,15 @@ def test_training_loader_reads_real_frames():
     image, mask = SegmentationDataset(reader, lut=task_lut(DataParams()), transform=None)[0]
     assert image.shape == (3, 256, 512) and mask.shape == (256, 512)
     assert set(mask.unique().tolist()) == {0, 1, 255}  # background, vehicles/persons, void
+
+
+def test_class_frequencies_are_shares_of_the_labelled_pixels():
+    counts = np.zeros(256, dtype=np.int64)
+    counts[0], counts[13], counts[255] = 30, 10, 60  # road, car, ignored
+    found = class_frequencies(counts)
+    assert found["ignored_pixels"] == 60 and found["labelled_pixels"] == 40
+    assert list(found["classes"]) == list(TRAIN_CLASSES)
+    assert found["classes"]["road"] == {"pixels": 30, "frequency": 0.75}
+    assert found["classes"]["car"] == {"pixels": 10, "frequency": 0.25}
+    assert found["classes"]["sky"] == {"pixels": 0, "frequency": 0.0}
+    assert class_frequencies(np.zeros(256, dtype=np.int64))["classes"]["road"]["frequency"] == 0.0

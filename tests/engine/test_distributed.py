@@ -182,3 +182,26 @@ def test_a_failure_on_rank_1_fails_the_run_quickly_with_its_message(tmp_path, sw
     assert message in out
     client, run = only_run(tmp_path / "runs")
     assert run.info.status == "FAILED" and message in run.data.tags["failure"]
+
+
+UNAGREED_FAILURE = '''
+import os
+if os.environ.get("RANK") == "1":
+    from cityseg.engine.trainer import Trainer
+    from cityseg.errors import DataError
+
+    def fit(self, state=None):
+        raise DataError("a failure only rank 1 knows about")
+
+    Trainer.fit = fit
+'''
+
+
+def test_an_error_on_rank_1_outside_the_agreed_paths_reaches_stderr(tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(UNAGREED_FAILURE)
+    proc = torchrun(2, settings(tmp_path, epochs=2), env={"PYTHONPATH": str(hooks)})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "rank 1: a failure only rank 1 knows about" in out, out

@@ -1,5 +1,8 @@
 """Evaluate, predict and calibrate a trained model."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from cityseg.data.datasets import data_index, task_lut
 from cityseg.data.layouts import read_sample
 from cityseg.engine import checkpoints, inference, runner
 from cityseg.errors import CitysegError
+from cityseg.metrics import confusion_record
 from cityseg.tracking import tracking_uri
 from tests.conftest import CITYSCAPES_MINI, QUICKSTART, tiny_overrides
 
@@ -172,7 +176,7 @@ def test_unknown_run_or_run_without_model_is_a_clear_error(trained_run, capsys):
     assert "no MLflow store" in capsys.readouterr().err
 
 
-def test_evaluate_logs_a_linked_run(trained_run, capsys):
+def test_evaluate_logs_a_linked_run(trained_run, capsys, tmp_path):
     source_dir, result = trained_run
     assert main(["evaluate", "--run", result.run_id, "--runs", str(source_dir / "runs")]) == 0
     client = MlflowClient(tracking_uri=tracking_uri(source_dir / "runs"))
@@ -183,6 +187,21 @@ def test_evaluate_logs_a_linked_run(trained_run, capsys):
     assert evaluation.info.status == "FINISHED" and "val/dice" in evaluation.data.metrics
     samples = client.list_artifacts(evaluation.info.run_id, "samples")
     assert "samples/val.png" in {a.path for a in samples}
+    confusion = client.download_artifacts(evaluation.info.run_id, "confusion_matrix.json",
+                                          str(tmp_path))
+    record = json.loads(Path(confusion).read_text())
+    assert record == confusion_record(torch.tensor(record["counts"]), ("background", "foreground"))
+
+
+def test_load_trained_takes_a_runs_last_checkpoint_when_asked(trained_run):
+    source_dir, result = trained_run
+    runs = source_dir / "runs"
+    last = inference.load_trained(run_id=result.run_id, checkpoint=None, runs=runs, which="last")
+    assert last.path == checkpoints.path_of(runs, result.run_id, "last")
+    weights = checkpoints.load(last.path)["model"]
+    placed = last.predictor.model.state_dict()
+    assert placed.keys() == weights.keys()
+    assert all(torch.equal(placed[k].cpu(), weights[k]) for k in weights)
 
 
 def test_crop_training_at_a_kept_scale_with_slide_validation_and_evaluate_overrides(tmp_path):

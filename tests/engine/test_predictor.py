@@ -11,7 +11,7 @@ from torch import nn
 
 from cityseg.data.cityscapes import LABEL_BY_NAME
 from cityseg.data.tasks import TASKS
-from cityseg.engine.predictor import MEAN, STD, Predictor
+from cityseg.engine.predictor import MEAN, STD, Predictor, place_model
 
 
 class ChannelMean(nn.Module):
@@ -165,3 +165,22 @@ def test_flip_tta_of_a_mirror_symmetric_model_changes_nothing():
     assert not torch.allclose(_modes(lopsided, size=(32, 64), mode="whole",
                                      tta="flip").frame_logits(x),
                               _modes(lopsided, size=(32, 64), mode="whole").frame_logits(x))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_place_model_is_the_explicit_step_before_for_experiment(tmp_path, channels_last):
+    from cityseg.config import load_experiment
+    from tests.conftest import QUICKSTART, tiny_overrides
+
+    exp = load_experiment(QUICKSTART, [*tiny_overrides(tmp_path), "trainer.device=cpu",
+                                       f"trainer.channels_last={str(channels_last).lower()}"])
+    model = nn.Conv2d(3, 1, 3, padding=1)
+    placed = place_model(model, exp, "cpu")
+    assert placed.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    p = Predictor.for_experiment(exp, placed)
+    assert p.model is placed and p.device == torch.device("cpu")
+    assert p.threshold == exp.trainer.threshold and p.image_size == tuple(exp.data.image_size)
+    elsewhere = nn.Conv2d(3, 1, 3, padding=1, device="meta")
+    with pytest.raises(ValueError, match=r"the model is on meta, the predictor on cpu: "
+                                         r"place_model\(model, exp, device\) first"):
+        Predictor.for_experiment(exp, elsewhere, device="cpu")

@@ -11,11 +11,12 @@ import torch
 from mlflow import MlflowClient
 
 from cityseg.cli import main
-from cityseg.config import load_experiment
-from cityseg.engine import runner
+from cityseg.config import Experiment, TrainerConfig, load_experiment
+from cityseg.engine import resume, runner
 from cityseg.engine.checkpoints import load as load_checkpoint
 from cityseg.engine.checkpoints import save_atomic
-from cityseg.errors import ConfigError, TrainingDiverged
+from cityseg.engine.resume import config_hash, legacy_config_hash
+from cityseg.errors import ConfigError, Interrupted, TrainingDiverged
 from cityseg.losses import WeightedBCE
 from cityseg.models.unet import UNet
 from cityseg.tracking import tracking_uri
@@ -85,7 +86,7 @@ def test_interrupted_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, augm
 
     runner.Trainer._optimizer_step = signal_after_six_steps
     try:
-        with pytest.raises(runner.Interrupted) as info:
+        with pytest.raises(Interrupted) as info:
             runner.run(exp)
     finally:
         runner.Trainer._optimizer_step = original
@@ -250,3 +251,52 @@ def test_a_checkpoint_saved_before_new_config_keys_existed_still_resumes(tmp_pat
         runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=3",
                                                 "trainer.inference.mode=slide"]),
                    resume=result.run_id)
+
+
+class _UpgradedTrainer(TrainerConfig):
+    """The trainer section of a later cityseg that has one more key, with a default."""
+
+    warmup_grace: int = 3
+
+
+class _Upgraded(Experiment):
+    trainer: _UpgradedTrainer = _UpgradedTrainer()
+    export_format: str = "onnx"
+
+
+def test_an_upgrade_that_adds_keys_with_defaults_keeps_the_hash_and_resume_auto(
+        tmp_path, monkeypatch):
+    overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
+    today = load_experiment(QUICKSTART, overrides)
+    upgraded = _Upgraded.model_validate(today.model_dump(mode="json"))
+    assert "warmup_grace" in upgraded.model_dump()["trainer"]
+    assert config_hash(upgraded) == config_hash(today)
+    assert config_hash(upgraded, resumable=False) == config_hash(today, resumable=False)
+    # a value that differs from its default still counts, and so does the component's name
+    assert config_hash(today.model_copy(update={"seed": 7})) != config_hash(today)
+    dice = load_experiment(QUICKSTART, [*overrides, "loss.name=dice"])
+    assert config_hash(dice) != config_hash(today)
+
+    first = runner.run(today)
+    client, (run,) = runs_of(tmp_path / "runs")
+    assert run.data.tags["config_hash"] == config_hash(today)
+    client.set_terminated(first.run_id, status="KILLED")  # interrupted: resumable
+    # the schema as the upgrade reads it: the saved config gains the new keys' defaults
+    monkeypatch.setattr(resume, "Experiment", _Upgraded)
+    longer = _Upgraded.model_validate(
+        load_experiment(QUICKSTART, [*overrides, "trainer.epochs=2"]).model_dump(mode="json"))
+    again = runner.run(longer, resume="auto")
+    assert again.run_id == first.run_id and again.resumed_from == 1
+
+
+def test_resume_auto_finds_a_run_tagged_with_the_hash_of_earlier_cityseg(tmp_path):
+    overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
+    exp = load_experiment(QUICKSTART, overrides)
+    first = runner.run(exp)
+    client, _ = runs_of(tmp_path / "runs")
+    client.set_tag(first.run_id, "config_hash", legacy_config_hash(exp))
+    client.set_terminated(first.run_id, status="KILLED")
+    assert legacy_config_hash(exp) != config_hash(exp)
+    again = runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=2"]),
+                       resume="auto")
+    assert again.run_id == first.run_id and again.resumed_from == 1

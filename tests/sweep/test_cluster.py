@@ -14,9 +14,9 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from cityseg.engine.sweep import run_sweep
+from cityseg.sweep import run_sweep
 from tests.conftest import mlflow_process
-from tests.engine.test_sweep import runs, write_sweep
+from tests.sweep.tiny import runs, write_sweep
 
 GRID = {"loss.pos_weight": [1, 2], "trainer.threshold": [0.3, 0.7]}  # 4 points
 

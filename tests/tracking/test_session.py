@@ -1,4 +1,6 @@
-"""The run session: every run it opens ends FINISHED, FAILED (with the reason) or KILLED."""
+"""The run session: every run it opens ends FINISHED, FAILED (with the reason) or KILLED.
+
+Moved from tests/test_tracking.py (the session tests), with the Tracker's run helpers added."""
 
 import signal
 
@@ -15,7 +17,7 @@ def status_and_tags(root, run_id):
 
 
 def test_a_session_ends_finished_failed_or_killed(tmp_path):
-    tracker = tracking.Tracker(root=tmp_path, experiment="e")
+    tracker = tracking.open(tmp_path, experiment="e")
     with tracker.session(run_name="ok", tags={"k": "v"}) as finished:
         assert status_and_tags(tmp_path, finished)[0] == "RUNNING"
     status, tags = status_and_tags(tmp_path, finished)
@@ -33,7 +35,7 @@ def test_a_session_ends_finished_failed_or_killed(tmp_path):
 
 
 def test_a_session_reattaches_to_an_earlier_run(tmp_path):
-    tracker = tracking.Tracker(root=tmp_path, experiment="e")
+    tracker = tracking.open(tmp_path, experiment="e")
     with pytest.raises(KeyboardInterrupt), tracker.session(run_name="first") as run_id:
         raise KeyboardInterrupt
     assert status_and_tags(tmp_path, run_id)[0] == "KILLED"
@@ -44,7 +46,7 @@ def test_a_session_reattaches_to_an_earlier_run(tmp_path):
 
 def test_an_experiment_created_by_another_process_meanwhile_is_joined(tmp_path, monkeypatch):
     # two sweep workers start together: both find no experiment, one creates it first
-    first = tracking.Tracker(root=tmp_path, experiment="shared")
+    first = tracking.open(tmp_path, experiment="shared")
     real = MlflowClient.get_experiment_by_name
     calls = {"n": 0}
 
@@ -53,29 +55,21 @@ def test_an_experiment_created_by_another_process_meanwhile_is_joined(tmp_path, 
         return None if calls["n"] == 1 else real(self, name)
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", not_yet)
-    second = tracking.Tracker(root=tmp_path, experiment="shared")
+    second = tracking.open(tmp_path, experiment="shared")
     assert second.experiment_id == first.experiment_id and calls["n"] == 2
 
 
-def test_tag_writes_that_race_on_a_unique_row_are_retried_other_calls_are_not():
-    # two workers tagging one experiment at the same moment: the server's insert of the loser
-    # fails on the row the winner just wrote; writing the tag again updates that row
-    class Store:
-        def __init__(self):
-            self.calls = 0
-
-        def _race_once(self, *args):
-            self.calls += 1
-            if self.calls == 1:
-                raise RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint "
-                                   "failed: experiment_tags.key, experiment_tags.experiment_id")
-            return "ok"
-
-        set_experiment_tag = set_tag = create_run = _race_once
-
-    for name in ("set_experiment_tag", "set_tag"):
-        store = Store()
-        assert getattr(tracking._RetryingClient(store, "x"), name)("1", "k", "v") == "ok"
-        assert store.calls == 2
-    with pytest.raises(RuntimeError, match="UNIQUE constraint"):
-        tracking._RetryingClient(Store(), "x").create_run("1")
+def test_runs_are_created_deleted_and_their_histories_read_without_the_client(tmp_path):
+    tracker = tracking.open(tmp_path, experiment="e")
+    run_id = tracker.create_run(run_name="parent", tags={"sweep_role": "parent"})
+    status, tags = status_and_tags(tmp_path, run_id)
+    # MLflow's own context tags are there, ours over them
+    assert status == "RUNNING" and tags["sweep_role"] == "parent" and "mlflow.user" in tags
+    with tracker.session(run_name="child") as child:
+        for step, value in ((2, 0.5), (1, 0.25), (3, 0.75)):
+            tracker.log_metrics({"val/dice": value}, step=step)
+    assert tracker.metric_history(child, "val/dice") == [0.25, 0.5, 0.75]
+    assert tracker.metric_history(child, "val/iou") == []
+    tracker.delete_run(run_id)
+    assert tracking.sweep_parents(tracker, "any") == []
+    assert [r.info.run_id for r in tracker.find_runs("")] == [child]

@@ -1,0 +1,127 @@
+"""Trained models: score one (`evaluate`), use one (`predict`), name one (`promote`), and look
+after the runs they come from (`runs clean|links`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from cityseg.cli.parser import EXIT_USAGE
+from cityseg.errors import CitysegError
+
+
+def _source_run(args: argparse.Namespace) -> str | None:
+    """The run behind --run, or behind the registered model --model names."""
+    if args.model is None:
+        return args.run
+    from cityseg.tracking import model_run
+
+    return model_run(args.runs, args.model)
+
+
+def _inference_overrides(args: argparse.Namespace) -> list[str]:
+    """--inference, --overlap and --tta as overrides of the trained experiment."""
+    return [f"trainer.inference.{key}={value}"
+            for key, value in (("mode", args.inference), ("overlap", args.overlap),
+                               ("tta", args.tta)) if value is not None]
+
+
+def _check_write_threshold(args: argparse.Namespace, run_id: str | None) -> None:
+    """--write-threshold rewrites a checkpoint file: refused before any model is loaded."""
+    if not args.write_threshold:
+        return
+    if not args.calibrate:
+        raise CitysegError("--write-threshold needs --calibrate")
+    from cityseg.engine import checkpoints
+
+    if run_id is not None and not checkpoints.path_of(args.runs, run_id, "best").is_file():
+        raise CitysegError("--write-threshold needs a local checkpoint file; "
+                           "use --checkpoint PATH")
+
+
+def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.engine import inference
+
+    overrides = [*args.overrides, *([f"data.root={args.data_root}"] if args.data_root else []),
+                 *_inference_overrides(args)]
+    run_id = _source_run(args)
+    _check_write_threshold(args, run_id)
+    trained = inference.load_trained(run_id=run_id, checkpoint=args.checkpoint, runs=args.runs,
+                                     overrides=overrides, device=args.device)
+    found, confusion = inference.evaluate(trained, split=args.split,
+                                          full_resolution=args.full_resolution)
+    resolution = ("full-resolution labels" if args.full_resolution
+                  else f"{list(trained.exp.data.image_size)}")
+    table = Table("metric", "value", title=f"{trained.exp.name} on {args.split} ({resolution}), "
+                                           f"threshold {trained.threshold:g}", box=None)
+    for key, value in found.items():
+        table.add_row(key, f"{value:.4f}")
+    out.print(table)
+    calibration = None
+    if args.calibrate:
+        calibration = inference.calibrate(trained, split=args.split)
+        c, best, half = calibration, calibration.best, calibration.at_half
+        out.print(f"calibration on {args.split}: "
+                  f"threshold 0.5 -> dice {c.dice[half]:.4f}, iou {c.iou[half]:.4f}; "
+                  f"best threshold {c.thresholds[best]:.3f} -> "
+                  f"dice {c.dice[best]:.4f}, iou {c.iou[best]:.4f}")
+        if args.write_threshold:
+            inference.write_threshold(trained, float(c.thresholds[best]))
+            out.print(f"threshold {c.thresholds[best]:.3f} written into {trained.path}; "
+                      f"predict will use it")
+    if not args.no_log:
+        run_id = inference.log_evaluation(trained, runs=args.runs, split=args.split,
+                                          full_resolution=args.full_resolution, found=found,
+                                          confusion=confusion, calibration=calibration)
+        out.print(f"evaluation logged as MLflow run {run_id} (source run {trained.run_id})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, out: Console) -> int:
+    from rich.progress import track
+
+    from cityseg.engine import inference
+
+    trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
+                                     runs=args.runs, device=args.device,
+                                     overrides=_inference_overrides(args))
+    progress = ((lambda files: track(files, description="predicting", console=out))
+                if out.is_terminal else (lambda f: f))
+    written, skipped = inference.predict_files(trained, args.inputs, args.out,
+                                               probabilities=args.probabilities,
+                                               progress=progress)
+    out.print(f"{len(written)} image(s) -> {args.out} (*_mask.png, *_overlay.png"
+              f"{', *_prob.png' if args.probabilities and trained.task.thresholded else ''})")
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    return EXIT_USAGE if skipped else 0
+
+
+def cmd_promote(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.tracking import promote
+
+    name, version = promote(args.runs, args.run_id, args.alias)
+    out.print(f"models:/{name}@{args.alias} -> models:/{name}/{version} (run {args.run_id})",
+              markup=False)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.tracking import clean_stale, experiment_links
+
+    if args.runs_command == "links":
+        for name, url in experiment_links(args.runs):
+            out.print(f"{name}: {url}", markup=False)
+        return 0
+
+    stale = clean_stale(args.runs, experiment=args.experiment, dry_run=args.dry_run)
+    verb = "would mark" if args.dry_run else "marked"
+    for run, reason in stale:
+        out.print(f"{run.info.run_id[:8]} {run.info.run_name}: {reason}; {verb} FAILED (crashed)",
+                  markup=False)
+    out.print(f"{len(stale)} crashed run(s) {verb} FAILED; live runs left alone. "
+              f"`cityseg run EXP --resume auto` continues the newest one of an experiment.")
+    return 0

@@ -1,0 +1,103 @@
+"""Experiments: train one (`run`), check them (`validate`), read them (`show`, `schema`, `list`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from rich.console import Console
+
+from cityseg.cli.parser import EXIT_USAGE
+from cityseg.errors import CitysegError
+
+
+def cmd_run(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.config import load_experiment
+
+    if (args.experiment is None) == (args.from_run is None):
+        raise CitysegError("run: give an experiment file or --from-run RUN_ID (one of them)")
+    # the experiment is read and validated before anything is written
+    if args.from_run:
+        from cityseg import tracking
+
+        with tracking.downloaded(args.runs, args.from_run, "config.yaml",
+                                 missing="has no config.yaml artifact") as logged:
+            exp = load_experiment(logged, args.overrides)
+    else:
+        exp = load_experiment(args.experiment, args.overrides)
+    from cityseg.engine.display import RichDisplay
+    from cityseg.engine.runner import run
+    from cityseg.errors import Interrupted, TrainingDiverged
+
+    out.print(f"[bold]{exp.name}[/]: {exp.data.name} data ({exp.data.task}), {exp.model.name}, "
+              f"{exp.loss.name} loss, {exp.trainer.epochs} epochs")
+    try:
+        result = run(exp, display=RichDisplay(out), resume=args.resume,
+                     fallback_best=args.fallback_best)
+    # every rank stops or diverges together: rank 0 (the one whose console speaks) says so
+    except TrainingDiverged as err:
+        if not out.quiet:
+            print(f"error: run failed: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        if out.quiet:
+            return 128 + err.signum
+        name = signal.Signals(err.signum).name
+        again = " ".join(["cityseg run", args.experiment or f"--from-run {args.from_run}",
+                          *(f"--set {o}" for o in args.overrides), f"--resume {err.run_id}"])
+        print(f"{name}: stopped at {err.where}; checkpoint saved, "
+              f"MLflow run {err.run_id} marked KILLED.\n"
+              f"resume with: {again}", file=sys.stderr)
+        return 128 + err.signum
+    if result.resumed_from:
+        out.print(f"resumed after epoch {result.resumed_from}")
+    out.print(f"best {exp.monitor} = {result.best_score:.4f} at epoch {result.best_epoch}; "
+              f"run {result.run_id} in MLflow experiment '{exp.tracking.experiment}'")
+    out.print(f"checkpoints: {result.checkpoints['best'].parent}")
+    out.print(f"in the MLflow UI (make ui): {result.url}", markup=False)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.config import load_experiment
+
+    failed = 0
+    for path in args.files:
+        try:
+            load_experiment(path, args.overrides)
+            out.print(f"{path}: ok")
+        except CitysegError as err:
+            failed += 1
+            print(f"error: {err}", file=sys.stderr)
+    return EXIT_USAGE if failed else 0
+
+
+def cmd_show(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.config import load_experiment, to_yaml
+
+    print(to_yaml(load_experiment(args.experiment, args.overrides)), end="")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.config import Experiment
+
+    print(json.dumps(Experiment.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.config import REGISTRY_FIELDS
+    from cityseg.models.encoders import ENCODERS
+
+    for field, registry in REGISTRY_FIELDS.items():
+        out.print(f"[bold]{field}[/] ({registry.kind}):")
+        for name in registry.names():
+            out.print(f"  {name:<22} {registry.get(name).description}")
+    out.print("[bold]model.encoder[/] (unet; model.weights: none | imagenet | PATH):")
+    out.print(f"  {'plain':<22} the original U-Net encoder (default)")
+    for name, spec in ENCODERS.items():
+        out.print(f"  {name:<22} {spec.description}")
+    return 0

@@ -1,0 +1,242 @@
+"""Every side effect of a run, in one object: its MLflow run, per-epoch logging, checkpoints,
+panels and its end.
+
+Rank 0 records with a `Recorder`; every other rank gets a `NullRecorder` with the same methods
+doing nothing (as the display does), so the runner and the trainer never ask which rank they
+are on. A Recorder is a context manager: once `open` has started (or reattached to) the MLflow
+run, leaving the block ends it FINISHED, FAILED or KILLED whatever happened, after uploading the
+checkpoints that were saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cityseg import tracking, viz
+from cityseg.config import Experiment, flatten, to_yaml
+from cityseg.data.cityscapes import class_frequencies, foreground_stats
+from cityseg.engine import checkpoints
+from cityseg.engine.build import Components, augment_on
+from cityseg.engine.environment import run_tags
+from cityseg.engine.predictor import Predictor
+from cityseg.engine.resume import ResumePoint, config_hash
+from cityseg.metrics import confusion_record
+from cityseg.optim import describe_groups
+
+# after each epoch (rank 0): tags to stop the run with, FINISHED, or None to go on
+EpochHook = Callable[[int, dict[str, float]], "dict[str, str] | None"]
+
+
+class NullRecorder:
+    """Records nothing: ranks other than 0, and library use without tracking."""
+
+    url = ""
+
+    def __enter__(self) -> NullRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None: ...
+    def open(self, point, parts, *, devices: list[str], world) -> str | None: ...
+    def start(self, state, parts) -> None: ...
+    def save(self, checkpoint: dict, path: Path) -> None: ...
+    def epoch_end(self, epoch: int, metrics: dict[str, float], predictor) -> bool:
+        return False
+    def finish(self, result, confusion) -> None: ...
+
+
+class Recorder(NullRecorder):
+    """Rank 0's record of one run in MLflow and on disk."""
+
+    def __init__(self, exp: Experiment, *, tracker: tracking.Tracker | None, display,
+                 run_name: str | None = None, tags: dict[str, str] | None = None,
+                 epoch_hook: EpochHook | None = None) -> None:
+        self.exp, self.display, self.epoch_hook = exp, display, epoch_hook
+        self.run_name, self.extra_tags = run_name or exp.name, tags or {}
+        self.tracker = tracker  # opened with the run when resuming did not open it
+        self.uploaded: dict[str, int] = {}  # checkpoint -> mtime already uploaded
+        self.run_id: str | None = None
+        self.samples: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.point: ResumePoint | None = None  # what the run continues from
+        self._session = contextlib.ExitStack()
+
+    # ---------------------------------------------------------------- the run's lifetime
+
+    def open(self, point: ResumePoint | None, parts: Components, *, devices: list[str],
+             world) -> str:
+        """Start the MLflow run, or reattach to the one the checkpoint belongs to."""
+        t = self.exp.tracking
+        if self.tracker is None:
+            self.tracker = tracking.open(t.dir, experiment=t.experiment, uri=t.uri)
+        self.upload = self.tracker.remote if t.upload_checkpoints == "auto" \
+            else t.upload_checkpoints
+        self.point = point
+        tags = self._new_run_tags(parts, world, devices) if point is None else None
+        self.run_id = self._session.enter_context(self.tracker.session(
+            run_name=self.run_name, tags=tags, reattach=point.run_id if point else None,
+            system_metrics=t.system_metrics))
+        self.samples = parts.splits.val.first(self.exp.tracking.num_samples)
+        return self.run_id
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is not None and self.run_id is not None:
+            with contextlib.suppress(Exception):  # keep what was saved; never hide the error
+                self._upload_checkpoints()
+        self._session.__exit__(kind, error, tb)
+
+    @property
+    def url(self) -> str:
+        return tracking.run_url(self.tracker.experiment_id, self.run_id, uri=self.tracker.uri)
+
+    # ---------------------------------------------------------------- start
+
+    def start(self, state, parts: Components) -> None:
+        """A new run: params, config, datasets and class frequencies. A resumed one: where it
+        went on, and the epochs its checkpoint finished but a crash kept out of MLflow (a kill
+        between saving the checkpoint and logging the epoch's metrics)."""
+        exp, tracker, point = self.exp, self.tracker, self.point
+        if point is not None:
+            crash = {"resumed_after_crash": point.crash} if point.crash else {}
+            tracker.set_tags({"resumed_at": f"epoch {state.epoch}, batch {state.step_in_epoch + 1}",
+                              "trainer.epochs_now": str(exp.trainer.epochs), **crash})
+            logged = set(tracker.metric_steps(exp.monitor))
+            for epoch, metrics in enumerate(state.history, start=1):
+                if epoch not in logged:
+                    tracker.log_metrics(metrics, step=epoch)
+            return
+        tracker.log_params({**flatten(exp.model_dump(mode="json")), **parts.loss_logged})
+        tracker.log_datasets(_datasets(exp, parts))
+        tracker.log_text(to_yaml(exp), "config.yaml")
+        groups = describe_groups(parts.optimizer)
+        tracker.log_params({f"optimizer.group.{name}": f"{g['parameters']} parameters, lr "
+                            f"{g['lr']:g}, weight decay {g['weight_decay']:g}"
+                            for name, g in groups.items()})
+        tracker.log_text(json.dumps(groups, indent=2), "optimizer_groups.json")
+        frequencies = {"split": "train", "resized_to": list(exp.data.frame_size),
+                       **class_frequencies(parts.splits.train_class_counts())}
+        tracker.log_text(json.dumps(frequencies, indent=2), "data/class_frequencies.json")
+
+    def _new_run_tags(self, parts: Components, world, devices: list[str]) -> dict[str, str]:
+        exp, predictor = self.exp, parts.predictor
+        fraction, _ = foreground_stats(parts.splits.train_class_counts(), exp.data.foreground)
+        return {**run_tags(predictor.device, predictor.amp_dtype),
+                "data.layout": parts.splits.index.layout,
+                "data.mask_encoding": parts.splits.index.encoding.kind,
+                "data.foreground_fraction": f"{fraction:.5f}",
+                "world_size": str(world.size), "backend": world.backend,
+                "augment_on": augment_on(exp, predictor.device),
+                "inference": exp.trainer.inference.describe(),
+                "devices": "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)),
+                "config_hash": config_hash(exp),
+                **({tracking.NOTE_TAG: exp.description} if exp.description else {}),
+                **self.extra_tags}
+
+    # ---------------------------------------------------------------- each epoch
+
+    def save(self, checkpoint: dict, path: Path) -> None:
+        """Write a checkpoint atomically (rank 0 alone writes them)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoints.save_atomic(checkpoint, path)
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], predictor: Predictor) -> bool:
+        """Log the epoch (metrics, the panel of the fixed samples, new checkpoints); True when
+        the epoch hook stops the run here (a pruned sweep trial)."""
+        tracker = self.tracker
+        tracker.beat()
+        tracker.log_metrics(metrics, step=epoch)
+        if self.samples is not None:
+            images, masks = self.samples
+            predicted = predictor.predict(images).cpu().numpy()
+            tracker.log_image(viz.sample_panel(images.numpy(), masks.numpy(), predicted,
+                                               task=self.exp.task),
+                              f"samples/epoch_{epoch:03d}.png")
+        if self.upload:  # another machine can go on from here
+            self._upload_checkpoints(changed_only=True)
+        stop_tags = self.epoch_hook(epoch, metrics) if self.epoch_hook is not None else None
+        if stop_tags:
+            tracker.set_tags(stop_tags)
+            self.display.message(f"stopped after epoch {epoch}: "
+                                 + ", ".join(f"{k}={v}" for k, v in stop_tags.items()))
+        return bool(stop_tags)
+
+    def _upload_checkpoints(self, *, changed_only: bool = False) -> None:
+        """The run's checkpoints as artifacts, so any machine with the store can use them."""
+        for path in checkpoints.run_dir(self.exp.tracking.dir, self.run_id).glob("*.pt"):
+            mtime = path.stat().st_mtime_ns
+            if changed_only and self.uploaded.get(path.name) == mtime:
+                continue
+            self.tracker.log_file(path, "checkpoints")
+            self.uploaded[path.name] = mtime
+
+    # ---------------------------------------------------------------- the end
+
+    def finish(self, result, confusion: torch.Tensor | None) -> None:
+        """End of a successful run: checkpoints, learning curves, confusion report, and the
+        best model."""
+        exp, tracker = self.exp, self.tracker
+        self._upload_checkpoints()
+        tracker.set_tags({"best_epoch": str(result.best_epoch),
+                          "stopped_early": str(result.stopped_early).lower()})
+        tracker.log_image(viz.learning_curves(result.history, exp.monitor),
+                          "learning_curves.png")
+        if confusion is not None:
+            self._log_confusion(confusion)
+        if exp.tracking.log_model:
+            self._log_model(result.checkpoints["best"])
+
+    def _log_confusion(self, counts: torch.Tensor) -> None:
+        """The last epoch's confusion matrix (JSON), and where the task asks for it, its image
+        and a per-class IoU table."""
+        task, matrix = self.exp.task, counts.cpu().numpy()
+        self.tracker.log_text(json.dumps(confusion_record(matrix, task.class_names), indent=2),
+                              "confusion_matrix.json")
+        if not task.per_class_report:
+            return
+        self.tracker.log_image(viz.confusion_image(matrix, task.class_names),
+                               "confusion_matrix.png")
+        found = task.scores(counts)
+        lines = ["| class | IoU |", "|---|---|"]
+        for name in task.class_names:
+            key = f"iou/{name.replace(' ', '_')}"
+            lines.append(f"| {name} | {found[key]:.4f} |" if key in found
+                         else f"| {name} | absent |")
+        lines.append(f"| **mean (present classes)** | {found['miou']:.4f} |")
+        self.tracker.log_text("\n".join(lines) + "\n", "per_class_iou.md")
+
+    def _log_model(self, best_path: Path) -> None:
+        """The best checkpoint's weights and config as a servable MLflow model."""
+        best = checkpoints.load(best_path)
+        with tempfile.TemporaryDirectory(prefix="cityseg-model-") as folder:
+            slim = Path(folder) / "checkpoint.pt"  # weights and config: what inference needs
+            checkpoints.save_atomic({k: best[k] for k in ("format", "epoch", "metrics", "config",
+                                                          "run_id", "state", "model")}, slim)
+            height, width = self.exp.data.image_size
+            example = np.random.default_rng(0).integers(0, 256, (1, height, width, 3), np.uint8)
+            validation = {k: v for k, v in best["metrics"].items() if k.startswith("val/")}
+            self.tracker.log_model(checkpoint=slim, example=example, metrics=validation,
+                                   step=best["epoch"], register=self.exp.tracking.register_model)
+
+
+def _datasets(exp: Experiment, parts: Components) -> list[tuple[str, dict]]:
+    """The training and validation splits as MLflow dataset inputs: (context, description);
+    the digest is the split's fingerprint (files, sizes, mtimes, layout, target size)."""
+    splits, found = parts.splits, []
+    for context, split, dataset in (("training", "train", splits.train),
+                                    ("validation", "val", splits.val)):
+        fraction, _ = foreground_stats(dataset.reader.class_counts(), exp.data.foreground)
+        height, width = exp.data.frame_size
+        found.append((context, {
+            "name": f"{exp.data.name}-{splits.index.layout}-{exp.data.task}-{split}",
+            "digest": splits.fingerprints[split], "source": str(Path(exp.data.root).resolve()),
+            "schema": {"image": {"dtype": "uint8", "shape": [height, width, 3]},
+                       "mask": {"dtype": "uint8", "shape": [height, width],
+                                "classes": list(exp.task.class_names)}},
+            "profile": {"images": len(dataset), "image_size": [height, width],
+                        "foreground_fraction": round(fraction, 5)}}))
+    return found

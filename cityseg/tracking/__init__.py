@@ -1,0 +1,62 @@
+"""MLflow tracking, the only package that imports mlflow. One question per module:
+
+- store.py: where are runs tracked, and how do I reach them? (`open`, `open_store`, NoStore)
+- session.py: one run from start to end, and what it logs (the Tracker)
+- liveness.py: is a RUNNING run's process still there? (`runs clean`)
+- queries.py: which runs? (named tag queries), a run's artifacts, the model registry
+- model.py: the servable pyfunc model and its requirements
+
+`from cityseg import tracking` and then `tracking.<name>`: every public name is here.
+"""
+
+from cityseg.tracking.liveness import (
+    HEARTBEAT_EVERY_S,
+    HEARTBEAT_TAG,
+    STALE_AFTER_S,
+    Liveness,
+    clean_stale,
+    interrupted,
+    is_stale,
+    liveness,
+    shown_status,
+)
+from cityseg.tracking.model import CitysegModel, mlflow_version, model_requirements
+from cityseg.tracking.queries import (
+    config_text,
+    downloaded,
+    is_complete,
+    model_run,
+    point_runs,
+    promote,
+    resumable_run,
+    sweep_children,
+    sweep_parents,
+)
+from cityseg.tracking.session import NOTE_TAG, Tracker
+from cityseg.tracking.store import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_DEVELOPMENT,
+    RETRIES,
+    UI,
+    NoStore,
+    RetryingClient,
+    Store,
+    experiment_links,
+    is_local,
+    open,
+    open_store,
+    run_url,
+    search_runs,
+    tag_filter,
+    tracking_uri,
+)
+
+__all__ = [
+    "EXPERIMENT_KIND_TAG", "HEARTBEAT_EVERY_S", "HEARTBEAT_TAG", "MODEL_DEVELOPMENT", "NOTE_TAG",
+    "RETRIES", "STALE_AFTER_S", "UI", "CitysegModel", "Liveness", "NoStore", "RetryingClient",
+    "Store", "Tracker", "clean_stale", "config_text", "downloaded",
+    "experiment_links", "interrupted", "is_complete", "is_local", "is_stale",
+    "liveness", "mlflow_version", "model_requirements", "model_run", "open", "open_store",
+    "point_runs", "promote", "resumable_run", "run_url", "search_runs",
+    "shown_status", "sweep_children", "sweep_parents", "tag_filter", "tracking_uri",
+]

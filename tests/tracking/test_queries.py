@@ -1,0 +1,83 @@
+"""The named tag queries find the right runs, and artifacts leave no temporary folder."""
+
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cityseg import tracking
+from cityseg.errors import CitysegError
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """One store for the module (creating one costs seconds); each test its own experiment."""
+    return tmp_path_factory.mktemp("store")
+
+
+def run(tracker, name, status="FINISHED", **tags):
+    time.sleep(0.01)  # "newest" is by start time, in milliseconds
+    run_id = tracker.create_run(run_name=name, tags=tags)
+    if status != "RUNNING":
+        tracker.store.client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def ids(runs):
+    return [r.info.run_id for r in runs]
+
+
+def test_a_sweeps_children_parents_and_points(root, request):
+    tracker = tracking.open(root, experiment=request.node.name)
+    parent = run(tracker, "parent", status="RUNNING", sweep_id="s1", sweep_role="parent")
+    a1 = run(tracker, "a", sweep_id="s1", sweep_role="child", sweep_point="pa")
+    b = run(tracker, "b", sweep_id="s1", sweep_role="child", sweep_point="pb")
+    a2 = run(tracker, "a again", sweep_id="s1", sweep_role="child", sweep_point="pa")
+    run(tracker, "other sweep", sweep_id="s2", sweep_role="child", sweep_point="pa")
+    assert ids(tracking.sweep_children(tracker, "s1")) == [a2, b, a1]  # newest first
+    assert ids(tracking.sweep_parents(tracker, "s1")) == [parent]
+    assert ids(tracking.point_runs(tracker, "s1", "pa")) == [a2, a1]
+    assert tracking.sweep_parents(tracker, "s3") == []
+    compared = tracking.search_runs(root, experiment=request.node.name, sweep_id="s1")
+    assert sorted(ids(compared)) == sorted([a1, a2, b])
+
+
+def test_the_resumable_run_is_the_newest_of_any_hash_if_it_was_interrupted(root, request):
+    tracker = tracking.open(root, experiment=request.node.name)
+    assert tracking.resumable_run(tracker, "new", "old") is None
+    killed = run(tracker, "killed", status="KILLED", config_hash="old")
+    assert tracking.resumable_run(tracker, "new", "old") == killed
+    run(tracker, "finished", config_hash="new")  # newer and done: nothing to resume
+    assert tracking.resumable_run(tracker, "new", "old") is None
+    assert tracking.resumable_run(tracker, "old") == killed
+    failed = run(tracker, "failed", status="FAILED", config_hash="old")
+    assert tracking.resumable_run(tracker, "old") is None  # diverged: it would again
+    tracker.store.client.set_tag(failed, "crashed", "pid 1 on host h is gone")
+    assert tracking.resumable_run(tracker, "old", "new") == failed  # marked by runs clean
+
+
+def test_a_complete_run_finished_and_was_not_pruned(root, request):
+    tracker = tracking.open(root, experiment=request.node.name)
+    done = tracker.get_run(run(tracker, "done"))
+    pruned = tracker.get_run(run(tracker, "pruned", pruned="true"))
+    killed = tracker.get_run(run(tracker, "killed", status="KILLED"))
+    assert [tracking.is_complete(r) for r in (done, pruned, killed)] == [True, False, False]
+
+
+def test_downloaded_artifacts_leave_no_temporary_folder(root, request):
+    tracker = tracking.open(root, experiment=request.node.name)
+    with tracker.session(run_name="r") as run_id:
+        tracker.log_text("name: r\n", "config.yaml")
+    before = set(Path(tempfile.gettempdir()).glob("cityseg-*"))
+    with tracking.downloaded(root, run_id, "config.yaml", missing="has none") as path:
+        assert path.read_text() == "name: r\n"
+    assert not path.exists() and not path.parent.exists()
+    assert tracking.config_text(root, run_id) == "name: r\n"
+    with pytest.raises(CitysegError, match=f"run {run_id} has no weights"), \
+            tracking.downloaded(root, run_id, "best.pt", missing="has no weights"):
+        pass
+    with pytest.raises(CitysegError, match="run 'nope' not found in"), \
+            tracking.downloaded(root, "nope", "config.yaml", missing=""):
+        pass
+    assert set(Path(tempfile.gettempdir()).glob("cityseg-*")) == before

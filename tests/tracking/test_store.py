@@ -1,0 +1,52 @@
+"""Where runs are tracked: a read never creates a store, and the client retries only what is
+safe to retry. (The retry test moved from tests/test_tracking.py.)"""
+
+import pytest
+
+from cityseg import tracking
+from cityseg.tracking import store
+
+
+def test_a_read_only_open_of_a_missing_store_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "runs"
+    with pytest.raises(tracking.NoStore, match=f"no MLflow store at {root / 'mlflow.db'}"):
+        tracking.open(root, experiment="e", create=False)
+    with pytest.raises(tracking.NoStore, match="no MLflow store"):
+        tracking.open_store(root)
+    assert not root.exists()  # no folder, no empty mlflow.db
+
+
+def test_a_read_only_open_needs_the_experiment_and_leaves_the_store_as_it_was(tmp_path):
+    created = tracking.open(tmp_path, experiment="there")
+    with pytest.raises(tracking.NoStore, match="no MLflow experiment 'elsewhere' in .*mlflow.db"):
+        tracking.open(tmp_path, experiment="elsewhere", create=False)
+    names = [e.name for e in tracking.open_store(tmp_path).client.search_experiments()]
+    assert "elsewhere" not in names
+    again = tracking.open(tmp_path, experiment="there", create=False)
+    assert again.experiment_id == created.experiment_id and again.uri == created.uri
+    assert not again.remote and again.root == tmp_path
+
+
+def test_tag_writes_that_race_on_a_unique_row_are_retried_other_calls_are_not():
+    # two workers tagging one experiment at the same moment: the server's insert of the loser
+    # fails on the row the winner just wrote; writing the tag again updates that row
+    class Store:
+        def __init__(self):
+            self.calls = 0
+
+        def _race_once(self, *args):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint "
+                                   "failed: experiment_tags.key, experiment_tags.experiment_id")
+            return "ok"
+
+        set_experiment_tag = set_tag = create_run = _race_once
+
+    for name in ("set_experiment_tag", "set_tag"):
+        fake = Store()
+        assert getattr(store.RetryingClient(fake, "x"), name)("1", "k", "v") == "ok"
+        assert fake.calls == 2
+    with pytest.raises(RuntimeError, match="UNIQUE constraint"):
+        store.RetryingClient(Store(), "x").create_run("1")
