@@ -3,7 +3,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cityseg.config import Experiment, apply_overrides, flatten, load_experiment, to_yaml, validate
+from cityseg.config import (
+    Experiment,
+    apply_overrides,
+    flatten,
+    load_experiment,
+    parse_override,
+    read_yaml,
+    to_yaml,
+    validate,
+)
+from cityseg.config.loading import YAML_MAX_DEPTH, YAML_MAX_VALUES
 from cityseg.errors import ConfigError
 from cityseg.registry import LOSSES
 from tests.conftest import EXPERIMENTS, QUICKSTART
@@ -110,6 +120,77 @@ def test_yaml_syntax_error_reports_line_and_column(tmp_path):
     path = write(tmp_path, "name: t\ndata: {name: synthetic\ntrainer: 1\n")
     with pytest.raises(ConfigError, match=r"exp\.yaml: YAML syntax error at line \d+, column \d+"):
         load_experiment(path)
+
+
+def nested(levels: int) -> str:
+    """A mapping whose innermost value lies `levels` deep (the top-level mapping is level 1)."""
+    inner = levels - 2  # the top mapping and the leaf scalar are levels too
+    return "a: " + "{a: " * inner + "1" + "}" * inner + "\n"
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """Billion laughs: each line lists nine aliases of the one above (9**levels values)."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_nesting_up_to_the_budget_loads_and_deeper_is_refused_with_the_line(tmp_path):
+    assert read_yaml(write(tmp_path, nested(YAML_MAX_DEPTH)))["a"]
+    with pytest.raises(ConfigError, match=rf"exp\.yaml: refused at line 1, column \d+: nested "
+                                          rf"more than {YAML_MAX_DEPTH} levels deep"):
+        read_yaml(write(tmp_path, nested(YAML_MAX_DEPTH + 1)))
+    with pytest.raises(ConfigError, match=r"exp\.yaml: refused at line 1, .*nested more than"):
+        load_experiment(write(tmp_path, nested(10_000)))  # a RecursionError before
+    block = "".join("  " * i + f"k{i}:\n" for i in range(200))  # the same in block style
+    with pytest.raises(ConfigError, match=rf"refused at line {YAML_MAX_DEPTH}, column \d+"):
+        read_yaml(write(tmp_path, block))
+
+
+def test_an_alias_bomb_is_refused_at_the_alias_that_exceeds_the_budget(tmp_path):
+    path = write(tmp_path, alias_bomb())
+    with pytest.raises(ConfigError, match=rf"exp\.yaml: refused at line 6, column \d+: alias "
+                                          rf"\*l4 expands the document to more than "
+                                          rf"{YAML_MAX_VALUES:,} values"):
+        load_experiment(path)
+
+
+def test_a_value_containing_itself_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 2, column \d+: alias \*d inside its own anchor"):
+        read_yaml(write(tmp_path, "name: t\ndata: &d {name: synthetic, again: [*d]}\n"))
+
+
+def test_anchors_aliases_and_merge_keys_within_the_budget_load_as_safe_load_reads_them(tmp_path):
+    text = ("base_data: &data {name: synthetic, image_size: [32, 64]}\n"
+            "train: {<<: *data, batch_size: 2}\nval: *data\n"
+            "many: [" + ", ".join(["*data"] * 1000) + "]\n")
+    assert read_yaml(write(tmp_path, text)) == yaml.safe_load(text)
+    with pytest.raises(ConfigError, match=r"YAML syntax error .*undefined alias"):
+        read_yaml(write(tmp_path, "a: *nowhere\n"))
+
+
+@pytest.mark.parametrize("path", [*EXPERIMENTS, *sorted((QUICKSTART.parent / "sweeps")
+                                                        .glob("*.yaml"))], ids=lambda p: p.name)
+def test_every_experiment_and_sweep_file_reads_as_safe_load_reads_it(path):
+    assert read_yaml(path) == yaml.safe_load(path.read_text())
+
+
+def test_an_override_value_is_held_to_the_same_budgets():
+    bomb = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + ["*a"] * 20_000) + "]"
+    with pytest.raises(ConfigError, match=r"^--set data\.foreground=\.\.\.: refused: alias \*a "
+                                          r"expands the document to more than 100,000 values"):
+        parse_override(f"data.foreground={bomb}")
+    with pytest.raises(ConfigError, match=r"^--set a=\.\.\.: refused: nested more than"):
+        parse_override("a=" + "[" * 1000 + "]" * 1000)
+
+
+def test_a_huge_or_binary_file_is_refused_before_it_is_parsed(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.yaml: 2,000,000 bytes, over the 1,048,576 an "
+                                          r"experiment or sweep file may have"):
+        read_yaml(write(tmp_path, "#" * 2_000_000))
+    (tmp_path / "model.yaml").write_bytes(b"name: t\n\x89PNG\xff\xfe")
+    with pytest.raises(ConfigError, match=r"model\.yaml: not UTF-8 text \(byte 8\)"):
+        load_experiment(tmp_path / "model.yaml")
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -51,6 +51,8 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     _check_write_threshold(args, run_id)
     trained = inference.load_trained(run_id=run_id, checkpoint=args.checkpoint, runs=args.runs,
                                      overrides=overrides, device=args.device)
+    if trained.note:
+        print(f"warning: {trained.note}", file=sys.stderr)
     found, confusion = inference.evaluate(trained, split=args.split,
                                           full_resolution=args.full_resolution)
     resolution = ("full-resolution labels" if args.full_resolution
@@ -85,9 +87,12 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
 
     from cityseg.engine import inference
 
+    inference.check_out(args.out)
     trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
                                      runs=args.runs, device=args.device,
                                      overrides=_inference_overrides(args))
+    if trained.note:
+        print(f"warning: {trained.note}", file=sys.stderr)
     progress = ((lambda files: track(files, description="predicting", console=out))
                 if out.is_terminal else (lambda f: f))
     written, skipped = inference.predict_files(trained, args.inputs, args.out,
@@ -97,6 +102,8 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
               f"{', *_prob.png' if args.probabilities and trained.task.thresholded else ''})")
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
+    if skipped:  # exit 2, as for any bad input, once the readable images are written
+        print(f"{len(skipped)} input(s) skipped", file=sys.stderr)
     return EXIT_USAGE if skipped else 0
 
 

@@ -1,8 +1,9 @@
 """Reading experiment files: YAML, `base:` inheritance, `--set` overrides, then validation.
 
-`load_experiment(path, overrides)` reads YAML, merges `base:` files, applies overrides and
-validates everything before anything else happens. Every problem becomes one ConfigError that
-names the file and the dotted path of each bad field, with a suggestion where one is close.
+`load_experiment(path, overrides)` reads YAML (safe, and within budgets of nesting and alias
+expansion), merges `base:` files, applies overrides and validates everything before anything
+else happens. Every problem becomes one ConfigError that names the file and the dotted path of
+each bad field (or the line, for YAML), with a suggestion where one is close.
 """
 
 from __future__ import annotations
@@ -19,18 +20,94 @@ from cityseg.config.models import DEFAULT_COMPONENTS, REGISTRY_FIELDS, Experimen
 from cityseg.errors import ConfigError
 from cityseg.registry import Registry
 
+YAML_MAX_DEPTH = 64  # nested collections: experiments nest 4 deep; each level costs the
+# composer a few Python frames, and a 10,000-level file would exhaust the recursion limit
+YAML_MAX_BYTES = 1 << 20  # read whole before parsing: experiments are a few kB
+YAML_MAX_VALUES = 100_000  # values with every alias written out: experiments hold a few
+# hundred, while a 400-byte alias bomb expands to billions that validation would walk
+
+
+class YAMLOverBudget(yaml.MarkedYAMLError):
+    """A document nested deeper, or expanding to more values, than an experiment can need."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """safe_load that counts, while composing, each value's size with its aliases expanded.
+
+    The count stops a document before anything is built from it: nesting past YAML_MAX_DEPTH
+    (before Python's recursion limit) or more than YAML_MAX_VALUES values (alias bombs) is a
+    YAMLOverBudget at the line where the budget ran out.
+    """
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.values = 0  # so far, aliases expanded
+        self.expanded: dict[str, int] = {}  # anchor -> its size with aliases expanded
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.anchors and event.anchor not in self.expanded:
+                raise YAMLOverBudget(None, None, f"alias *{event.anchor} inside its own anchor "
+                                     f"&{event.anchor}: a value cannot contain itself",
+                                     event.start_mark)
+            node = super().compose_node(parent, index)  # an undefined alias fails here
+            self._count(self.expanded[event.anchor], event.start_mark,
+                        f"alias *{event.anchor} expands the document to")
+            return node
+        if self.depth == YAML_MAX_DEPTH:
+            raise YAMLOverBudget(None, None, f"nested more than {YAML_MAX_DEPTH} levels deep; "
+                                 f"an experiment nests a few", event.start_mark)
+        before = self.values
+        self.depth += 1
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        self._count(1, event.start_mark, "the document holds")
+        if event.anchor is not None:
+            self.expanded[event.anchor] = self.values - before
+        return node
+
+    def _count(self, values: int, mark, what: str) -> None:
+        self.values += values
+        if self.values > YAML_MAX_VALUES:
+            raise YAMLOverBudget(None, None, f"{what} more than {YAML_MAX_VALUES:,} values "
+                                 f"(aliases written out); an experiment needs a few hundred",
+                                 mark)
+
+
+def load_yaml(text: str):
+    """safe_load within the budgets of BoundedLoader (YAMLOverBudget past them)."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _where(err: yaml.MarkedYAMLError) -> str:
+    mark = err.problem_mark
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+
 
 def read_yaml(path: Path, *, included_by: Path | None = None) -> dict:
-    """The file's top-level mapping; a ConfigError if it is missing, broken, empty or a list."""
+    """The file's top-level mapping; a ConfigError if it is missing, broken, empty, a list, or
+    over the nesting and alias budgets."""
     what = f"base file (included by {included_by})" if included_by else "experiment file"
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
+    if path.stat().st_size > YAML_MAX_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, over the {YAML_MAX_BYTES:,} "
+                          f"an experiment or sweep file may have; is it the right file?")
     try:
-        content = yaml.safe_load(path.read_text())
+        content = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); is it the right "
+                          f"file?") from None
+    except YAMLOverBudget as err:
+        raise ConfigError(f"{path}: refused at {_where(err)}: {err.problem}") from None
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+        raise ConfigError(f"{path}: YAML syntax error at {_where(err)}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
     if content is None:
@@ -80,7 +157,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, "
                           f"e.g. trainer.epochs=3")
     try:
-        parsed = yaml.safe_load(value)
+        parsed = load_yaml(value)
+    except YAMLOverBudget as err:  # the key alone: the value may be kilobytes long
+        raise ConfigError(f"--set {key}=...: refused: {err.problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: value is not valid YAML") from None
     return key.split("."), parsed

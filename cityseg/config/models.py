@@ -108,6 +108,11 @@ class TrackingConfig(Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI (a server: http://host:5000); --tracking-uri and "
                           "MLFLOW_TRACKING_URI take precedence; none: sqlite:///<dir>/mlflow.db")
+    outage_minutes: float = Field(
+        10.0, ge=0.0, description="how long a tracking server may stay silent: training goes on "
+                                  "and what it logs is kept and sent when the server answers; "
+                                  "past this the run stops with a checkpoint that --resume "
+                                  "finishes")
     upload_checkpoints: bool | Literal["auto"] = Field(
         "auto", description="upload last.pt (and a new best.pt) as artifacts at every epoch end, "
                             "so another machine can resume; auto: with a remote store")

@@ -19,10 +19,26 @@ from cityseg.data.cityscapes import DEFAULT_FOREGROUND, TRAIN_CLASSES
 from cityseg.data.device_augment import DeviceAugmenter
 from cityseg.data.layouts import DatasetIndex, Encoding, Sample, index_dataset, read_resized
 from cityseg.data.tasks import TASKS
-from cityseg.errors import DataError
+from cityseg.errors import ConfigError, DataError
 from cityseg.registry import DATASETS, BuildContext, Params
 
 TrainClass = Literal[TRAIN_CLASSES]  # type: ignore[valid-type]
+# The longest image side accepted anywhere (image_size, scale, source_size). Full Cityscapes
+# frames are 1024x2048 and twice that is 2048x4096; 8192 admits 4x and 8K camera frames too,
+# while the largest frame it allows (8192x8192: 256 MiB decoded, with its mask) can still be
+# cached and trained on. A side beyond it is a slip (an extra zero) that would otherwise end
+# in an OOM kill or a terabyte sparse file.
+MAX_SIDE = 8192
+
+
+def check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A (height, width) whose sides are positive and at most MAX_SIDE."""
+    if size is not None and min(size) < 1:
+        raise ValueError("sizes must be positive")
+    if size is not None and max(size) > MAX_SIDE:
+        raise ValueError(f"each side must be at most {MAX_SIDE} pixels (full Cityscapes is "
+                         f"[1024, 2048])")
+    return size
 
 
 class DataParams(Params):
@@ -57,10 +73,8 @@ class DataParams(Params):
 
     @field_validator("image_size", "scale")
     @classmethod
-    def _positive(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
-        if size is not None and min(size) < 1:
-            raise ValueError(f"sizes must be positive, got {list(size)}")
-        return size
+    def _sane(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        return check_size(size)
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -94,6 +108,11 @@ class SyntheticParams(DataParams):
     source_size: tuple[int, int] = Field(
         (128, 256), description="(height, width) of the written PNGs")
     seed: int = Field(0, description="generator seed; the same seed writes the same scenes")
+
+    @field_validator("source_size")
+    @classmethod
+    def _sane_source(cls, size: tuple[int, int]) -> tuple[int, int]:
+        return check_size(size)  # a name of its own: one named _sane would replace DataParams'
 
     def index(self, splits: tuple[str, ...]) -> DatasetIndex:
         return index_dataset(self.root, layout="official", splits=splits)  # as it is written
@@ -293,6 +312,20 @@ def reader_for(p: DataParams, index: DatasetIndex,
     return DiskReader(samples, **args), fingerprint(samples, **args)
 
 
+def check_batch(p: DataParams, index: DatasetIndex, train_split: str) -> None:
+    """A batch no larger than the training split (checked before any cache is built).
+
+    EpochSampler would train one short batch of the whole split per epoch, which is not the
+    batch the run was configured with and logged as (and would train nothing with drop-last
+    semantics): a refusal says so rather than training something else."""
+    count = len(index.samples[train_split])
+    if p.batch_size > count:
+        raise ConfigError(
+            f"data.batch_size: {p.batch_size} is more than the {count} images of the training "
+            f"split '{train_split}' ({index.root}): every epoch would be one batch of {count}. "
+            f"Set data.batch_size to at most {count}, or use more training images")
+
+
 def data_index(p: DataParams, splits: tuple[str, ...]) -> DatasetIndex:
     """The samples of any splits of the configured dataset (evaluation on train, val or test)."""
     return p.index(splits)
@@ -301,6 +334,7 @@ def data_index(p: DataParams, splits: tuple[str, ...]) -> DatasetIndex:
 def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,
                  train_transform: v2.Transform | None, seed: int) -> DataSplits:
     """Readers (cached or not) for the two splits, wrapped as datasets of the task."""
+    check_batch(p, index, train_split)
     readers, prints = {}, {}
     for split in (train_split, val_split):
         readers[split], prints[split] = reader_for(p, index, split)

@@ -7,10 +7,14 @@
 - pairs (pix2pix): <split>/NAME.*, the photo on the left half and the colour label on the right.
 
 Every sample decodes to (RGB photo (H, W, 3) uint8, train ids (H, W) uint8, 255 = ignore).
+Photos of any PIL mode become 8-bit RGB (`read_photo`, which predict uses too: 16-bit grey
+scaled, never clipped); label files keep their values (16-bit ones too), never scaled.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,7 @@ FOLDER_IMAGES = ("img", "images")
 FOLDER_MASKS = ("label", "labels", "mask", "masks")
 ENCODING_SAMPLE = 8  # masks looked at to decide encoding and channel order
 MAX_FAR_FRACTION = 0.05  # a colour mask with more pixels far from the palette is broken
+GREY_16_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PNG reads 16-bit grey as I;16
 
 
 @dataclass(frozen=True)
@@ -131,23 +136,74 @@ def _pairs(root: Path, splits: tuple[str, ...]) -> dict:
     return {split: [Sample(p, p) for p in _images_in(root / split).values()] for split in splits}
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
+    """The decoded image; DataError naming the file if it is not an image, is truncated, or has
+    more pixels than PIL's limit (PIL.Image.MAX_IMAGE_PIXELS: a decompression bomb)."""
     try:
-        with Image.open(path) as f:
-            f.load()  # decodes now: truncated files fail here
-            return f.copy()
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        with warnings.catch_warnings():  # PIL only warns between the limit and twice it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as f:
+                f.load()  # decodes now: truncated files fail here
+                return f.copy()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))  # PIL's message has the count
+        size = f"{int(found[1]):,} pixels, " if found else ""
+        raise DataError(f"{path}: not decoded: {size}over PIL's limit of "
+                        f"{Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS, its guard "
+                        f"against decompression bombs)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError) as err:
         raise DataError(f"{path}: unreadable ({err})") from None
+
+
+def _sixteen_bit(image: Image.Image, path: Path) -> np.ndarray:
+    """The integer values of a 16-bit (or 32-bit integer) greyscale image, refused past 16 bits."""
+    values = np.asarray(image)
+    if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"{path}: 32-bit integer image with values from {values.min()} to "
+                        f"{values.max()}, outside the 16-bit range 0..65535 that photos use; "
+                        f"save it with 8 or 16 bits per channel")
+    return values
+
+
+def photo_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a photo in any PIL mode, or a DataError naming the file.
+
+    16-bit greyscale is scaled to 8 bits (rounded: v * 255 / 65535, so an 8-bit image saved
+    with 16 bits reads back exactly), never clipped. Palette, 1-bit, CMYK, YCbCr and the rest
+    go through PIL's conversion. Alpha is dropped (the stored colours, as PIL, OpenCV and
+    torchvision read them). Float images have no agreed range and are refused.
+    """
+    if image.mode in GREY_16_BIT:
+        grey = _sixteen_bit(image, path).astype(np.uint32)
+        grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise DataError(f"{path}: 32-bit float image: its range is not defined (0..1? "
+                        f"0..255?); save it with 8 or 16 bits per channel")
+    if image.mode == "P":  # through RGBA: PIL warns when it drops palette transparency itself
+        image = image.convert("RGBA")
+    try:
+        return np.array(image.convert("RGB"))  # writable: becomes a tensor
+    except ValueError as err:
+        raise DataError(f"{path}: image mode {image.mode} has no RGB conversion ({err}); "
+                        f"save it as RGB") from None
+
+
+def read_photo(path: Path) -> np.ndarray:
+    """The photo in a file as (H, W, 3) uint8 RGB; DataError naming the file if it cannot be."""
+    return photo_rgb(open_image(path), path)
 
 
 def _mask_pixels(sample: Sample, layout: str) -> np.ndarray:
     """The mask's raw values: (H, W) for single-channel masks, (H, W, 3) for colour ones."""
-    mask = _open(sample.mask)
+    mask = open_image(sample.mask)
     if layout == "pairs":
-        rgb = np.asarray(mask.convert("RGB"))
+        rgb = photo_rgb(mask, sample.mask)
         return rgb[:, rgb.shape[1] // 2 :]
     if mask.mode in ("L", "P"):
         return np.asarray(mask)
+    if mask.mode in GREY_16_BIT:  # label values as they are (never scaled); read_sample
+        return _sixteen_bit(mask, sample.mask)  # refuses those outside the label table
     rgb = np.asarray(mask.convert("RGB"))
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
         return rgb[..., 0]  # grey ids saved as RGB
@@ -197,7 +253,7 @@ def index_dataset(root: Path, *, layout: str = "auto",
 def read_sample(sample: Sample, *, layout: str,
                 encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
     """Full-resolution (RGB photo, train ids); DataError naming the file if anything is off."""
-    photo = np.array(_open(sample.image).convert("RGB"))  # writable: becomes a tensor
+    photo = read_photo(sample.image)
     if layout == "pairs":
         if photo.shape[1] % 2:
             raise DataError(f"{sample.image}: odd width {photo.shape[1]}; "
@@ -219,7 +275,8 @@ def read_sample(sample: Sample, *, layout: str,
         return photo, train_ids
     if pixels.ndim != 2:
         raise DataError(f"{sample.mask}: colour mask in a dataset of {encoding.kind} masks")
-    bad = np.unique(pixels[~valid_values(encoding.kind)[pixels]])
+    known = valid_values(encoding.kind)  # 256 entries; 16-bit label files may hold more
+    bad = np.unique(pixels[(pixels > 255) | ~known[np.minimum(pixels, 255)]])
     if bad.size:
         raise DataError(f"{sample.mask}: mask values outside the label table ({encoding.kind}): "
                         f"{bad[:10].tolist()}")

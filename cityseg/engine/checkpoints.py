@@ -4,17 +4,21 @@ A checkpoint is a dict holding everything needed to continue exactly: weights, o
 scheduler, gradient scaler, RNG states and the loop's position (down to the batch when a
 signal stopped a run mid-epoch), plus the resolved config and the run id it belongs to.
 Training writes `<tracking.dir>/checkpoints/<run id>/{last,best}.pt`; the run also uploads
-them as MLflow artifacts, where any command finds them when the local files are gone.
+them as MLflow artifacts, where any command finds them when the local files are gone or
+damaged. Every file is checked by loading it before it is used or advised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import random
-import shutil
-from dataclasses import asdict, dataclass, field
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +56,9 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the last improvement, for early stopping
     history: list[dict[str, float]] = field(default_factory=list)
     world_size: int = 1  # processes that trained it: a mid-epoch position belongs to them
+    # training ended before the last epoch (patience, a pruned sweep trial): only the run's
+    # end (uploads, reports, the model) remains
+    stopped_early: bool = False
 
 
 
@@ -82,17 +89,44 @@ def saved_state(checkpoint: dict) -> TrainState:
     return TrainState(**checkpoint["state"])
 
 
+class Unreadable(ConfigError):
+    """A checkpoint file that cannot be used (missing, empty, corrupt, another format, holding
+    Python objects): `path` is the file, `reason` why (without the file's name)."""
+
+    def __init__(self, message: str, *, path: Path, reason: str) -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+class _NoCopy(Exception):
+    """The run's artifacts hold no copy of the checkpoint, or cannot be read: says which."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A checkpoint that loads, the file it was read from, and what was done to find it."""
+
+    path: Path  # a download in a removed temporary folder when read from the run's artifacts
+    checkpoint: dict
+    note: str | None = None  # a local file could not be used: what was used instead (to show)
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temporary file, fsync, rename: a kill never leaves half a checkpoint, and
     a full disk leaves the previous one intact (StorageError naming the file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
     # serialised in memory first: torch's writer hides a full disk behind an "unexpected pos"
     # RuntimeError, a plain write reports ENOSPC as it is
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    _write_atomic(buffer.getbuffer(), path)
+
+
+def _write_atomic(data, path: Path) -> None:
+    """Bytes to `path` through a temporary file beside it, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,23 +141,62 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def load(path: Path, *, name: str | None = None) -> dict:
-    """A cityseg checkpoint, loaded safely (weights_only); ConfigError naming the file (or
-    `name`, e.g. an artifact of a run) if it is unreadable, truncated, not a checkpoint or of
-    a format this cityseg does not read."""
+    """A cityseg checkpoint, loaded safely (weights_only). Unreadable naming the file (or
+    `name`, e.g. an artifact of a run) when it is missing, empty, truncated or corrupt, holds
+    Python objects, is not a checkpoint or is of a format this cityseg does not read."""
     shown = name or str(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise ConfigError(f"{shown}: cannot load checkpoint ({reason}); the file is truncated "
-                          f"or corrupt (a crash or a full disk while it was copied?)") from None
+
+    def refuse(reason: str) -> Unreadable:
+        return Unreadable(f"{shown}: {reason}", path=path, reason=reason)
+
+    checkpoint = _torch_load(path, refuse)
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state" not in checkpoint:
-        raise ConfigError(f"{shown}: not a cityseg training checkpoint")
+        raise refuse("not a cityseg training checkpoint")
     if "format" not in checkpoint or checkpoint["format"] != FORMAT:
         found = repr(checkpoint["format"]) if "format" in checkpoint else "missing"
-        raise ConfigError(f"{shown}: checkpoint format {found}, but this cityseg reads format "
-                          f"{FORMAT} (written by another version of cityseg?)")
+        raise refuse(f"checkpoint format {found}, but this cityseg reads format {FORMAT} "
+                     f"(written by another version of cityseg?)")
     return checkpoint
+
+
+CUT_SHORT = "a crash or a full disk while it was written or copied?"
+
+
+def _torch_load(path: Path, refuse: Callable[[str], Unreadable]):
+    """torch.load(weights_only=True), each failure said as what it means for the file."""
+    if not path.is_file():
+        raise refuse("no such file" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise refuse(f"cannot load checkpoint: the file is empty (0 bytes; {CUT_SHORT})")
+    try:
+        with warnings.catch_warnings():  # its unpickler warns of any pickle protocol but 2
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise refuse(f"cannot read it ({err.strerror or err})") from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        text = str(err)
+        # torch's own advice (load with weights_only=False) would run the file's code: not given
+        detail = text.partition("WeightsUnpickler error:")[2] or text
+        refused = re.search(r"GLOBAL (\S+)", detail)
+        if "Weights only load failed" in text and (refused or "allowlisted" in detail):
+            what = f" ({refused.group(1)})" if refused else ""
+            raise refuse(f"holds Python objects{what} that weights-only loading refuses (it may "
+                         f"run code when loaded): cityseg does not load it; use a checkpoint "
+                         f"that cityseg training wrote") from None
+        line = next((s.strip() for s in detail.splitlines() if s.strip()), type(err).__name__)
+        raise refuse(f"cannot load checkpoint ({line.split('. ')[0][:200]}); the file is "
+                     f"truncated or corrupt ({CUT_SHORT})") from None
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be used, None when it loads: advice names a file
+    only after this check."""
+    try:
+        load(path)
+    except Unreadable as err:
+        return err.reason
+    return None
 
 
 def check_weights_fit(checkpoint: dict, model: nn.Module, path: Path) -> None:
@@ -136,43 +209,130 @@ def check_weights_fit(checkpoint: dict, model: nn.Module, path: Path) -> None:
                           f"{detail}") from None
 
 
-def fetch(root: Path, run_id: str, which: Which) -> tuple[Path, dict]:
-    """A run's checkpoint, (path, loaded): the local file training wrote, else the run's MLflow
-    artifact (its path then names the download, removed once loaded). A corrupt one is a
-    ConfigError that names it and the other places to look."""
+# ---------------------------------------------------------------- a run's files, local or copied
+
+
+def intact(root: Path, run_id: str, which: Which) -> Fetched:
+    """A run's checkpoint that loads: the local file training wrote, else the copy in the run's
+    MLflow artifacts (read from a download, not put in place), with a note when the local file
+    is there but unusable. Unreadable when there is no intact copy, with checked advice."""
     local = path_of(root, run_id, which)
-    other = path_of(root, run_id, "last" if which == "best" else "best")
-    advice = (f"; try the run's other checkpoint (--checkpoint {other}) if it is there, or "
-              f"re-train (cityseg run --from-run {run_id})")
+    damage: Unreadable | None = None
     if local.is_file():
         try:
-            return local, load(local)
-        except ConfigError as err:
-            raise ConfigError(f"{err}{advice}") from None
-    artifact = f"checkpoints/{which}.pt"
-    with tracking.downloaded(
-            root, run_id, artifact,
-            missing=f"has no model: no {artifact} (it may have failed before its first epoch "
-                    f"ended)") as path:
-        try:
-            return path, load(path, name=f"artifact {artifact} of run {run_id}")
-        except ConfigError as err:
-            raise ConfigError(f"{err}{advice}") from None
-
-
-def last_in_place(root: Path, run_id: str) -> Path | None:
-    """The run's last.pt where training writes it: the local file, else its MLflow artifact
-    downloaded there (a run resumed on another machine); None when neither exists."""
-    local = path_of(root, run_id, "last")
-    if local.is_file():
-        return local
+            return Fetched(local, load(local))
+        except Unreadable as err:
+            damage = err
     try:
-        with tracking.downloaded(root, run_id, "checkpoints/last.pt", missing="") as fetched:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(fetched, local)
-    except CitysegError:  # no store, no such run, or a run without last.pt
+        found = _artifact_copy(root, run_id, which)
+    except (_NoCopy, Unreadable) as err:
+        if damage is None and isinstance(err, _NoCopy):
+            raise CitysegError(f"run {run_id} has no model (it may have failed before its "
+                               f"first epoch ended): {local} does not exist, and {err}"
+                               ) from None
+        first = str(damage) if damage is not None else f"{local} does not exist"
+        raise Unreadable(f"{first}\n  {err}\n  {_other_advice(root, run_id, which)}",
+                         path=local, reason=damage.reason if damage else str(err)) from None
+    if damage is None:
+        return found
+    return replace(found, note=f"{damage}\n  using the intact copy of {which}.pt in run "
+                               f"{run_id}'s artifacts instead")
+
+
+def _other_advice(root: Path, run_id: str, which: Which) -> str:
+    """What to use instead of a run's unusable checkpoint: its other one only if it loads."""
+    other = path_of(root, run_id, "last" if which == "best" else "best")
+    if not other.exists():
+        there = "does not exist"
+    elif (why := problem(other)) is not None:
+        there = f"cannot be used either ({why})"
+    else:
+        there = f"loads: use it with --checkpoint {other}"
+    return (f"the run's {other.name} ({other}) {there}; or re-train (cityseg run --from-run "
+            f"{run_id})")
+
+
+def restore(root: Path, run_id: str) -> Fetched | None:
+    """For resuming: a run's missing or damaged last.pt and best.pt replaced by their intact
+    copies from its MLflow artifacts (a damaged one kept as NAME.damaged); last.pt, loaded, with
+    a note of what was done. None: no last.pt anywhere; Unreadable: no intact one."""
+    notes = [_restore_best(root, run_id)]
+    local = path_of(root, run_id, "last")
+    damage: Unreadable | None = None
+    if local.is_file():
+        try:
+            return Fetched(local, load(local), note=_lines(notes))
+        except Unreadable as err:
+            damage = err
+    try:
+        found = _artifact_copy(root, run_id, "last", put_at=local)
+    except (_NoCopy, Unreadable) as err:
+        if damage is None and isinstance(err, _NoCopy):
+            return None  # never checkpointed (or not here): nothing to resume from
+        first = str(damage) if damage is not None else f"{local} does not exist"
+        raise Unreadable(f"{first}\n  {err}", path=local,
+                         reason=damage.reason if damage else str(err)) from None
+    if damage is not None:
+        state = saved_state(found.checkpoint)
+        where = (f"batch {state.step_in_epoch} of epoch {state.epoch}" if state.step_in_epoch
+                 else f"the end of epoch {state.epoch - 1}")
+        notes.insert(0, f"{damage}\n  resuming from the intact copy in run {run_id}'s artifacts "
+                        f"({where}), put in its place; the damaged file is kept as "
+                        f"{_aside(local)}")
+    return replace(found, note=_lines(notes))
+
+
+def _restore_best(root: Path, run_id: str) -> str | None:
+    """best.pt made whole beside last.pt (the run's end uploads and logs it); a note when the
+    local file was damaged."""
+    local = path_of(root, run_id, "best")
+    why = problem(local) if local.is_file() else None
+    if local.is_file() and why is None:
         return None
-    return local
+    damaged = f"{local}: {why}" if why else None
+    try:
+        _artifact_copy(root, run_id, "best", put_at=local)
+    except (_NoCopy, Unreadable) as err:
+        if damaged is None:
+            return None if isinstance(err, _NoCopy) else f"{local} does not exist\n  {err}"
+        return (f"{damaged}\n  {err}: it stays; an epoch that improves on the run's best score "
+                f"rewrites it, until then the run's end cannot log the model from it")
+    if damaged is None:
+        return None
+    return (f"{damaged}\n  replaced by the intact copy in run {run_id}'s artifacts; the damaged "
+            f"file is kept as {_aside(local)}")
+
+
+def _artifact_copy(root: Path, run_id: str, which: Which, *, put_at: Path | None = None
+                   ) -> Fetched:
+    """The copy of a run's checkpoint in its MLflow artifacts, loaded, and when `put_at` is
+    given, written there atomically (a damaged file there moved aside first). _NoCopy when the
+    run has none (or the store cannot be read); Unreadable when the copy does not load."""
+    artifact = f"checkpoints/{which}.pt"
+    with contextlib.ExitStack() as stack:
+        try:
+            copy = stack.enter_context(tracking.downloaded(
+                root, run_id, artifact, missing=f"has no {artifact} among its artifacts (runs "
+                                                f"upload them with tracking.upload_checkpoints)"))
+        except CitysegError as err:  # no store, no such run or file, a server that is down
+            raise _NoCopy(str(err)) from None
+        checkpoint = load(copy, name=f"its copy in run {run_id}'s artifacts ({artifact})")
+        if put_at is None:
+            return Fetched(copy, checkpoint)
+        put_at.parent.mkdir(parents=True, exist_ok=True)
+        if put_at.exists():  # damaged (the callers checked): kept for whoever looks into why
+            os.replace(put_at, _aside(put_at))
+        _write_atomic(copy.read_bytes(), put_at)
+        return Fetched(put_at, checkpoint)
+
+
+def _aside(path: Path) -> Path:
+    """Where a damaged checkpoint is kept once replaced (not *.pt: never uploaded or loaded)."""
+    return path.with_name(f"{path.name}.damaged")
+
+
+def _lines(notes: list[str | None]) -> str | None:
+    return "\n".join(n for n in notes if n) or None
 
 
 def rng_state() -> dict:

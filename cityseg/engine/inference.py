@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from cityseg import tracking, viz
 from cityseg.config import Experiment, apply_overrides, validate
 from cityseg.data.datasets import SegmentationDataset, data_index, reader_for, task_lut
-from cityseg.data.layouts import IMAGE_EXTS, read_sample
+from cityseg.data.layouts import IMAGE_EXTS, read_photo, read_sample
 from cityseg.data.tasks import Task
 from cityseg.engine import checkpoints
 from cityseg.engine.predictor import Predictor, place_model
-from cityseg.errors import CitysegError
+from cityseg.errors import CitysegError, DataError, StorageError
 from cityseg.metrics import confusion_record
 from cityseg.registry import MODELS
 
@@ -37,6 +37,7 @@ class Trained:
     checkpoint: dict
     path: Path
     run_id: str
+    note: str | None = None  # the local checkpoint could not be used: which copy was instead
 
     @property
     def task(self) -> Task:
@@ -55,9 +56,10 @@ def load_trained(*, run_id: str | None, checkpoint: Path | None, runs: Path,
     if (run_id is None) == (checkpoint is None):
         raise CitysegError("give --run RUN_ID or --checkpoint PATH (one of them)")
     if checkpoint is not None:
-        path, saved = checkpoint, checkpoints.load(checkpoint)
+        found = checkpoints.Fetched(checkpoint, checkpoints.load(checkpoint))
     else:
-        path, saved = checkpoints.fetch(runs, run_id, which)
+        found = checkpoints.intact(runs, run_id, which)
+    path, saved = found.path, found.checkpoint
     raw = apply_overrides(copy.deepcopy(saved["config"]), overrides)
     exp = validate(raw, source=f"config of checkpoint {path}")
     model = MODELS.build(exp.model, exp.build_context())
@@ -67,7 +69,7 @@ def load_trained(*, run_id: str | None, checkpoint: Path | None, runs: Path,
     threshold = float(saved["threshold"]) if "threshold" in saved and not asked else None
     model = place_model(model.eval(), exp, device)
     predictor = Predictor.for_experiment(exp, model, device=device, threshold=threshold)
-    return Trained(exp, predictor, saved, path, saved["run_id"])
+    return Trained(exp, predictor, saved, path, saved["run_id"], found.note)
 
 
 def _full_resolution(trained: Trained, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -173,9 +175,23 @@ def _inputs_of(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _as_uint8(images: np.ndarray) -> np.ndarray:
+    """Whole values 0..255 as uint8; others refused (a cast would wrap 16-bit values and turn
+    0..1 floats black)."""
+    if images.dtype == np.uint8:
+        return images
+    numeric = images.dtype.kind in "iuf"
+    whole = numeric and np.array_equal(images, np.round(images))
+    if not whole or (images.size and (images.min() < 0 or images.max() > 255)):
+        found = f" with values {images.min()}..{images.max()}" if numeric and images.size else ""
+        raise CitysegError(f"expected RGB images with whole values 0..255 (uint8), "
+                           f"got {images.dtype}{found}")
+    return images.astype(np.uint8)
+
+
 def predict_masks(trained: Trained, images: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) or (H, W, 3) uint8 photos -> (N, H, W) uint8 masks as predict writes them."""
-    images = np.asarray(images, dtype=np.uint8)
+    images = _as_uint8(np.asarray(images))
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -190,29 +206,51 @@ def overlay(photo: np.ndarray, labels: np.ndarray, task: Task) -> np.ndarray:
     return (photo * (1 - alpha) + task.overlay_colors[labels] * alpha).astype(np.uint8)
 
 
+def check_out(out: Path) -> None:
+    """--out must be a folder or creatable as one: refused before any model is loaded."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == out else f"is inside {folder}, a file"
+                raise CitysegError(f"--out {out}: {what}; give a folder (created if missing)")
+            return
+
+
 def predict_files(trained: Trained, inputs: list[Path], out: Path, *, probabilities: bool,
                   progress=lambda files: files) -> tuple[list[Path], list[str]]:
-    """Write <stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) per image;
-    returns (written, skipped)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write <stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) per image; an input that
+    cannot or should not be decoded is skipped, named, and the rest go on.
+    Returns (written, skipped: one "<path>: <reason>" each)."""
+    check_out(out)
+    files = _inputs_of(inputs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
     written, skipped, used = [], [], set()
-    for path in progress(_inputs_of(inputs)):
+    for path in progress(files):
         try:
-            with Image.open(path) as f:
-                photo = np.array(f.convert("RGB"))
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            skipped.append(f"{path}: unreadable ({err})")
+            photo = read_photo(path)
+        except DataError as err:
+            skipped.append(str(err))
             continue
         stem, n = path.stem, 1
         while stem in used:
             stem, n = f"{path.stem}_{n}", n + 1
         used.add(stem)
         labels, prob = trained.predictor.predict_photo(photo)
-        Image.fromarray(trained.task.mask_values[labels]).save(out / f"{stem}_mask.png")
-        Image.fromarray(overlay(photo, labels, trained.task)).save(out / f"{stem}_overlay.png")
-        written.append(out / f"{stem}_mask.png")
+        images = {"mask": trained.task.mask_values[labels],
+                  "overlay": overlay(photo, labels, trained.task)}
         if probabilities and prob is not None:
-            Image.fromarray((prob * 255).round().astype(np.uint8)).save(out / f"{stem}_prob.png")
+            images["prob"] = (prob * 255).round().astype(np.uint8)
+        for kind, image in images.items():
+            try:
+                Image.fromarray(image).save(out / f"{stem}_{kind}.png")
+            except OSError as err:
+                raise StorageError(f"{out / f'{stem}_{kind}.png'}: cannot write "
+                                   f"({err.strerror or err}); {len(written)} image(s) "
+                                   f"written before it") from None
+        written.append(out / f"{stem}_mask.png")
     return written, skipped
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from cityseg.engine.build import Components, augment_on
 from cityseg.engine.environment import run_tags
 from cityseg.engine.predictor import Predictor
 from cityseg.engine.resume import ResumePoint, config_hash
+from cityseg.errors import Interrupted, StorageError
 from cityseg.metrics import confusion_record
 from cityseg.optim import describe_groups
 
@@ -48,7 +49,7 @@ class NullRecorder:
     def save(self, checkpoint: dict, path: Path) -> None: ...
     def epoch_end(self, epoch: int, metrics: dict[str, float], predictor) -> bool:
         return False
-    def finish(self, result, confusion) -> None: ...
+    def finish(self, result, confusion, stop) -> None: ...
 
 
 class Recorder(NullRecorder):
@@ -103,8 +104,15 @@ class Recorder(NullRecorder):
         exp, tracker, point = self.exp, self.tracker, self.point
         if point is not None:
             crash = {"resumed_after_crash": point.crash} if point.crash else {}
-            tracker.set_tags({"resumed_at": f"epoch {state.epoch}, batch {state.step_in_epoch + 1}",
-                              "trainer.epochs_now": str(exp.trainer.epochs), **crash})
+            at = (f"epoch {state.epoch}, batch {state.step_in_epoch + 1}"
+                  if state.epoch <= exp.trainer.epochs and not state.stopped_early
+                  else "the run's end (its epochs were done)")
+            tracker.set_tags({"resumed_at": at, "trainer.epochs_now": str(exp.trainer.epochs),
+                              **crash})
+            failure = tracker.get_run(self.run_id).data.tags.get("failure")
+            if failure is not None:  # this run goes on: the failure is history, not its state
+                tracker.set_tags({"recovered_from": failure})
+                tracker.delete_tag("failure")
             logged = set(tracker.metric_steps(exp.monitor))
             for epoch, metrics in enumerate(state.history, start=1):
                 if epoch not in logged:
@@ -176,19 +184,41 @@ class Recorder(NullRecorder):
 
     # ---------------------------------------------------------------- the end
 
-    def finish(self, result, confusion: torch.Tensor | None) -> None:
-        """End of a successful run: checkpoints, learning curves, confusion report, and the
-        best model."""
+    def finish(self, result, confusion: torch.Tensor | None, stop) -> None:
+        """The run's end, after its last epoch: checkpoints, learning curves, confusion report
+        and the best model. A stage of its own: the run is tagged `cityseg.stage: end` while
+        it runs, so a run whose end failed or was stopped resumes to redo it (each step is
+        idempotent, and the model is logged once). A signal (`stop`, the trainer's flag) stops
+        it between steps; a full disk is a StorageError."""
         exp, tracker = self.exp, self.tracker
-        self._upload_checkpoints()
-        tracker.set_tags({"best_epoch": str(result.best_epoch),
-                          "stopped_early": str(result.stopped_early).lower()})
-        tracker.log_image(viz.learning_curves(result.history, exp.monitor),
-                          "learning_curves.png")
+        tracker.set_tags({tracking.STAGE_TAG: "end"})
+        with self._end_step(stop):
+            self._upload_checkpoints()
+        with self._end_step(stop):
+            tracker.set_tags({"best_epoch": str(result.best_epoch),
+                              "stopped_early": str(result.stopped_early).lower()})
+            tracker.log_image(viz.learning_curves(result.history, exp.monitor),
+                              "learning_curves.png")
         if confusion is not None:
-            self._log_confusion(confusion)
+            with self._end_step(stop):
+                self._log_confusion(confusion)
         if exp.tracking.log_model:
-            self._log_model(result.checkpoints["best"])
+            with self._end_step(stop):
+                self._log_model(result.checkpoints["best"])
+        tracker.set_tags({tracking.STAGE_TAG: "done"})
+
+    @contextlib.contextmanager
+    def _end_step(self, stop) -> Iterator[None]:
+        """One step of the run's end: not begun after a signal; a full disk under MLflow's own
+        writers (which raise OSError) said as a StorageError with the way to finish."""
+        if stop.signum:
+            raise Interrupted(stop.signum, self.run_id, "the run's end (its epochs are done)")
+        try:
+            yield
+        except OSError as err:
+            raise StorageError(f"the end of run {self.run_id} (uploads, reports, model) could "
+                               f"not be written: {err.strerror or err}; free space, then "
+                               f"`--resume {self.run_id}` finishes it") from None
 
     def _log_confusion(self, counts: torch.Tensor) -> None:
         """The last epoch's confusion matrix (JSON), and where the task asks for it, its image
@@ -210,7 +240,10 @@ class Recorder(NullRecorder):
         self.tracker.log_text("\n".join(lines) + "\n", "per_class_iou.md")
 
     def _log_model(self, best_path: Path) -> None:
-        """The best checkpoint's weights and config as a servable MLflow model."""
+        """The best checkpoint's weights and config as a servable MLflow model (once: a run
+        whose end is redone keeps the model it logged)."""
+        if "model_uri" in self.tracker.get_run(self.run_id).data.tags:
+            return
         best = checkpoints.load(best_path)
         with tempfile.TemporaryDirectory(prefix="cityseg-model-") as folder:
             slim = Path(folder) / "checkpoint.pt"  # weights and config: what inference needs

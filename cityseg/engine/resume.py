@@ -31,6 +31,7 @@ class ResumePoint:
     path: Path
     checkpoint: dict
     crash: str | None = None  # why its RUNNING run is taken over (the process crashed)
+    note: str | None = None  # what was used instead of a damaged file (to show)
 
     @property
     def run_id(self) -> str:
@@ -80,33 +81,42 @@ def find_resume_point(spec: str | None, exp: Experiment, fallback_best: bool, di
         display.message("--resume auto: no interrupted run of this experiment and config; "
                         "starting a new one")
         return tracker, None
-    return tracker, dataclasses.replace(point, crash=check_run_resumable(point, exp, tracker))
+    if point.note:
+        display.message(point.note)
+    crash = check_run_resumable(point, exp, tracker)
+    check_epochs_left(point, exp, finished=tracker.get_run(point.run_id).info.status == "FINISHED")
+    return tracker, dataclasses.replace(point, crash=crash)
 
 
 def store_path(exp: Experiment) -> Path:
     return exp.tracking.dir / "mlflow.db"
 
 
-def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path | None:
-    """RUN_ID, a checkpoint path or auto -> the checkpoint to resume from (None: auto found
-    nothing)."""
+def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None
+                    ) -> checkpoints.Fetched | None:
+    """RUN_ID, a checkpoint path or auto -> the checkpoint to resume from, loaded, a run's
+    damaged files replaced by their intact artifact copies (None: auto found nothing);
+    checkpoints.Unreadable when it is damaged and no intact copy exists."""
     root = exp.tracking.dir
     if Path(spec).is_file():
-        return Path(spec)
+        return checkpoints.Fetched(Path(spec), checkpoints.load(Path(spec)))
     if tracker is None:  # no store yet
         if spec == "auto":
             return None
         raise ConfigError(f"--resume {spec}: no MLflow store at {store_path(exp)}")
     if spec == "auto":
         run_id = tracking.resumable_run(tracker, config_hash(exp), legacy_config_hash(exp))
-        return checkpoints.last_in_place(root, run_id) if run_id else None
+        found = checkpoints.restore(root, run_id) if run_id else None
+        if run_id and found is None:  # crashed before its first checkpoint: nothing to resume
+            tracker.mark_crashed(run_id)
+        return found
     if tracker.run_exists(spec):  # whether it is alive is checked with its checkpoint
-        path = checkpoints.last_in_place(root, spec)
-        if path is None:
+        found = checkpoints.restore(root, spec)
+        if found is None:
             refuse_if_alive(tracker, spec)  # a live run may not have checkpointed yet
             raise ConfigError(f"--resume {spec}: the run has no checkpoint, neither at "
                               f"{checkpoints.path_of(root, spec, 'last')} nor among its artifacts")
-        return path
+        return found
     raise ConfigError(f"--resume {spec}: neither a checkpoint file nor a run of MLflow experiment "
                       f"'{exp.tracking.experiment}' in {store_path(exp)}")
 
@@ -114,23 +124,38 @@ def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None) -> Path
 def resume_point(spec: str, exp: Experiment, tracker: Tracker | None, *,
                  fallback_best: bool = False) -> ResumePoint | None:
     """The checkpoint `--resume spec` continues from, checked against the experiment; None when
-    `auto` finds no interrupted run. A corrupt last.pt is refused, naming it and the run's
-    best.pt, unless the person asked to fall back to best.pt."""
-    path = find_checkpoint(spec, exp, tracker)
-    if path is None:
-        return None
+    `auto` finds no interrupted run. A damaged last.pt without an intact copy in the run's
+    artifacts is refused, naming it and the run's best.pt (advised only if it loads), unless
+    the person asked to fall back to best.pt."""
     try:
-        checkpoint = checkpoints.load(path)
-    except ConfigError as err:
-        best = path.with_name("best.pt")
-        if not (fallback_best and best.is_file()):
-            there = ("is there: resume from it with --fallback-best (the epochs after its own "
-                     "are trained again)" if best.is_file() else "does not exist")
-            raise ConfigError(f"{err}\n  the run's best checkpoint {best} {there}; or train "
-                              f"afresh without --resume") from None
-        path, checkpoint = best, checkpoints.load(best)
-    check_same_experiment(checkpoint, exp, path)
-    return ResumePoint(path, checkpoint)
+        found = find_checkpoint(spec, exp, tracker)
+    except checkpoints.Unreadable as err:
+        found = best_instead(err, fallback_best=fallback_best)
+    if found is None:
+        return None
+    check_same_experiment(found.checkpoint, exp, found.path)
+    return ResumePoint(found.path, found.checkpoint, note=found.note)
+
+
+def best_instead(err: checkpoints.Unreadable, *, fallback_best: bool) -> checkpoints.Fetched:
+    """--fallback-best: the best.pt beside an unusable last.pt, when it loads; else a
+    ConfigError that advises it only if it does."""
+    best = err.path.with_name("best.pt")
+    if best == err.path:  # --resume named best.pt itself
+        raise ConfigError(f"{err}\n  train afresh without --resume") from None
+    try:
+        checkpoint = checkpoints.load(best)
+    except checkpoints.Unreadable as other:
+        there = f"cannot be used either ({other.reason})"
+    else:
+        if fallback_best:
+            return checkpoints.Fetched(best, checkpoint, note=(
+                f"{err}\n  resuming from {best} (--fallback-best): the epochs after its own "
+                f"are trained again"))
+        there = ("loads: resume from it with --fallback-best (the epochs after its own are "
+                 "trained again)")
+    raise ConfigError(f"{err}\n  the run's best checkpoint {best} {there}; or train afresh "
+                      f"without --resume") from None
 
 
 def check_run_resumable(point: ResumePoint, exp: Experiment, tracker: Tracker | None
@@ -188,7 +213,20 @@ def check_same_experiment(checkpoint: dict, exp: Experiment, path: Path) -> None
                             f"{now.get(k, '(absent)')} now" for k in changed[:12])
         raise ConfigError(f"{path}: cannot resume, the experiment differs from the checkpoint's "
                           f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change):\n  {lines}")
-    epoch, step = checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]
+
+
+def check_epochs_left(point: ResumePoint, exp: Experiment, *, finished: bool) -> None:
+    """A checkpoint continues training while epochs are left; one whose training is over (every
+    epoch done, or stopped early) resumes only to finish the run's end (uploads, reports, the
+    model), which a FINISHED run already has."""
+    state = checkpoints.saved_state(point.checkpoint)
+    epoch, step, path = state.epoch, state.step_in_epoch, point.path
+    over = state.stopped_early or (epoch == exp.trainer.epochs + 1 and step == 0)
+    if over and not finished:
+        return
+    if state.stopped_early:
+        raise ConfigError(f"{path}: the run stopped early after epoch {epoch - 1} and FINISHED; "
+                          f"there is nothing to resume (train afresh without --resume)")
     if epoch > exp.trainer.epochs:
         done = f"already trained {epoch - 1} epochs"
         if step:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cityseg import tracking
 from cityseg.config import Experiment
 from cityseg.engine import distributed
 from cityseg.engine.build import Components, build, build_data, wrap_for_training
@@ -91,7 +92,7 @@ def run(exp: Experiment, *, display=None, resume: str | None = None,
             recorder.start(state, parts)
             with stop_on_signals(trainer.stop):
                 fitted = trainer.fit(state)
-            recorder.finish(fitted, trainer.confusion)
+                recorder.finish(fitted, trainer.confusion, trainer.stop)
     except BaseException:
         distributed.teardown(clean=False)
         raise
@@ -133,13 +134,20 @@ def _trainer(exp: Experiment, parts: Components, train_model: torch.nn.Module, r
 
 @contextmanager
 def stop_on_signals(flag: StopFlag):
-    """SIGINT and SIGTERM set the flag (the trainer checkpoints and stops) instead of killing."""
+    """SIGINT and SIGTERM set the flag (the trainer checkpoints and stops) instead of killing,
+    and end a wait for a silent tracking server. A server silent past tracking.outage_minutes
+    sets it too (as SIGTERM would: a checkpoint at the next step; the tracker says why)."""
     def handler(signum, frame):
         flag.signum = signum
+        tracking.interrupt_waits(signum)
+
+    def outage_over_limit() -> None:
+        flag.signum = signal.SIGTERM
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield flag
+        with tracking.on_outage_limit(outage_over_limit):
+            yield flag
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

@@ -309,45 +309,59 @@ class Trainer:
             return score < best - self.s.min_delta
         return score > best + self.s.min_delta
 
+    def trained(self, state: TrainState) -> bool:
+        """Whether training is over at `state`: every epoch done, or stopped early."""
+        return state.stopped_early or state.epoch > self.s.epochs
+
     def fit(self, state: TrainState | None = None) -> FitResult:
-        """Train from `state` (a fresh one, or one restored from a checkpoint) to the last epoch."""
+        """Train from `state` (a fresh one, or one restored from a checkpoint) to the last epoch.
+        A state whose training is over (a run resumed to finish its end) trains nothing: one
+        validation gives the end its confusion matrix."""
         state = state or TrainState()
-        stopped_early = False
         try:
-            while state.epoch <= self.s.epochs:
-                epoch = state.epoch
-                metrics = {**self.train_epoch(state), **self.validate()}
-                state.history.append(metrics)
-                is_best = self._improved(metrics[self.s.monitor], state.best_score)
-                if is_best:
-                    state.best_score, state.best_epoch = metrics[self.s.monitor], epoch
-                    state.bad_epochs = 0
-                else:
-                    state.bad_epochs += 1
-                self.schedule.after_epoch(metrics[self.s.monitor])
-                state.epoch, state.step_in_epoch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
-                state.world_size = self.world.size
-                checkpoint = self._checkpoint(state, metrics)
-                self._save(checkpoint, "last")
-                if is_best:
-                    self._save(checkpoint, "best")
-                self.display.epoch_end(epoch, metrics, is_best)
-                halt = self.recorder.epoch_end(epoch, metrics, self.predictor)
-                if self.s.patience and state.bad_epochs >= self.s.patience:
-                    stopped_early = True
-                    self.display.message(f"early stop: {self.s.monitor} has not improved for "
-                                         f"{state.bad_epochs} epochs (best {state.best_score:.4f} "
-                                         f"at epoch {state.best_epoch})")
-                    break
-                # signalled during validation or logging, or stopped by the callback: every rank
-                # stops here, or none
-                stop, halt = distributed.agree([float(self.stop.signum), float(halt)])
-                if halt and state.epoch <= self.s.epochs:
-                    stopped_early = True
-                    break
-                if stop and state.epoch <= self.s.epochs:
-                    raise Interrupted(int(stop), self.run_id, f"the end of epoch {epoch}")
+            if self.trained(state):
+                self.validate()
+            while not self.trained(state):
+                self._fit_epoch(state)
         finally:
             self.display.close()
         return FitResult(state.history, state.best_epoch, state.best_score, self.paths,
-                         stopped_early)
+                         state.stopped_early)
+
+    def _fit_epoch(self, state: TrainState) -> None:
+        """One epoch, its checkpoints and its record; then whether to stop early."""
+        epoch = state.epoch
+        metrics = {**self.train_epoch(state), **self.validate()}
+        state.history.append(metrics)
+        is_best = self._improved(metrics[self.s.monitor], state.best_score)
+        if is_best:
+            state.best_score, state.best_epoch = metrics[self.s.monitor], epoch
+            state.bad_epochs = 0
+        else:
+            state.bad_epochs += 1
+        self.schedule.after_epoch(metrics[self.s.monitor])
+        state.epoch, state.step_in_epoch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
+        state.world_size = self.world.size
+        patience_over = bool(self.s.patience) and state.bad_epochs >= self.s.patience
+        state.stopped_early = patience_over  # saved: a resumed run then only finishes its end
+        checkpoint = self._checkpoint(state, metrics)
+        self._save(checkpoint, "last")
+        if is_best:
+            self._save(checkpoint, "best")
+        self.display.epoch_end(epoch, metrics, is_best)
+        halt = self.recorder.epoch_end(epoch, metrics, self.predictor)
+        if patience_over:
+            self.display.message(f"early stop: {self.s.monitor} has not improved for "
+                                 f"{state.bad_epochs} epochs (best {state.best_score:.4f} "
+                                 f"at epoch {state.best_epoch})")
+            return
+        # signalled during validation or logging, or stopped by the callback: every rank
+        # stops here, or none
+        stop, halt = distributed.agree([float(self.stop.signum), float(halt)])
+        if self.trained(state):
+            return
+        if halt:
+            state.stopped_early = True
+            self._save(self._checkpoint(state, metrics), "last")  # its end is what remains
+        elif stop:
+            raise Interrupted(int(stop), self.run_id, f"the end of epoch {epoch}")

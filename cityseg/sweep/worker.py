@@ -158,7 +158,10 @@ class Worker:
         if not tracking.interrupted(newest):
             return None
         run_id = newest.info.run_id
-        found = checkpoints.last_in_place(point.experiment.tracking.dir, run_id)
+        try:
+            found = checkpoints.restore(point.experiment.tracking.dir, run_id)
+        except checkpoints.Unreadable:
+            return run_id  # damaged without an intact copy: resuming says so
         return run_id if found is not None else None
 
     def _train(self, trial, point: SweepPoint, values: dict[str, Any], resume: str | None,

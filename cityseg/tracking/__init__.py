@@ -1,6 +1,7 @@
 """MLflow tracking, the only package that imports mlflow. One question per module:
 
 - store.py: where are runs tracked, and how do I reach them? (`open`, `open_store`, NoStore)
+- outage.py: what if the server stops answering? (the limit, waits, the run's kept writes)
 - session.py: one run from start to end, and what it logs (the Tracker)
 - liveness.py: is a RUNNING run's process still there? (`runs clean`)
 - queries.py: which runs? (named tag queries), a run's artifacts, the model registry
@@ -12,6 +13,7 @@
 from cityseg.tracking.liveness import (
     HEARTBEAT_EVERY_S,
     HEARTBEAT_TAG,
+    STAGE_TAG,
     STALE_AFTER_S,
     Liveness,
     clean_stale,
@@ -21,6 +23,7 @@ from cityseg.tracking.liveness import (
     shown_status,
 )
 from cityseg.tracking.model import CitysegModel, mlflow_version, model_requirements
+from cityseg.tracking.outage import TrackingUnavailable, interrupt_waits, on_outage_limit
 from cityseg.tracking.queries import (
     config_text,
     downloaded,
@@ -53,8 +56,9 @@ from cityseg.tracking.store import (
 
 __all__ = [
     "EXPERIMENT_KIND_TAG", "HEARTBEAT_EVERY_S", "HEARTBEAT_TAG", "MODEL_DEVELOPMENT", "NOTE_TAG",
-    "RETRIES", "STALE_AFTER_S", "UI", "CitysegModel", "Liveness", "NoStore", "RetryingClient",
-    "Store", "Tracker", "clean_stale", "config_text", "downloaded",
+    "RETRIES", "STAGE_TAG", "STALE_AFTER_S", "UI", "CitysegModel", "Liveness", "NoStore",
+    "RetryingClient", "Store", "Tracker", "TrackingUnavailable", "clean_stale", "config_text",
+    "downloaded", "interrupt_waits", "on_outage_limit",
     "experiment_links", "interrupted", "is_complete", "is_local", "is_stale",
     "liveness", "mlflow_version", "model_requirements", "model_run", "open", "open_store",
     "point_runs", "promote", "resumable_run", "run_url", "search_runs",

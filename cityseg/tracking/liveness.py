@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cityseg.tracking.store import open_store
 
+STAGE_TAG = "cityseg.stage"  # "end" while a run's end (uploads, reports, model) runs
 HEARTBEAT_TAG = "cityseg.heartbeat"  # {"host", "pid", "time"} of the process writing the run
 HEARTBEAT_EVERY_S = 60.0
 # a RUNNING run whose heartbeat is older than this is stale wherever it ran (on its own host,
@@ -66,11 +67,12 @@ def is_stale(run) -> bool:
 
 
 def interrupted(run) -> bool:
-    """Stopped before its end and worth continuing: KILLED (Ctrl-C, SIGTERM) or crashed (a
-    stale RUNNING run, or one `cityseg runs clean` marked FAILED with a `crashed` tag)."""
-    status = run.info.status
+    """Stopped before its end and worth continuing: KILLED (Ctrl-C, SIGTERM), crashed (a
+    stale RUNNING run, or one `cityseg runs clean` marked FAILED with a `crashed` tag), or
+    FAILED during the run's end (a full disk after the last epoch: training is not redone)."""
+    status, tags = run.info.status, run.data.tags
     return (status == "KILLED" or is_stale(run)
-            or (status == "FAILED" and "crashed" in run.data.tags))
+            or (status == "FAILED" and ("crashed" in tags or tags.get(STAGE_TAG) == "end")))
 
 
 def shown_status(run) -> str:
@@ -90,7 +92,17 @@ def clean_stale(root: Path, *, experiment: str | None, dry_run: bool = False,
         if state is None or state.alive:
             continue
         if not dry_run:
-            store.client.set_tag(run.info.run_id, "crashed", state.reason)
-            store.client.set_terminated(run.info.run_id, status="FAILED")
+            mark_crashed(store.client, run)
         found.append((run, state.reason))
     return found
+
+
+def mark_crashed(client, run) -> str | None:
+    """A stale RUNNING run marked FAILED with a `crashed` tag saying why; returns the reason,
+    or None (and touches nothing) when the run is not stale."""
+    state = liveness(run)
+    if state is None or state.alive:
+        return None
+    client.set_tag(run.info.run_id, "crashed", state.reason)
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return state.reason

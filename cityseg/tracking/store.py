@@ -8,10 +8,14 @@ store never creates one: a missing store is a NoStore naming where it was looked
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cityseg.errors import CitysegError, StorageError
+from cityseg.tracking.outage import Outage, ServerSilent, unreachable
 
 if TYPE_CHECKING:
     from cityseg.tracking.session import Tracker
@@ -52,40 +57,63 @@ RETRIES = 10  # SQLite allows one writer at a time: parallel sweep children wait
 _STORAGE_TROUBLE = ("disk is full", "disk i/o error", "readonly database", "read-only file system",
                     "no space left", "unable to open database", "permission denied")
 _IDEMPOTENT = ("log_inputs", "set_tag", "set_experiment_tag")  # safe to repeat after a race
+_JITTER = random.Random()  # its own generator: the global ones belong to the training
 
 
 class RetryingClient:
     """MlflowClient whose calls retry with exponential backoff while SQLite says it is locked,
-    and turn a full disk or an unwritable store into a StorageError naming the store."""
+    and turn a full disk or an unwritable store into a StorageError naming the store. With a
+    server (`outage`), a call that gets no answer is tried again until the server has been
+    silent for the limit (TrackingUnavailable); `single()` is the same client trying once
+    (ServerSilent), for writes that are kept instead of waited for."""
 
-    def __init__(self, client: MlflowClient, store: str) -> None:
-        self._client, self._store = client, store
+    def __init__(self, client: MlflowClient, store: str, outage: Outage | None = None,
+                 *, patient: bool = True) -> None:
+        self._client, self._store, self._outage, self._patient = client, store, outage, patient
+
+    def single(self) -> RetryingClient:
+        return RetryingClient(self._client, self._store, self._outage, patient=False)
 
     def __getattr__(self, name: str):
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr
+        return functools.partial(self.retrying, attr, name.replace("_", " "))
 
-        def call(*args, **kwargs):
-            for attempt in range(RETRIES):
-                try:
-                    return attr(*args, **kwargs)
-                except Exception as err:  # MlflowException, SQLAlchemy OperationalError, OSError
-                    text = str(err).lower()
-                    if any(trouble in text for trouble in _STORAGE_TROUBLE):
-                        reason = str(err).splitlines()[0][:200]
-                        raise StorageError(f"MLflow store {self._store}: cannot "
-                                           f"{name.replace('_', ' ')}: {reason}") from None
-                    # processes writing one row at once (sweep children logging one dataset,
-                    # workers tagging one experiment or parent run) race on its unique key: the
-                    # loser's retry finds the winner's row and updates it
-                    race = name in _IDEMPOTENT and "unique constraint" in text
-                    if ("locked" not in text and not race) or attempt == RETRIES - 1:
-                        raise
-                    time.sleep(0.05 * 2**attempt * (1 + random.random()))
-            raise AssertionError("unreachable")
+    def retrying(self, call, what: str, *args, **kwargs):
+        """`call(*args, **kwargs)` (`what` it does, for messages), retried as the class says."""
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                result = call(*args, **kwargs)
+            except Exception as err:  # MlflowException, SQLAlchemy OperationalError, OSError
+                self._storage_trouble(err, what)
+                if self._outage is not None and unreachable(err):
+                    self._outage.silent(started, err)
+                    if not self._patient:
+                        raise ServerSilent(str(err)) from None
+                    self._outage.wait()
+                    continue
+                text = str(err).lower()
+                # processes writing one row at once (sweep children logging one dataset,
+                # workers tagging one experiment or parent run) race on its unique key: the
+                # loser's retry finds the winner's row and updates it
+                race = what.replace(" ", "_") in _IDEMPOTENT and "unique constraint" in text
+                if ("locked" not in text and not race) or attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt * (1 + _JITTER.random()))
+                attempt += 1
+                continue
+            if self._outage is not None:
+                self._outage.answer()
+            return result
 
-        return call
+    def _storage_trouble(self, err: Exception, what: str) -> None:
+        text = str(err).lower()
+        if any(trouble in text for trouble in _STORAGE_TROUBLE):
+            reason = str(err).splitlines()[0][:200]
+            raise StorageError(f"MLflow store {self._store}: cannot {what}: {reason}") from None
 
 
 # ---------------------------------------------------------------- the store
@@ -98,6 +126,7 @@ class Store:
     root: Path
     uri: str
     client: RetryingClient
+    outage: Outage | None = None  # a server's silence, against tracking.outage_minutes
 
     @property
     def remote(self) -> bool:
@@ -130,15 +159,41 @@ class Store:
                                        filter_string=filter_string)
 
 
-def _connect(root: Path, uri: str | None) -> Store:
+def _connect(root: Path, uri: str | None, outage_minutes: float = 10.0) -> Store:
     resolved = tracking_uri(root, uri)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
     name = resolved.removeprefix("sqlite:///")
-    return Store(root=root, uri=resolved,
-                 client=RetryingClient(MlflowClient(tracking_uri=resolved), store=name))
+    if is_local(resolved):
+        with _creating(Path(name)):
+            client = MlflowClient(tracking_uri=resolved)  # creates and migrates a new store
+        return Store(root=root, uri=resolved, client=RetryingClient(client, store=name))
+    # the client waits for a silent server itself, for tracking.outage_minutes, and keeps what
+    # training logs meanwhile: MLflow's own retries (7, over four minutes, blocking the call and
+    # drawing their jitter from the training's random generator) would hide the outage from it
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    outage = Outage(resolved, outage_minutes * 60)
+    return Store(root=root, uri=resolved, outage=outage,
+                 client=RetryingClient(MlflowClient(tracking_uri=resolved), name, outage))
 
 
-def open_store(root: Path, uri: str | None = None) -> Store:
+@contextlib.contextmanager
+def _creating(db: Path) -> Iterator[None]:
+    """One process at a time opens the SQLite store `db` for the first time: MLflow creates
+    its tables and migrates them, and two doing it at once fail ("table ... already exists").
+    An exclusive lock on `<db>.lock` beside it; the others wait, then open the ready store."""
+    try:
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a folder nobody can write holds a store nobody is creating
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def open_store(root: Path, uri: str | None = None, *, outage_minutes: float = 10.0) -> Store:
     """An existing store, for reads across experiments; NoStore if a local one is not there
     (reading must not create an empty one)."""
     resolved = tracking_uri(root, uri)
@@ -146,14 +201,15 @@ def open_store(root: Path, uri: str | None = None) -> Store:
     if is_local(resolved) and not Path(path).is_file():
         raise NoStore(f"no MLflow store at {path}; train something first (make run), point "
                       f"--runs at the folder holding mlflow.db, or give --tracking-uri")
-    return _connect(root, uri)
+    return _connect(root, uri, outage_minutes)
 
 
-def connect(root: Path, *, experiment: str, uri: str | None, create: bool) -> tuple[Store, str]:
+def connect(root: Path, *, experiment: str, uri: str | None, create: bool,
+            outage_minutes: float = 10.0) -> tuple[Store, str]:
     """The store and the id of `experiment` in it: created if `create` (the store's folder,
     the experiment with its artifacts beside a local store), else NoStore when missing."""
     if not create:
-        store = open_store(root, uri)
+        store = open_store(root, uri, outage_minutes=outage_minutes)
         found = store.client.get_experiment_by_name(experiment)
         if found is None:
             raise NoStore(f"no MLflow experiment {experiment!r} in {store.name}")
@@ -163,7 +219,7 @@ def connect(root: Path, *, experiment: str, uri: str | None, create: bool) -> tu
     except OSError as err:
         raise StorageError(f"cannot create the tracking dir {root} (tracking.dir): "
                            f"{err.strerror or err}") from None
-    store = _connect(root, uri)
+    store = _connect(root, uri, outage_minutes)
     return store, _created_experiment(store, experiment)
 
 
@@ -189,14 +245,16 @@ def _created_experiment(store: Store, experiment: str) -> str:
     return experiment_id
 
 
-def open(root: Path, *, experiment: str, uri: str | None = None, create: bool = True
-         ) -> Tracker:
+def open(root: Path, *, experiment: str, uri: str | None = None, create: bool = True,
+         outage_minutes: float = 10.0) -> Tracker:
     """The one way to build a Tracker of `experiment` in the store under `root` (or at `uri`).
-    create=False never creates a store or an experiment: NoStore instead."""
+    create=False never creates a store or an experiment: NoStore instead. A server may stay
+    silent for `outage_minutes` (tracking.outage_minutes) before its calls give up."""
     # imported here: the Tracker is built on a Store, so session.py imports this module
     from cityseg.tracking.session import Tracker
 
-    store, experiment_id = connect(root, experiment=experiment, uri=uri, create=create)
+    store, experiment_id = connect(root, experiment=experiment, uri=uri, create=create,
+                                   outage_minutes=outage_minutes)
     return Tracker(store=store, experiment_id=experiment_id)
 
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from cityseg import tracking
 from cityseg.cli import main
@@ -157,9 +158,10 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_keeps_the_earlier_che
     real_fsync = os.fsync
 
     def fsync(fd):  # epoch 1 writes last.pt and best.pt; epoch 2's last.pt hits a full disk
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".pt.tmp"):  # checkpoints, not caches
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
     monkeypatch.setattr(checkpoints.os, "fsync", fsync)
@@ -175,12 +177,19 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_keeps_the_earlier_che
     assert checkpoints.load(folder / "last.pt")["epoch"] == 1
 
 
+def without_checkpoint_artifacts(root, run_id):
+    """The intact copies the run's end uploaded, which evaluate and resume would use, gone."""
+    run = runs_of(root)[0].get_run(run_id)
+    get_artifact_repository(run.info.artifact_uri).delete_artifacts("checkpoints")
+
+
 def test_a_truncated_checkpoint_is_named_by_evaluate_predict_and_resume(tmp_path, capsys):
     settings = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
     result = runner.run(load_experiment(QUICKSTART, settings))
     for name in ("best", "last"):
         path = result.checkpoints[name]
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    without_checkpoint_artifacts(tmp_path / "runs", result.run_id)
     runs = str(tmp_path / "runs")
     for command in (["evaluate", "--run", result.run_id, "--runs", runs, "--no-log"],
                     ["predict", "--run", result.run_id, "--runs", runs, str(tmp_path),
@@ -202,6 +211,7 @@ def test_resume_falls_back_to_best_only_when_asked(tmp_path, capsys):
     result = runner.run(load_experiment(QUICKSTART, settings))
     last = result.checkpoints["last"]
     last.write_bytes(b"garbage")
+    without_checkpoint_artifacts(tmp_path / "runs", result.run_id)
     again = [*sum((["--set", s] for s in settings), []), "--set", "trainer.epochs=3"]
     assert main(["run", str(QUICKSTART), *again, "--resume", result.run_id]) == 2
     assert "--fallback-best" in capsys.readouterr().err

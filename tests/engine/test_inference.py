@@ -15,11 +15,13 @@ from cityseg.config import load_experiment
 from cityseg.data.cityscapes import id_to_train_id_lut
 from cityseg.data.datasets import data_index, task_lut
 from cityseg.data.layouts import read_sample
+from cityseg.data.synthetic import render_scene
 from cityseg.engine import checkpoints, inference, runner
 from cityseg.errors import CitysegError
 from cityseg.metrics import confusion_record
 from cityseg.tracking import tracking_uri
 from tests.conftest import CITYSCAPES_MINI, QUICKSTART, tiny_overrides
+from tests.data.test_layouts import png_header
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +233,78 @@ def test_a_kept_scale_without_a_crop_is_refused():
     with pytest.raises(Exception, match=r"data\.scale \[64, 128\] differs .* add random_crop"):
         load_experiment(QUICKSTART, ["data.scale=[64,128]", "data.image_size=[32,64]",
                                      "augment=[{name: hflip}]"])
+
+
+def test_predict_skips_images_it_should_not_decode_names_them_and_writes_the_rest(
+        trained_run, tmp_path, capsys):
+    source_dir, result = trained_run
+    images = tmp_path / "in"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(images / "a.png")
+    (images / "b_bomb.png").write_bytes(png_header(10_000, 9_000))
+    (images / "c_truncated.png").write_bytes((images / "a.png").read_bytes()[:80])
+    Image.fromarray(rng.integers(0, 256, (25, 35, 3), dtype=np.uint8)).save(images / "d.png")
+    out = tmp_path / "out"
+    code = main(["predict", "--run", result.run_id, "--runs", str(source_dir / "runs"),
+                 str(images), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert (f"skipped: {images / 'b_bomb.png'}: not decoded: 90,000,000 pixels, over PIL's "
+            f"limit") in err
+    assert f"skipped: {images / 'c_truncated.png'}: unreadable (image file is truncated" in err
+    assert "2 input(s) skipped" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png",
+                                                      "d_mask.png", "d_overlay.png"]
+
+
+def test_predict_refuses_an_out_that_is_a_file_before_loading_a_model(tmp_path, capsys):
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"x")
+    for out, what in ((taken, "is a file"), (taken / "sub", f"is inside {taken}, a file")):
+        # no such run or store either: --out is checked first
+        assert main(["predict", "--run", "nope", "--runs", str(tmp_path / "nowhere"),
+                     str(taken), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --out {out}: {what}; give a folder (created if missing)" in err
+    assert taken.read_bytes() == b"x"
+
+
+def test_a_16bit_greyscale_png_gives_the_same_mask_as_its_8bit_version(trained_run, tmp_path):
+    source_dir, result = trained_run
+    photo, _ = render_scene(np.random.default_rng(5), 48, 96)
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    (tmp_path / "eight").mkdir()
+    (tmp_path / "sixteen").mkdir()
+    Image.fromarray(grey).save(tmp_path / "eight" / "scene.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen" / "scene.png")
+    assert Image.open(tmp_path / "sixteen" / "scene.png").mode == "I;16"
+    trained = inference.load_trained(run_id=result.run_id, checkpoint=None,
+                                     runs=source_dir / "runs")
+    masks = []
+    for bits in ("eight", "sixteen"):
+        written, skipped = inference.predict_files(trained, [tmp_path / bits],
+                                                   tmp_path / f"out_{bits}", probabilities=True)
+        assert len(written) == 1 and not skipped
+        masks.append(np.asarray(Image.open(written[0])))
+        for kind in ("overlay", "prob"):
+            assert (Image.open(tmp_path / f"out_{bits}" / f"scene_{kind}.png").tobytes()
+                    == Image.open(tmp_path / "out_eight" / f"scene_{kind}.png").tobytes())
+    np.testing.assert_array_equal(masks[0], masks[1])
+    # the barely trained model may find no foreground: its probabilities show what it saw
+    _, white = trained.predictor.predict_photo(np.full((48, 96, 3), 255, np.uint8))
+    seen = np.asarray(Image.open(tmp_path / "out_sixteen" / "scene_prob.png"))
+    assert not np.array_equal(seen, (white * 255).round().astype(np.uint8))  # not all-white
+
+
+def test_predict_masks_refuses_arrays_a_uint8_cast_would_change(trained_run):
+    source_dir, result = trained_run
+    trained = inference.load_trained(run_id=result.run_id, checkpoint=None,
+                                     runs=source_dir / "runs")
+    photo = np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(inference.predict_masks(trained, photo.astype(np.int64)),
+                                  inference.predict_masks(trained, photo))
+    for bad, found in ((photo.astype(np.uint16) * 257, r"uint16 with values \d+\.\.\d+"),
+                       (photo / 255, r"float64 with values"), (photo > 0, "bool")):
+        with pytest.raises(CitysegError, match=rf"whole values 0\.\.255 \(uint8\), got {found}"):
+            inference.predict_masks(trained, bad)
