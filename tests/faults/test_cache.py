@@ -144,7 +144,7 @@ def test_a_disk_too_small_for_the_cache_is_refused_with_the_numbers(tmp_path, sm
     assert temporaries(folder / "cache") == []
 
 
-@pytest.mark.parametrize("when", ["reserving", "writing"])
+@pytest.mark.parametrize("when", ["reserving", pytest.param("writing", marks=pytest.mark.slow)])
 def test_a_disk_that_fills_while_the_cache_is_built_is_exit_2_and_leaves_nothing(
         tmp_path, small_disk, when):
     folder, real = small_disk
@@ -161,7 +161,7 @@ def test_a_disk_that_fills_while_the_cache_is_built_is_exit_2_and_leaves_nothing
         assert_trains_and_finishes(tmp_path, tiny_overrides(tmp_path))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigterm_while_the_cache_builds_removes_its_temporary_folder(tmp_path, workers):
     settings = [*tiny_overrides(tmp_path), f"data.num_workers={workers}"]
     proc = cityseg_run(tmp_path, settings, fault="slow", wait=False)

@@ -132,6 +132,7 @@ def test_sigterm_in_the_end_ends_killed_with_a_message_and_resume_finishes_it(
     assert_finished_with_its_end(client, run.info.run_id)
 
 
+@pytest.mark.slow  # two training processes: `make test-slow`
 def test_kill_9_in_the_end_leaves_a_run_that_resume_auto_finishes(tmp_path, settings):
     proc = cityseg_run(tmp_path, settings, hook="stall-in-end", wait=False)
     wait_for_marker(tmp_path, proc)
@@ -147,6 +148,7 @@ def test_kill_9_in_the_end_leaves_a_run_that_resume_auto_finishes(tmp_path, sett
     assert "is gone" in resumed.data.tags["resumed_after_crash"]
 
 
+@pytest.mark.slow  # two training processes: `make test-slow`
 def test_a_run_killed_before_its_first_checkpoint_is_marked_crashed_by_the_next_that_looks(
         tmp_path, settings):
     proc = cityseg_run(tmp_path, settings, hook="stall-in-first-epoch", wait=False)
