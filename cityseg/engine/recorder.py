@@ -74,7 +74,8 @@ class Recorder(NullRecorder):
         """Start the MLflow run, or reattach to the one the checkpoint belongs to."""
         t = self.exp.tracking
         if self.tracker is None:
-            self.tracker = tracking.open(t.dir, experiment=t.experiment, uri=t.uri)
+            self.tracker = tracking.open(t.dir, experiment=t.experiment, uri=t.uri,
+                                         outage_minutes=t.outage_minutes)
         self.upload = self.tracker.remote if t.upload_checkpoints == "auto" \
             else t.upload_checkpoints
         self.point = point

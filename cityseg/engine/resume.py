@@ -73,7 +73,8 @@ def find_resume_point(spec: str | None, exp: Experiment, fallback_best: bool, di
         return None, None
     t = exp.tracking
     try:
-        tracker = tracking.open(t.dir, experiment=t.experiment, uri=t.uri, create=False)
+        tracker = tracking.open(t.dir, experiment=t.experiment, uri=t.uri, create=False,
+                                outage_minutes=t.outage_minutes)
     except tracking.NoStore:
         tracker = None
     point = resume_point(spec, exp, tracker, fallback_best=fallback_best)

@@ -80,7 +80,8 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
 def open_tracker(plan: Plan) -> tracking.Tracker:
     """The base experiment's tracker: the parent and every child live there."""
     settings = plan.base.tracking
-    return tracking.open(settings.dir, experiment=settings.experiment, uri=settings.uri)
+    return tracking.open(settings.dir, experiment=settings.experiment, uri=settings.uri,
+                         outage_minutes=settings.outage_minutes)
 
 
 # ---------------------------------------------------------------- the parent run

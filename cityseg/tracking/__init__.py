@@ -1,7 +1,9 @@
 """MLflow tracking, the only package that imports mlflow. One question per module:
 
 - store.py: where are runs tracked, and how do I reach them? (`open`, `open_store`, NoStore)
-- outage.py: what if the server stops answering? (the limit, waits, the run's kept writes)
+- outage.py: how long may a server stay silent? (the limit, TrackingUnavailable, waits)
+- outbox.py: what happens to a run's writes meanwhile? (kept in order, sent, spooled to disk)
+- records.py: what does a run write? (records, and how each is sent)
 - session.py: one run from start to end, and what it logs (the Tracker)
 - liveness.py: is a RUNNING run's process still there? (`runs clean`)
 - queries.py: which runs? (named tag queries), a run's artifacts, the model registry

@@ -55,7 +55,8 @@ class Outbox:
         """Send `record`, or keep it behind the ones already kept."""
         with self._lock:
             keep = self.silent
-            if keep:
+            # an upload kept already sends the file as it is then: once is enough
+            if keep and not (record[0] == "file" and record in self._queue):
                 self._queue.append(record)
         if not keep:
             started = time.monotonic()
@@ -148,6 +149,8 @@ class Outbox:
     def settle(self) -> bool:
         """Wait until every kept write is sent: False when the thread gave up, a signal came,
         or nothing tries any more."""
+        if not self.silent:
+            return True
         with signals_end_waits():
             while True:
                 with self._lock:

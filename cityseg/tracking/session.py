@@ -1,9 +1,9 @@
 """One MLflow run from start to end: the Tracker's session (FINISHED, FAILED or KILLED, never
 left RUNNING), its heartbeat and system metrics, and everything a run logs.
 
-What a run logs is a record ("metrics", "tags", "image", ...): a local store gets it at once; a
-server gets it through the session's Outbox (tracking/outage.py), which keeps it while the
-server is silent, so that training goes on through an outage of up to tracking.outage_minutes.
+What a run logs is a record (records.py): a local store gets it at once; a server gets it
+through the session's Outbox (outbox.py), which keeps it while the server is silent, so that
+training goes on through an outage of up to tracking.outage_minutes (outage.py).
 """
 
 from __future__ import annotations

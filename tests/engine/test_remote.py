@@ -1,12 +1,15 @@
 """Tracking anywhere: a real `mlflow server` on 127.0.0.1, used from three "machines" (three
-tracking dirs that share nothing but the server)."""
+tracking dirs that share nothing but the server), and training exactly as it does locally."""
 
 import os
 
 import pytest
 from mlflow import MlflowClient
 
+from cityseg import tracking
 from cityseg.cli import main
+from cityseg.config import load_experiment
+from cityseg.engine import runner
 from tests.conftest import QUICKSTART, mlflow_process, tiny_overrides
 
 
@@ -58,3 +61,24 @@ def test_train_on_one_machine_resume_evaluate_and_predict_on_others(server, tmp_
     assert main(["run", "--from-run", run.info.run_id, "--runs", elsewhere,
                  "--tracking-uri", server, "--set", f"tracking.dir={elsewhere}"]) == 0
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the flag does not leak into the caller
+
+
+def test_a_server_tracked_run_trains_exactly_as_a_local_one(server, tmp_path):
+    # the tracking backend must not change what is trained: same seed, same numbers, to the bit
+    data = tiny_overrides(tmp_path, epochs=3) + ["tracking.log_model=false"]
+    local = runner.run(load_experiment(QUICKSTART, [*data, f"tracking.dir={tmp_path / 'l'}"]))
+    remote = runner.run(load_experiment(QUICKSTART, [*data, f"tracking.dir={tmp_path / 'r'}",
+                                                     f"tracking.uri={server}"]))
+    stores = {local.run_id: MlflowClient(tracking.tracking_uri(tmp_path / "l")),
+              remote.run_id: MlflowClient(tracking_uri=server)}
+
+    def per_epoch(run_id):
+        client = stores[run_id]
+        keys = [k for k in client.get_run(run_id).data.metrics
+                if not k.startswith(("system/", "throughput/"))]
+        return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k),
+                                                      key=lambda m: m.step)] for k in keys}
+
+    here, there = per_epoch(local.run_id), per_epoch(remote.run_id)
+    assert "val/dice" in here and len(here["val/dice"]) == 3
+    assert here == there
