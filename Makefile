@@ -11,6 +11,8 @@ STAMP  := $(VENV)/.installed
 EXP    ?= experiments/quickstart.yaml
 SET    ?=
 PORT   ?= 5000
+# the port every printed MLflow UI link names (make run, make sweep, make ui)
+export CITYSEG_UI_PORT := $(PORT)
 
 .PHONY: setup run sweep compare test test-slow lint format ui validate schema bench
 
@@ -54,11 +56,11 @@ format: $(STAMP)
 	$(BIN)/ruff format cityseg tests
 
 ui: $(STAMP)
-	@test ! -f runs/mlflow.db || $(BIN)/cityseg runs links
+	@test ! -f runs/mlflow.db || $(BIN)/cityseg runs links --port $(PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 validate: $(STAMP)
-	$(BIN)/cityseg validate experiments/*.yaml
+	$(BIN)/cityseg validate experiments/*.yaml experiments/sweeps/*.yaml
 
 # experiment.schema.json is committed (editors read it); a test fails when it is stale.
 schema: $(STAMP)

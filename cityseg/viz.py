@@ -1,10 +1,14 @@
-"""Pictures for MLflow: sample panels (Input | Ground truth | Prediction | Error) and a
-confusion-matrix image."""
+"""Pictures for MLflow: sample panels (Input | Ground truth | Prediction over the photo | Error,
+with a legend), one card per sample for MLflow's step-indexed images, a confusion-matrix image
+and plots."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.tasks import Task
@@ -12,10 +16,24 @@ from cityseg.data.tasks import Task
 COLUMNS = ("Input", "Ground truth", "Prediction", "Error")
 IGNORED = (110, 110, 110)
 # Error colours of a thresholded task: true positive white, false positive red, false negative
-# blue; of any other task: a wrong pixel red.
+# blue; of any other task: a wrong pixel red (true negatives and right pixels stay black).
 TP, FP, FN = (255, 255, 255), (230, 40, 40), (40, 120, 255)
 WRONG = (230, 40, 40)
 MIN_HEIGHT = 128  # small training images are upscaled so the panel stays readable
+CARD_MAX_SIDE = 512  # a card's cells at most this long: it is a preview, the panel is full size
+# Titles and legend in a font sized to the cell's longer side: a card (2x2 cells) shown as
+# MLflow's 256-px thumbnail keeps them about 14 px tall, whatever the image size.
+TEXT_SCALE = 0.11
+MIN_FONT = 10
+WHITE, INK, OUTLINE = (255, 255, 255), (0, 0, 0), (60, 60, 60)
+
+Legend = list[tuple[str, list[tuple[str, tuple[int, int, int]]]]]  # (heading, [(name, rgb)])
+
+
+def overlay(photo: np.ndarray, labels: np.ndarray, task: Task) -> np.ndarray:
+    """The photo with the prediction blended over it in the task's overlay colours."""
+    alpha = task.overlay_alpha[labels][..., None]
+    return (photo * (1 - alpha) + task.overlay_colors[labels] * alpha).astype(np.uint8)
 
 
 def _labels_rgb(labels: np.ndarray, task: Task) -> np.ndarray:
@@ -37,34 +55,125 @@ def _error_rgb(target: np.ndarray, pred: np.ndarray, task: Task) -> np.ndarray:
     return rgb
 
 
-def _with_header(grid: Image.Image, titles: tuple[str, ...]) -> np.ndarray:
-    header = Image.new("RGB", (grid.width, 18), (255, 255, 255))
-    draw, cell_width = ImageDraw.Draw(header), grid.width // len(titles)
-    for i, title in enumerate(titles):
-        draw.text((i * cell_width + 6, 3), title, fill=(0, 0, 0))
-    panel = Image.new("RGB", (grid.width, grid.height + header.height))
-    panel.paste(header, (0, 0))
-    panel.paste(grid, (0, header.height))
-    return np.asarray(panel)
+def legend(targets: np.ndarray, preds: np.ndarray, task: Task, *, errors: bool = True) -> Legend:
+    """What a panel's legend lists: the error colours (`errors`) and, for a task drawn in a
+    palette (multiclass), the classes present in the targets or the predictions, by label."""
+    sections: Legend = []
+    if errors:
+        entries = ([("false positive", FP), ("false negative", FN), ("true positive", TP)]
+                   if task.thresholded else [("wrong class", WRONG)])
+        sections.append(("Error:", [*entries, ("ignored", IGNORED)]))
+    if not task.thresholded:
+        present = np.unique(np.concatenate([np.ravel(targets), np.ravel(preds)]))
+        sections.append(("Classes:", [(task.class_names[label], tuple(task.colors[label]))
+                                      for label in present if label < task.num_classes]))
+    return sections
 
 
-def _panel(rows: list[list[np.ndarray]], titles: tuple[str, ...]) -> np.ndarray:
-    """A grid of equally sized RGB cells, upscaled to stay readable, under a row of titles."""
-    lines = [np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0))) for c in cells], axis=1)
-             for cells in rows]
-    grid = Image.fromarray(np.concatenate(lines, axis=0))
-    scale = max(1, -(-MIN_HEIGHT // rows[0][0].shape[0]))
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    return _with_header(grid, titles)
+def _cells(image: np.ndarray, target: np.ndarray, pred: np.ndarray, task: Task) -> list:
+    photo = image.transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+    return [photo, _labels_rgb(target, task), overlay(photo, pred, task),
+            _error_rgb(target, pred, task)]
 
 
 def sample_panel(images: np.ndarray, targets: np.ndarray, preds: np.ndarray, *,
                  task: Task) -> np.ndarray:
-    """(N, 3, H, W) uint8 images, (N, H, W) targets and predictions -> one RGB panel (uint8)."""
-    rows = [[image.transpose(1, 2, 0), _labels_rgb(target, task), _labels_rgb(pred, task),
-             _error_rgb(target, pred, task)]
+    """(N, 3, H, W) uint8 images, (N, H, W) targets and predictions -> one RGB panel (uint8):
+    a row per image under the column titles, the legend below."""
+    rows = [_cells(image, target, pred, task)
             for image, target, pred in zip(images, targets, preds, strict=True)]
-    return _panel(rows, COLUMNS)
+    return _sheet(rows, [COLUMNS] + [()] * (len(rows) - 1), legend(targets, preds, task))
+
+
+def sample_card(image: np.ndarray, target: np.ndarray, pred: np.ndarray, *,
+                task: Task) -> np.ndarray:
+    """One (3, H, W) image with its (H, W) target and prediction as a 2x2 card (Input, Ground
+    truth / Prediction, Error, each titled) above its legend: readable as a small thumbnail."""
+    cells = _cells(image, target, pred, task)
+    return _sheet([cells[:2], cells[2:]], [COLUMNS[:2], COLUMNS[2:]],
+                  legend(target, pred, task), max_side=CARD_MAX_SIDE)
+
+
+@functools.lru_cache(maxsize=32)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans at `size` px: the TrueType font matplotlib ships."""
+    import matplotlib
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf",
+                                       "DejaVuSans.ttf")), size)
+
+
+def _fitted(text: str, size: int, width: int) -> tuple[ImageFont.FreeTypeFont, str]:
+    """A font no larger than `size` in which `text` fits `width` (shortened if even the
+    smallest does not)."""
+    while size > MIN_FONT and _font(size).getlength(text) > width:
+        size -= 1
+    while len(text) > 1 and _font(size).getlength(text) > width:
+        text = text[:-2] + "…"
+    return _font(size), text
+
+
+def _cell_size(shape: tuple[int, ...], max_side: int | None) -> tuple[int, int]:
+    """(height, width) of a cell as drawn: upscaled by a whole factor to MIN_HEIGHT, or
+    shrunk to `max_side`."""
+    height, width = shape[:2]
+    if max_side is not None and max(height, width) > max_side:
+        factor = max_side / max(height, width)
+        return max(1, round(height * factor)), max(1, round(width * factor))
+    scale = max(1, -(-MIN_HEIGHT // height))
+    return height * scale, width * scale
+
+
+def _sheet(rows: list[list[np.ndarray]], titles: list[tuple[str, ...]], sections: Legend, *,
+           max_side: int | None = None) -> np.ndarray:
+    """Rows of equally sized RGB cells, each row under its titles (if any), the legend's
+    sections below (swatch and name, wrapped to the width), text sized to the cell."""
+    height, width = _cell_size(rows[0][0].shape, max_side)
+    size = max(MIN_FONT, round(TEXT_SCALE * max(height, width)))
+    gap, band = max(2, size // 5), round(size * 1.45)
+    sheet_width = max(len(cells) for cells in rows) * (width + gap) + gap
+    lines = _legend_lines(sections, size, sheet_width - 2 * gap, gap)
+    sheet_height = (gap + sum(band * bool(t) + height + gap for t in titles)
+                    + len(lines) * band + gap * bool(lines))
+    sheet = Image.new("RGB", (sheet_width, sheet_height), WHITE)
+    draw, y = ImageDraw.Draw(sheet), gap
+    for cells, names in zip(rows, titles, strict=True):
+        for i, name in enumerate(names):
+            face, shown = _fitted(name, size, width)
+            draw.text((gap + i * (width + gap) + width // 2, y + band // 2), shown, font=face,
+                      fill=INK, anchor="mm")
+        y += band * bool(names)
+        for i, cell in enumerate(cells):
+            picture = Image.fromarray(cell)
+            method = Image.NEAREST if picture.height <= height else Image.BOX
+            sheet.paste(picture.resize((width, height), method), (gap + i * (width + gap), y))
+        y += height + gap
+    for line in lines:
+        for x, name, colour in line:
+            if colour is not None:
+                draw.rectangle((gap + x, y + (band - size) // 2, gap + x + size - 1,
+                                y + (band + size) // 2 - 1), fill=colour, outline=OUTLINE)
+                x += size + gap
+            draw.text((gap + x, y + band // 2), name, font=_font(size), fill=INK, anchor="lm")
+        y += band
+    return np.asarray(sheet)
+
+
+def _legend_lines(sections: Legend, size: int, width: int, gap: int) -> list[list[tuple]]:
+    """The legend as lines of (x, name, swatch colour or None for a heading); each section
+    starts a line."""
+    lines = []
+    for heading, entries in sections:
+        line, x = [(0, heading, None)], _font(size).getlength(heading) + 2 * gap
+        for name, colour in entries:
+            step = size + gap + _font(size).getlength(name) + 3 * gap
+            if x + step - 3 * gap > width:
+                lines.append(line)
+                line, x = [], 0
+            line.append((round(x), name, colour))
+            x += step
+        lines.append(line)
+    return lines
 
 
 def confusion_image(counts: np.ndarray, class_names: tuple[str, ...], cell: int = 28) -> np.ndarray:
@@ -174,11 +283,13 @@ def _hashable(value):
 
 def comparison_panel(images: np.ndarray, targets: np.ndarray, columns: dict[str, np.ndarray], *,
                      task: Task) -> np.ndarray:
-    """Input | Ground truth | one prediction column per label (e.g. per sweep child)."""
+    """Input | Ground truth | one prediction over the photo per label (e.g. per sweep child)."""
     rows = [[image.transpose(1, 2, 0), _labels_rgb(target, task),
-             *(_labels_rgb(pred[i], task) for pred in columns.values())]
+             *(overlay(image.transpose(1, 2, 0), pred[i], task) for pred in columns.values())]
             for i, (image, target) in enumerate(zip(images, targets, strict=True))]
-    return _panel(rows, ("Input", "Ground truth", *columns))
+    preds = np.stack(list(columns.values()))
+    return _sheet(rows, [("Input", "Ground truth", *columns)] + [()] * (len(rows) - 1),
+                  legend(targets, preds, task, errors=False))
 
 
 def pr_curve(calibration) -> np.ndarray:

@@ -11,6 +11,30 @@ def test_validate_accepts_every_experiment(capsys):
     assert capsys.readouterr().out.count(": ok") == len(EXPERIMENTS)
 
 
+def test_validate_accepts_the_sweep_files_and_names_a_broken_ones_field(tmp_path, capsys):
+    sweeps = sorted((QUICKSTART.parent / "sweeps").glob("*.yaml"))
+    assert sweeps and main(["validate", *map(str, sweeps)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok (sweep ") == len(sweeps) and "5 children, ranked by val/dice, max" in out
+    # a broken child (a grid value out of range), a typo in the sweep file, a loss ranked
+    # (mode: min without being told)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f"name: b\nbase: {QUICKSTART}\ngrid: {{loss.pos_weight: [1, -2]}}\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"name: t\nbase: {QUICKSTART}\ngrid: {{loss.pos_weight: [1]}}\nmetrik: x\n")
+    loss = tmp_path / "loss.yaml"
+    loss.write_text(f"name: l\nbase: {QUICKSTART}\ngrid: {{loss.pos_weight: [1]}}\n"
+                    f"metric: val/loss\n")
+    assert main(["validate", str(broken), str(typo), str(loss)]) == 2
+    captured = capsys.readouterr()
+    assert f"{broken}" in captured.err and "loss.pos_weight" in captured.err
+    assert f"{typo}" in captured.err and "metrik: unknown key (did you mean metric?)" in \
+        captured.err
+    assert "ranked by val/loss, min" in captured.out
+    assert main(["validate", str(loss), "--set", "trainer.epochs=1"]) == 2
+    assert "a sweep file takes no --set" in capsys.readouterr().err
+
+
 def test_validate_bad_file_exits_2_naming_file_and_field(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: t\ndata: {name: synthetic}\nmodel: {name: unet, dept: 3}\n")

@@ -1,11 +1,11 @@
-"""Metrics against hand counts and an independent numpy implementation."""
+"""Metrics against hand counts and an independent numpy implementation (boundary scores:
+test_boundary.py)."""
 
 import numpy as np
 import pytest
 import torch
 
 from cityseg.metrics import (
-    BoundaryF1,
     ConfusionMatrix,
     binary_predictions,
     binary_scores,
@@ -126,84 +126,6 @@ def test_multiclass_perfect_is_one():
     cm.update(labels, labels)
     s = multiclass_scores(cm.counts, NAMES[:3])
     assert s["miou"] == 1.0 and s["pixel_accuracy"] == 1.0
-
-
-def brute_boundary_f1(pred: np.ndarray, target: np.ndarray, tol: int) -> float:
-    """Independent reference: loops over pixels, Chebyshev distances, no pooling."""
-    def boundary(labels):
-        h, w = labels.shape
-        out = np.zeros_like(labels, dtype=bool)
-        for i in range(h):
-            for j in range(w):
-                window = labels[max(0, i - 1):i + 2, max(0, j - 1):j + 2]
-                out[i, j] = (window != labels[i, j]).any()
-        return out
-
-    gt, pr = boundary(target), boundary(pred)
-    gt_pts, pr_pts = np.argwhere(gt), np.argwhere(pr)
-
-    def matched(points, others):
-        if len(others) == 0:
-            return 0
-        return sum(np.abs(others - p).max(axis=1).min() <= tol for p in points)
-
-    precision = matched(pr_pts, gt_pts) / len(pr_pts)
-    recall = matched(gt_pts, pr_pts) / len(gt_pts)
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-
-def boundary_f1(pred, target, tol):
-    metric = BoundaryF1(tolerance=tol, ignore_index=IGNORE)
-    metric.update(torch.tensor(pred)[None], torch.tensor(target)[None])
-    return metric.compute()
-
-
-def square(top, left, size=4, shape=(10, 10)):
-    mask = np.zeros(shape, dtype=np.int64)
-    mask[top:top + size, left:left + size] = 1
-    return mask
-
-
-def test_boundary_f1_hand_drawn_edge_shifted_by_one_pixel():
-    target = np.zeros((6, 6), dtype=np.int64)
-    target[:, :3] = 1  # edge between columns 2 and 3: boundary pixels are columns 2 and 3 (12)
-    pred = np.zeros((6, 6), dtype=np.int64)
-    pred[:, :4] = 1  # edge one pixel right: boundary columns 3 and 4 (12)
-    assert boundary_f1(target, target, 0) == 1.0
-    # tolerance 0: only column 3 is shared -> precision 6/12, recall 6/12, F1 0.5
-    assert boundary_f1(pred, target, 0) == pytest.approx(0.5)
-    # tolerance 1: column 4 is within one pixel of column 3 and column 2 of column 3
-    assert boundary_f1(pred, target, 1) == 1.0
-
-
-def test_boundary_f1_shifted_square_matches_brute_force():
-    target, pred = square(3, 3), square(3, 4)
-    assert boundary_f1(pred, target, 1) == 1.0
-    assert boundary_f1(pred, target, 0) == pytest.approx(brute_boundary_f1(pred, target, 0))
-    assert boundary_f1(pred, target, 0) < 1.0
-
-
-def test_boundary_f1_against_brute_force_on_random_blobs():
-    rng = np.random.default_rng(3)
-    for tol in (0, 1, 2):
-        target = square(*rng.integers(0, 6, 2), size=4, shape=(12, 12)) * 1
-        target[rng.integers(0, 12), :] = 2  # a stripe of another class
-        pred = square(*rng.integers(0, 6, 2), size=5, shape=(12, 12))
-        assert boundary_f1(pred, target, tol) == pytest.approx(brute_boundary_f1(pred, target, tol))
-
-
-def test_boundary_f1_empty_cases_are_defined():
-    empty = np.zeros((8, 8), dtype=np.int64)
-    assert boundary_f1(empty, empty, 1) == 1.0  # nothing to find, nothing found
-    assert boundary_f1(empty, square(2, 2, shape=(8, 8)), 1) == 0.0  # missed everything
-
-
-def test_boundary_f1_ignores_boundaries_next_to_ignored_pixels():
-    target = square(3, 3)
-    target[:, 7:] = IGNORE  # the right part is void
-    pred = square(3, 3)
-    pred[:, 7:] = 1  # whatever is predicted there does not count
-    assert boundary_f1(pred, target, 0) == 1.0
 
 
 def test_confusion_record_is_the_one_schema_of_confusion_matrix_json():

@@ -1,32 +1,142 @@
 import numpy as np
+from PIL import Image
 
 from cityseg import viz
 from cityseg.data.tasks import TASKS
 
+GREEN = (10, 200, 10)  # the test photos' colour: nothing else in a panel is drawn in it
+BINARY, MULTICLASS = TASKS["binary"], TASKS["multiclass"]
 
-def test_sample_panel_error_colours_and_layout():
-    image = np.zeros((1, 3, 4, 4), dtype=np.uint8)
+
+def photos(n, height, width):
+    return np.broadcast_to(np.array(GREEN, np.uint8)[None, :, None, None],
+                           (n, 3, height, width)).copy()
+
+
+def first_cell(panel):
+    """(top, left, height, width) of the top-left cell, the Input photo, found by its colour."""
+    green = np.all(panel == GREEN, axis=-1)
+    ys, xs = np.nonzero(green)
+    top, left = ys.min(), xs.min()
+    width = np.argmin(green[top, left:]) or green.shape[1] - left
+    height = np.argmin(green[top:, left]) or green.shape[0] - top
+    return top, left, height, width
+
+
+def cell(panel, row, column):
+    """Cell (row, column) of a panel whose cells are spaced by the margin left of the first."""
+    top, left, height, width = first_cell(panel)
+    y, x = top + row * (height + left), left + column * (width + left)
+    return panel[y:y + height, x:x + width]
+
+
+def ink_rows(region):
+    """The rows of a white band that hold dark (text) pixels."""
+    return np.nonzero((region.min(axis=-1) < 128).any(axis=1))[0]
+
+
+def legend_band(panel, rows):
+    """What lies below the last row of cells: the legend."""
+    top, left, height, _ = first_cell(panel)
+    return panel[top + rows * (height + left):]
+
+
+def test_error_map_colours_each_outcome_and_ignore():
     target = np.array([[[1, 1, 0, 0], [255, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]])
     pred = np.array([[[1, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]])
-    panel = viz.sample_panel(image, target, pred, task=TASKS["binary"])
-    scale = -(-viz.MIN_HEIGHT // 4)
-    cell = 8 * scale  # 4 pixels + 2 + 2 padding, upscaled
-    assert panel.shape == (18 + cell, 4 * cell, 3)
+    panel = viz.sample_panel(photos(1, 4, 4), target, pred, task=BINARY)
+    error = cell(panel, 0, 3)
+    scale = error.shape[0] // 4
+    assert error.shape == (4 * scale, 4 * scale, 3) and scale * 4 >= viz.MIN_HEIGHT
 
-    def error_pixel(row, col):  # pixel (row, col) of the Error column
-        return tuple(panel[18 + (2 + row) * scale, 3 * cell + (2 + col) * scale])
+    def pixel(row, col):
+        return tuple(error[row * scale + scale // 2, col * scale + scale // 2])
 
-    assert error_pixel(0, 0) == viz.TP and error_pixel(0, 1) == viz.FN
-    assert error_pixel(0, 2) == viz.FP and error_pixel(1, 0) == viz.IGNORED
-    assert error_pixel(3, 3) == (0, 0, 0)
+    assert pixel(0, 0) == viz.TP and pixel(0, 1) == viz.FN
+    assert pixel(0, 2) == viz.FP and pixel(1, 0) == viz.IGNORED
+    assert pixel(3, 3) == (0, 0, 0)
+    wrong = viz.sample_panel(photos(1, 4, 4), target, pred, task=MULTICLASS)
+    assert tuple(cell(wrong, 0, 3)[scale // 2, scale + scale // 2]) == viz.WRONG
+
+
+def test_titles_are_legible_at_the_panels_size_and_as_a_thumbnail():
+    target = np.zeros((2, 96, 192), dtype=np.int64)  # the quickstart's frame size
+    panel = viz.sample_panel(photos(2, 96, 192), target, target, task=BINARY)
+    top, left, height, width = first_cell(panel)
+    title = ink_rows(panel[:top, left:left + width])  # "Input", above the first column
+    tall = title.max() - title.min() + 1  # the old bitmap font's: 10 px, at any size
+    assert tall >= 14 and tall >= panel.shape[1] / 60  # ~20 px with the panel 1200 wide
+    card = viz.sample_card(photos(1, 96, 192)[0], target[0], target[0], task=BINARY)
+    top, left, height, width = first_cell(card)
+    shown = 256 / max(card.shape[:2])  # MLflow's thumbnail: the longer side at 256 px
+    title = ink_rows(card[:top, left:left + width])
+    assert (title.max() - title.min() + 1) * shown >= 9
+    thumbnail = Image.fromarray(card).resize((round(card.shape[1] * shown),
+                                              round(card.shape[0] * shown)))
+    assert max(thumbnail.size) == 256 and thumbnail.width > thumbnail.height  # 2x2, not a strip
+
+
+def test_the_legend_shows_the_error_colours():
+    target = np.zeros((1, 8, 8), dtype=np.int64)
+    panel = viz.sample_panel(photos(1, 8, 8), target, target, task=BINARY)
+    band = legend_band(panel, rows=1)
+    for colour in (viz.FP, viz.FN, viz.IGNORED):
+        assert np.all(band == colour, axis=-1).sum() > 25, colour  # a swatch of it
+    (heading, entries), = viz.legend(target, target, BINARY)
+    assert heading == "Error:" and [name for name, _ in entries] == [
+        "false positive", "false negative", "true positive", "ignored"]
+    assert ink_rows(band).size  # their names
+
+
+def test_the_prediction_is_drawn_over_the_photo_where_it_is_foreground():
+    photo = np.full((4, 6, 3), 100, np.uint8)
+    pred = np.zeros((4, 6), dtype=np.int64)
+    pred[1:3, 2:5] = 1
+    over = viz.overlay(photo, pred, BINARY)
+    assert np.array_equal(np.any(over != photo, axis=-1), pred == 1)
+    assert tuple(over[1, 2]) == (177, 50, 50)  # half red (255, 0, 0), half grey 100
+    panel = viz.sample_panel(photos(1, 4, 6), np.zeros_like(pred)[None], pred[None], task=BINARY)
+    drawn = cell(panel, 0, 2)
+    scale = drawn.shape[0] // 4
+    changed = np.any(drawn != cell(panel, 0, 0), axis=-1)
+    assert np.array_equal(changed, np.kron(pred == 1, np.ones((scale, scale), bool)))
+
+
+def test_a_multiclass_legend_lists_exactly_the_classes_present():
+    target = np.zeros((1, 8, 8), dtype=np.int64)  # road
+    target[0, :2] = 255  # ignored: not a class
+    target[0, 4:, 4:] = 13  # car
+    pred = np.zeros_like(target)
+    pred[0, 4:, :4] = 11  # person
+    sections = dict(viz.legend(target, pred, MULTICLASS))
+    assert [name for name, _ in sections["Classes:"]] == ["road", "person", "car"]
+    assert [name for name, _ in sections["Error:"]] == ["wrong class", "ignored"]
+    band = legend_band(viz.sample_panel(photos(1, 8, 8), target, pred, task=MULTICLASS), rows=1)
+    for label in range(MULTICLASS.num_classes):
+        swatch = np.all(band == MULTICLASS.colors[label], axis=-1).sum()
+        assert (swatch > 25) == (label in (0, 11, 13)), MULTICLASS.class_names[label]
+
+
+def test_a_card_is_one_sample_in_two_rows_of_two():
+    target = np.zeros((16, 32), dtype=np.int64)
+    card = viz.sample_card(photos(1, 16, 32)[0], target, target, task=BINARY)
+    top, left, height, width = first_cell(card)
+    assert card.shape[1] == 2 * (width + left) + left  # two columns
+    # below: the prediction (nothing drawn over the photo) under its own title, and the error
+    rows = np.nonzero(np.all(card[:, left:left + width] == GREEN, axis=(1, 2)))[0]
+    second = rows[rows > top + height]
+    assert rows.size == 2 * height and np.array_equal(second, np.arange(second[0], rows[-1] + 1))
+    assert ink_rows(card[top + height:second[0], left:left + width]).size  # "Prediction"
+    assert np.all(card[second, 2 * left + width:2 * (left + width)] == 0)  # no error at all
 
 
 def test_comparison_panel_has_a_column_per_child():
-    images = np.zeros((2, 3, 8, 16), dtype=np.uint8)
+    images = photos(2, 8, 16)
     targets = np.zeros((2, 8, 16), dtype=np.int64)
-    columns = {"a": targets, "b": targets, "c": targets}
-    panel = viz.comparison_panel(images, targets, columns, task=TASKS["multiclass"])
-    assert panel.shape[1] == 5 * (16 + 4) * -(-viz.MIN_HEIGHT // 8)
+    columns = {"a": targets, "b": targets, "pos_weight=4, lr=0.003, seed=2": targets}
+    panel = viz.comparison_panel(images, targets, columns, task=MULTICLASS)
+    top, left, height, width = first_cell(panel)
+    assert panel.shape[1] == 5 * (width + left) + left
 
 
 def test_confusion_image_and_plots_render():

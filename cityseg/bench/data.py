@@ -66,8 +66,7 @@ def loader_ceiling(exp) -> float:
 
     splits = build_data(exp, NullDisplay())
     loader = DataLoader(splits.train, batch_size=exp.data.batch_size, shuffle=True,
-                        num_workers=exp.data.num_workers,
-                        persistent_workers=exp.data.num_workers > 0)
+                        num_workers=exp.data.workers, persistent_workers=exp.data.workers > 0)
     for _ in loader:  # warm-up epoch: worker start
         pass
     start, seen = time.perf_counter(), 0

@@ -1,9 +1,9 @@
-"""Command line: `cityseg run|sweep|compare|evaluate|predict|validate|show|schema|list|data`.
+"""Command line: cityseg run|sweep|compare|evaluate|predict|export|validate|show|schema|list|data.
 
 The only place that prints user errors and chooses exit codes: 0 success, 2 bad input
 (config, data, command line), 1 a run that failed while training. `parser.py` holds the
 grammar; the commands live by subject: train.py (run, validate, show, schema, list), data.py,
-sweeps.py (sweep, compare) and models.py (evaluate, predict, promote, runs).
+sweeps.py (sweep, compare) and models.py (evaluate, predict, export, promote, runs).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from cityseg.cli.data import cmd_data
-from cityseg.cli.models import cmd_evaluate, cmd_predict, cmd_promote, cmd_runs
+from cityseg.cli.models import cmd_evaluate, cmd_export, cmd_predict, cmd_promote, cmd_runs
 from cityseg.cli.parser import EXIT_USAGE, build_parser
 from cityseg.cli.sweeps import cmd_compare, cmd_sweep
 from cityseg.cli.train import cmd_list, cmd_run, cmd_schema, cmd_show, cmd_validate
@@ -25,7 +25,7 @@ from cityseg.errors import CitysegError, RankFailed
 __all__ = ["COMMANDS", "EXIT_USAGE", "build_parser", "main"]
 
 COMMANDS = {"run": cmd_run, "runs": cmd_runs, "promote": cmd_promote, "evaluate": cmd_evaluate,
-            "predict": cmd_predict,
+            "predict": cmd_predict, "export": cmd_export,
             "data": cmd_data, "sweep": cmd_sweep, "compare": cmd_compare, "validate": cmd_validate,
             "show": cmd_show, "schema": cmd_schema, "list": cmd_list}
 

@@ -1,9 +1,11 @@
-"""Trained models: score one (`evaluate`), use one (`predict`), name one (`promote`), and look
-after the runs they come from (`runs clean|links`)."""
+"""Trained models: score one (`evaluate`), use one (`predict`), take one elsewhere (`export`),
+name one (`promote`), and look after the runs they come from (`runs clean|links`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
 
 from rich.console import Console
@@ -83,28 +85,86 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, out: Console) -> int:
-    from rich.progress import track
+    from cityseg.engine import inference, submission, video
 
-    from cityseg.engine import inference
-
+    if args.zip is not None and args.format != "cityscapes":
+        raise CitysegError("--zip packs the files of --format cityscapes; add --format cityscapes")
+    if args.probabilities and args.format == "cityscapes":
+        raise CitysegError("--probabilities is for --format files: the benchmark folder holds "
+                           "the predictions only")
     inference.check_out(args.out)
+    engine = _engine(args)
     trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
                                      runs=args.runs, device=args.device,
                                      overrides=_inference_overrides(args))
     if trained.note:
         print(f"warning: {trained.note}", file=sys.stderr)
-    progress = ((lambda files: track(files, description="predicting", console=out))
-                if out.is_terminal else (lambda f: f))
-    written, skipped = inference.predict_files(trained, args.inputs, args.out,
-                                               probabilities=args.probabilities,
-                                               progress=progress)
-    out.print(f"{len(written)} image(s) -> {args.out} (*_mask.png, *_overlay.png"
-              f"{', *_prob.png' if args.probabilities and trained.task.thresholded else ''})")
+    if engine == "onnxruntime":  # predict asks its predictor only predict_photo
+        from cityseg.engine.onnx_engine import engine_for
+
+        trained = dataclasses.replace(trained, predictor=engine_for(trained, args.onnx))
+    with video.progress_bar(out) if out.is_terminal else contextlib.nullcontext() as progress:
+        if args.format == "cityscapes":
+            written, skipped = submission.benchmark_files(trained, args.inputs, args.out,
+                                                          zip_to=args.zip, progress=progress)
+        else:
+            written, skipped = inference.predict_files(trained, args.inputs, args.out,
+                                                       probabilities=args.probabilities,
+                                                       masks=args.masks, progress=progress)
+    out.print(_predicted(args, trained, written, skipped), markup=False)
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
     if skipped:  # exit 2, as for any bad input, once the readable images are written
         print(f"{len(skipped)} input(s) skipped", file=sys.stderr)
     return EXIT_USAGE if skipped else 0
+
+
+def _predicted(args: argparse.Namespace, trained, written: list, skipped: list[str]) -> str:
+    """What predict wrote, in one line."""
+    if args.format == "cityscapes":
+        zipped = ("" if args.zip is None else f"; zipped into {args.zip}" if not skipped
+                  else "; no zip: the server needs a prediction for every frame")
+        return f"{len(written)} frame(s) -> {args.out} (<frame>.png, label ids){zipped}"
+    videos = sum(path.suffix == ".mp4" for path in written)
+    images = len(written) - videos
+    prob = ", *_prob.png" if args.probabilities and trained.task.thresholded else ""
+    parts = []
+    if images or not videos:
+        parts.append(f"{images} image(s) (*_mask.png, *_overlay.png{prob})")
+    if videos:
+        parts.append(f"{videos} video(s) (*_overlay.mp4{', *_mask.mp4' if args.masks else ''})")
+    return f"{' and '.join(parts)} -> {args.out}"
+
+
+def _engine(args: argparse.Namespace) -> str:
+    """--engine: onnxruntime when --onnx names a file, else torch; --onnx with torch refused."""
+    if args.onnx is not None and args.engine == "torch":
+        raise CitysegError("--onnx FILE is run by --engine onnxruntime, not torch")
+    return args.engine or ("onnxruntime" if args.onnx is not None else "torch")
+
+
+def cmd_export(args: argparse.Namespace, out: Console) -> int:
+    from cityseg.engine import export, inference
+
+    if args.out is not None:
+        export.check_out_file(args.out)
+    if args.format == "onnx":
+        export.onnx_modules()  # a missing extra is said before the model is loaded
+    # traced on the CPU in fp32, whatever device it trained on
+    trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
+                                     runs=args.runs, device="cpu",
+                                     overrides=_inference_overrides(args))
+    if trained.note:
+        print(f"warning: {trained.note}", file=sys.stderr)
+    path = export.export(trained, fmt=args.format,
+                         out=args.out or export.default_out(trained, args.format))
+    out.print(f"{path}: {trained.exp.name} (run {trained.run_id}, {trained.task.name}, "
+              f"{trained.exp.trainer.inference.describe()}); image uint8 (N, 3, H, W) -> mask, "
+              f"probabilities", markup=False)
+    if args.log:
+        out.print(f"stored with the run: {export.log_export(trained, path, runs=args.runs)}",
+                  markup=False)
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace, out: Console) -> int:
@@ -120,7 +180,7 @@ def cmd_runs(args: argparse.Namespace, out: Console) -> int:
     from cityseg.tracking import clean_stale, experiment_links
 
     if args.runs_command == "links":
-        for name, url in experiment_links(args.runs):
+        for name, url in experiment_links(args.runs, port=args.port):
             out.print(f"{name}: {url}", markup=False)
         return 0
 

@@ -12,7 +12,8 @@ from cityseg.data.layouts import LAYOUTS
 from cityseg.data.synthetic import MASK_ENCODINGS
 
 DESCRIPTION = ("Command line: "
-               "`cityseg run|sweep|compare|evaluate|predict|validate|show|schema|list|data`.")
+               "`cityseg run|sweep|compare|evaluate|predict|export|validate|show|schema|list|"
+               "data`.")
 
 # Exit codes: 0 success, 2 bad input (config, data, command line: argparse's own code for a bad
 # command line), 1 a run that failed while training, 128 + N stopped by signal N.
@@ -44,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics of a trained model on a split, logged as a new MLflow run"),
                        ("predict", "masks and overlays for your own images")):
         _add_model_command(sub.add_parser(name, help=text), evaluate=name == "evaluate")
+    _add_export_command(sub)
     runs = _add_store_commands(sub)
     sub.add_parser("schema", help="print the JSON Schema of experiment files")
     sub.add_parser("list", help="list the registered components")
-    for name in ("run", "sweep", "compare", "evaluate", "predict", "promote"):
+    for name in ("run", "sweep", "compare", "evaluate", "predict", "export", "promote"):
         _add_tracking_uri(sub.choices[name])
     for name in ("clean", "links"):
         _add_tracking_uri(runs.choices[name])
@@ -117,15 +119,14 @@ def _add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=30, help="rows shown")
 
 
-def _add_model_command(p: argparse.ArgumentParser, *, evaluate: bool) -> None:
-    """evaluate and predict: which trained model, and how it infers."""
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """evaluate, predict and export: which trained model, and how it infers."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="MLflow run id (its best checkpoint)")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint file")
     source.add_argument("--model", metavar="models:/NAME/VERSION|models:/NAME@ALIAS",
                         help="a registered model (its run's best checkpoint)")
     _add_runs(p)
-    p.add_argument("--device", default="auto")
     p.add_argument("--inference", choices=["whole", "slide"],
                    help="whole frame in one pass, or sliding windows of the training size "
                         "(default: the experiment's trainer.inference.mode)")
@@ -133,11 +134,46 @@ def _add_model_command(p: argparse.ArgumentParser, *, evaluate: bool) -> None:
                                                  "overlaps (default 1/3)")
     p.add_argument("--tta", choices=["none", "flip"],
                    help="flip: average with the mirror image's logits")
+
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="the model as one graph (ONNX or torch.export): uint8 "
+                                      "photos in, masks and probabilities out, as predict")
+    _add_model_source(p)
+    p.add_argument("--format", choices=["onnx", "pt2"], default="onnx",
+                   help="onnx (ONNX Runtime, TensorRT, ...) or pt2 (torch.export.load); "
+                        "default onnx")
+    p.add_argument("--out", type=Path,
+                   help="file to write (default ./<experiment>-<run id>.onnx or .pt2)")
+    p.add_argument("--log", action="store_true",
+                   help="also store the file in the artifacts of the run (export/)")
+
+
+def _add_model_command(p: argparse.ArgumentParser, *, evaluate: bool) -> None:
+    """evaluate and predict: which trained model, and how it infers."""
+    _add_model_source(p)
+    p.add_argument("--device", default="auto")
     if not evaluate:
-        p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+        p.add_argument("inputs", nargs="+", type=Path,
+                       help="image files (.png, .jpg), video files (.mp4, .mov, .avi, .mkv, "
+                            ".webm, ...) or folders of them")
         p.add_argument("--out", type=Path, required=True, help="output folder")
         p.add_argument("--probabilities", action="store_true",
                        help="also write <name>_prob.png (binary)")
+        p.add_argument("--format", choices=["files", "cityscapes"], default="files",
+                       help="files (the default): <name>_mask.png and <name>_overlay.png per "
+                            "image; cityscapes: for the benchmark server, one <name>.png of "
+                            "official label ids per frame and nothing else (19-class models)")
+        p.add_argument("--zip", type=Path, metavar="FILE",
+                       help="--format cityscapes: also pack the files into FILE for upload")
+        p.add_argument("--masks", action="store_true",
+                       help="videos: also write <name>_mask.mp4 (the mask in the task's colours)")
+        p.add_argument("--engine", choices=["torch", "onnxruntime"],
+                       help="torch (the default), or the exported graph run by ONNX Runtime "
+                            "(whole-frame models; default with --onnx)")
+        p.add_argument("--onnx", type=Path, metavar="FILE",
+                       help="--engine onnxruntime: a file `cityseg export` wrote from this "
+                            "model (default: exported now, in memory)")
         return
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--data-root", type=Path, help="dataset folder, if not the one trained on")
@@ -168,4 +204,6 @@ def _add_store_commands(sub: argparse._SubParsersAction) -> argparse._SubParsers
     p.add_argument("--dry-run", action="store_true", help="only list them")
     p = runs.add_parser("links", help="the MLflow UI page of each experiment's training runs")
     _add_runs(p)
+    p.add_argument("--port", type=int, help="the local UI's port (default $CITYSEG_UI_PORT, "
+                                            "else 5000; `make ui PORT=N` sets it)")
     return runs

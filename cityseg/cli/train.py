@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
 
         with tracking.downloaded(args.runs, args.from_run, "config.yaml",
                                  missing="has no config.yaml artifact") as logged:
-            exp = load_experiment(logged, args.overrides)
+            exp = load_experiment(logged, args.overrides, saved=True)
     else:
         exp = load_experiment(args.experiment, args.overrides)
     from cityseg.engine.display import RichDisplay
@@ -61,13 +61,27 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, out: Console) -> int:
+    """Experiment files, and sweep files validated as `cityseg sweep` validates them (the
+    sweep, its base and every child)."""
     from cityseg.config import load_experiment
+    from cityseg.sweep.spec import is_sweep_file, load_sweep
 
     failed = 0
     for path in args.files:
         try:
-            load_experiment(path, args.overrides)
-            out.print(f"{path}: ok")
+            if not is_sweep_file(path):
+                load_experiment(path, args.overrides)
+                out.print(f"{path}: ok", markup=False)
+                continue
+            if args.overrides:
+                raise CitysegError(f"{path}: a sweep file takes no --set; its `set:` changes "
+                                   f"every child")
+            plan = load_sweep(path)
+            search = plan.config.search
+            children = (f"{len(plan.points)} children" if search is None
+                        else f"a search of {search.trials} trials")
+            out.print(f"{path}: ok (sweep {plan.config.name}: {children}, ranked by "
+                      f"{plan.config.metric}, {plan.config.mode})", markup=False)
         except CitysegError as err:
             failed += 1
             print(f"error: {err}", file=sys.stderr)

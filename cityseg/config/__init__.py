@@ -20,6 +20,7 @@ from cityseg.config.loading import (
 from cityseg.config.models import (
     DEFAULT_COMPONENTS,
     REGISTRY_FIELDS,
+    SAVED,
     Experiment,
     InferenceConfig,
     Section,
@@ -28,7 +29,7 @@ from cityseg.config.models import (
 )
 
 __all__ = [
-    "DEFAULT_COMPONENTS", "REGISTRY_FIELDS", "Experiment", "InferenceConfig", "Section",
+    "DEFAULT_COMPONENTS", "REGISTRY_FIELDS", "SAVED", "Experiment", "InferenceConfig", "Section",
     "TrackingConfig", "TrainerConfig", "apply_overrides", "deep_merge", "flatten", "format_error",
     "load_experiment", "load_raw", "parse_override", "read_yaml", "to_yaml", "validate",
     "validation_error",

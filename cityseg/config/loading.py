@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from cityseg.config.errors import validation_error
-from cityseg.config.models import DEFAULT_COMPONENTS, REGISTRY_FIELDS, Experiment
+from cityseg.config.models import DEFAULT_COMPONENTS, REGISTRY_FIELDS, SAVED, Experiment
 from cityseg.errors import ConfigError
 from cityseg.registry import Registry
 
@@ -212,16 +212,19 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return raw
 
 
-def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Read, merge, override and validate an experiment; raises ConfigError on any problem."""
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                    saved: bool = False) -> Experiment:
+    """Read, merge, override and validate an experiment (`saved`: one an earlier run wrote);
+    raises ConfigError on any problem."""
     raw = apply_overrides(load_raw(Path(path)), overrides)
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path), saved=saved)
 
 
-def validate(raw: dict, *, source: str) -> Experiment:
-    """The experiment `raw` describes; a ConfigError naming `source` and every bad field."""
+def validate(raw: dict, *, source: str, saved: bool = False) -> Experiment:
+    """The experiment `raw` describes; a ConfigError naming `source` and every bad field.
+    `saved`: a config an earlier version saved, whose retired keys are dropped."""
     try:
-        return Experiment.model_validate(raw)
+        return Experiment.model_validate(raw, context={SAVED: True} if saved else None)
     except ValidationError as err:
         raise validation_error(err, raw, source=source) from None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 # Importing the component packages fills the registries that the unions below are made of.
 from cityseg import data, losses, models, optim  # noqa: F401
@@ -28,6 +28,10 @@ from cityseg.registry import (
     Registry,
     suggest,
 )
+
+# validation context of a config saved by an earlier version (a checkpoint's, a run's
+# config.yaml): keys retired since then are dropped instead of refused
+SAVED = "saved"
 
 
 class Section(BaseModel):
@@ -74,8 +78,26 @@ class TrainerConfig(Section):
         1, ge=1, description="batches whose gradients are summed per optimizer step")
     threshold: float = Field(
         0.5, gt=0.0, lt=1.0, description="foreground where sigmoid(logit) > threshold")
-    boundary_tolerance: int = Field(
-        2, ge=0, description="pixels a boundary may be off and still count, for val/boundary_f1")
+    boundary_tolerance_diagonal: float = Field(
+        0.0075, ge=0.0, lt=1.0,
+        description="how far a class's predicted contour may lie from the true one and still "
+                    "count, for val/bf_score, as a fraction of the image diagonal (0.0075 = "
+                    "0.75%, Csurka et al. 2013): the same at any resolution scored")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_pixel_tolerance(cls, section: Any, info: ValidationInfo) -> Any:
+        """boundary_tolerance (pixels, for the retired val/boundary_f1): a config saved before
+        the BF score (a checkpoint's, a run's config.yaml) loads without it, as nothing is
+        scored with it now; an experiment file that sets it is told what replaced it."""
+        if not isinstance(section, dict) or "boundary_tolerance" not in section:
+            return section
+        if SAVED in (info.context or {}):
+            return {k: v for k, v in section.items() if k != "boundary_tolerance"}
+        raise ValueError("boundary_tolerance (pixels, for the retired val/boundary_f1) is gone: "
+                         "set boundary_tolerance_diagonal, a fraction of the image diagonal "
+                         "(0.0075 = 0.75%), for val/bf_score")
+
     monitor: str = Field(
         "auto", description="metric that picks the best checkpoint, drives early stopping and "
                             "the plateau scheduler; auto: val/dice for binary, val/miou for "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from cityseg.data.cityscapes import DEFAULT_FOREGROUND, TRAIN_CLASSES
 from cityseg.data.device_augment import DeviceAugmenter
 from cityseg.data.layouts import DatasetIndex, Encoding, Sample, index_dataset, read_resized
 from cityseg.data.tasks import TASKS
+from cityseg.data.workers import loader_workers
 from cityseg.errors import ConfigError, DataError
 from cityseg.registry import DATASETS, BuildContext, Params
 
@@ -59,8 +60,11 @@ class DataParams(Params):
     batch_size: int = Field(8, ge=1, description="images per training and validation batch, "
                                                  "over all processes (torchrun): each of N "
                                                  "processes takes batch_size / N")
-    num_workers: int = Field(
-        2, ge=0, description="DataLoader (and cache-building) worker processes")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="DataLoader (and cache-building) worker processes; auto: "
+                                  "this process's share of the CPUs it may use (shared by the "
+                                  "torchrun ranks and `sweep --jobs` workers of the machine), "
+                                  "less one for the training loop, at most 8")
     cache: bool = Field(True, description="decode and resize every image once into cache_dir and "
                                           "read arrays afterwards")
     cache_dir: Path = Field(Path("runs/cache"), description="where decoded arrays are kept")
@@ -80,6 +84,11 @@ class DataParams(Params):
     def frame_size(self) -> tuple[int, int]:
         """(H, W) of the frames as cached and validated: data.scale, else image_size."""
         return tuple(self.scale or self.image_size)
+
+    @property
+    def workers(self) -> int:
+        """data.num_workers as a count (auto resolved for this process)."""
+        return loader_workers(self.num_workers)
 
     def index(self, splits: tuple[str, ...]) -> DatasetIndex:
         """The samples of the splits, found where and as this dataset keeps its files."""
@@ -307,7 +316,7 @@ def reader_for(p: DataParams, index: DatasetIndex,
     samples = index.samples[split]
     args = {"layout": index.layout, "encoding": index.encoding, "size": p.frame_size}
     if p.cache:
-        decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.num_workers, **args)
+        decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.workers, **args)
         return CachedReader(decoded), decoded.fingerprint
     return DiskReader(samples, **args), fingerprint(samples, **args)
 

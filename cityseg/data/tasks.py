@@ -50,7 +50,7 @@ class Task:
     def monitors(self) -> tuple[str, ...]:
         """Metrics a run of this task logs per epoch, the default monitor first."""
         scores = tuple(f"val/{name}" for name in self.score_names)
-        return (*scores, "val/boundary_f1", "val/loss", "train/loss")
+        return (*scores, "val/bf_score", "val/boundary_iou", "val/loss", "train/loss")
 
     def lut(self, foreground: list[str] | tuple[str, ...]) -> np.ndarray:
         """uint8[256]: train id -> this task's label (255 = ignore)."""
@@ -111,6 +111,6 @@ LOGGED_METRICS: tuple[str, ...] = tuple(dict.fromkeys(
     metric for task in TASKS.values() for metric in task.monitors))
 
 # what a table of runs shows beside the metric it ranks by: each task's two first scores and
-# boundary F1 (every score would not fit a terminal)
+# the BF score (every score would not fit a terminal)
 HEADLINE_METRICS: tuple[str, ...] = tuple(dict.fromkeys(
-    (*(metric for task in TASKS.values() for metric in task.monitors[:2]), "val/boundary_f1")))
+    (*(metric for task in TASKS.values() for metric in task.monitors[:2]), "val/bf_score")))

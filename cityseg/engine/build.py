@@ -116,9 +116,10 @@ def _ignore_sigint(worker_id: int) -> None:
 def loaders(splits: DataSplits, exp: Experiment, world: distributed.World, *,
             pin_memory: bool) -> tuple[DataLoader, EpochSampler, DataLoader]:
     """Loaders of this rank's share: batch_size / world images per step, a shard of val."""
+    workers = exp.data.workers
     common = {"batch_size": exp.data.batch_size // world.size,
-              "num_workers": exp.data.num_workers, "pin_memory": pin_memory,
-              "persistent_workers": exp.data.num_workers > 0, "worker_init_fn": _ignore_sigint,
+              "num_workers": workers, "pin_memory": pin_memory,
+              "persistent_workers": workers > 0, "worker_init_fn": _ignore_sigint,
               # the loader's own generator: creating an iterator must not draw from the global
               # RNG (dropout uses it), or a resumed run would differ from an uninterrupted one
               "generator": torch.Generator().manual_seed(exp.seed)}

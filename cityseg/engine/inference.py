@@ -1,5 +1,5 @@
 """Use a trained model: load it from a run or a checkpoint, evaluate it on a split, calibrate
-the binary threshold, and predict masks for any images."""
+the binary threshold, and predict masks for any images (and videos: video.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,11 +20,14 @@ from cityseg.config import Experiment, apply_overrides, validate
 from cityseg.data.datasets import SegmentationDataset, data_index, reader_for, task_lut
 from cityseg.data.layouts import IMAGE_EXTS, read_photo, read_sample
 from cityseg.data.tasks import Task
-from cityseg.engine import checkpoints
+from cityseg.engine import checkpoints, video
 from cityseg.engine.predictor import Predictor, place_model
 from cityseg.errors import CitysegError, DataError, StorageError
 from cityseg.metrics import confusion_record
 from cityseg.registry import MODELS
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 HISTOGRAM_BINS = 1000  # threshold resolution of the calibration
 
@@ -61,7 +65,7 @@ def load_trained(*, run_id: str | None, checkpoint: Path | None, runs: Path,
         found = checkpoints.intact(runs, run_id, which)
     path, saved = found.path, found.checkpoint
     raw = apply_overrides(copy.deepcopy(saved["config"]), overrides)
-    exp = validate(raw, source=f"config of checkpoint {path}")
+    exp = validate(raw, source=f"config of checkpoint {path}", saved=True)
     model = MODELS.build(exp.model, exp.build_context())
     checkpoints.check_weights_fit(saved, model, path)
     asked = any(o.startswith("trainer.threshold=") for o in overrides)
@@ -86,7 +90,7 @@ def split_loader(trained: Trained, split: str) -> DataLoader:
     p = trained.exp.data
     reader, _ = reader_for(p, data_index(p, (split,)), split)
     dataset = SegmentationDataset(reader, lut=task_lut(p), transform=None)
-    return DataLoader(dataset, batch_size=p.batch_size, num_workers=p.num_workers)
+    return DataLoader(dataset, batch_size=p.batch_size, num_workers=p.workers)
 
 
 def evaluate(trained: Trained, *, split: str, full_resolution: bool
@@ -96,7 +100,7 @@ def evaluate(trained: Trained, *, split: str, full_resolution: bool
     At the training size, the split is scored as validation scores it; at full resolution,
     every label of the files is scored against exactly what `predict` writes for the photo.
     """
-    tolerance = trained.exp.trainer.boundary_tolerance
+    tolerance = trained.exp.trainer.boundary_tolerance_diagonal
     if full_resolution:
         found, counts = trained.predictor.evaluate_photos(_full_resolution(trained, split),
                                                           tolerance=tolerance)
@@ -163,11 +167,13 @@ def write_threshold(trained: Trained, threshold: float) -> None:
     checkpoints.save_atomic(checkpoint, trained.path)
 
 
-def _inputs_of(paths: list[Path]) -> list[Path]:
+def input_files(paths: list[Path]) -> list[Path]:
+    """The files named, and the images and videos in the folders named (searched recursively)."""
+    suffixes = (*IMAGE_EXTS, *video.VIDEO_EXTS)
     files = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
         elif path.exists():
             files.append(path)
         else:
@@ -200,12 +206,6 @@ def predict_masks(trained: Trained, images: np.ndarray) -> np.ndarray:
                      for image in images])
 
 
-def overlay(photo: np.ndarray, labels: np.ndarray, task: Task) -> np.ndarray:
-    """The photo with the prediction blended over it in the task's overlay colours."""
-    alpha = task.overlay_alpha[labels][..., None]
-    return (photo * (1 - alpha) + task.overlay_colors[labels] * alpha).astype(np.uint8)
-
-
 def check_out(out: Path) -> None:
     """--out must be a folder or creatable as one: refused before any model is loaded."""
     for folder in (out, *out.parents):
@@ -216,41 +216,71 @@ def check_out(out: Path) -> None:
             return
 
 
-def predict_files(trained: Trained, inputs: list[Path], out: Path, *, probabilities: bool,
-                  progress=lambda files: files) -> tuple[list[Path], list[str]]:
-    """Write <stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) per image; an input that
-    cannot or should not be decoded is skipped, named, and the rest go on.
-    Returns (written, skipped: one "<path>: <reason>" each)."""
-    check_out(out)
-    files = _inputs_of(inputs)
+def make_out(out: Path) -> None:
+    """Create the --out folder (and its parents); StorageError naming it if that fails."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StorageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+
+
+def save_png(image: np.ndarray, path: Path, *, written: int) -> None:
+    """One PNG; StorageError naming it (and how many inputs were done before it) on failure."""
+    try:
+        Image.fromarray(image).save(path)
+    except OSError as err:
+        raise StorageError(f"{path}: cannot write ({err.strerror or err}); {written} input(s) "
+                           f"written before it") from None
+
+
+def tracked(progress: Progress | None, files: list[Path], description: str):
+    """The files, counted on the progress bar when there is one."""
+    return files if progress is None else progress.track(files, description=description)
+
+
+def _predict_photo(trained: Trained, path: Path, out: Path, stem: str, *, probabilities: bool,
+                   written: int) -> Path:
+    """<stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) of one image; its mask's path."""
+    photo = read_photo(path)
+    labels, prob = trained.predictor.predict_photo(photo)
+    images = {"mask": trained.task.mask_values[labels],
+              "overlay": viz.overlay(photo, labels, trained.task)}
+    if probabilities and prob is not None:
+        images["prob"] = (prob * 255).round().astype(np.uint8)
+    for kind, image in images.items():
+        save_png(image, out / f"{stem}_{kind}.png", written=written)
+    return out / f"{stem}_mask.png"
+
+
+def predict_files(trained: Trained, inputs: list[Path], out: Path, *, probabilities: bool,
+                  masks: bool = False, progress: Progress | None = None
+                  ) -> tuple[list[Path], list[str]]:
+    """Write <stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) per image, and
+    <stem>_overlay.mp4 (and with masks <stem>_mask.mp4) per video; an input that cannot or
+    should not be decoded is skipped, named, and the rest go on. Two inputs of the same stem
+    get <stem>, <stem>_1, ... (an image and a video of one stem need not: their files differ).
+    Returns (written: each image's mask and each video's overlay, skipped: one
+    "<path>: <reason>" each)."""
+    check_out(out)
+    files = input_files(inputs)
+    make_out(out)
     written, skipped, used = [], [], set()
-    for path in progress(files):
+    for path in tracked(progress, files, "inputs"):
+        is_video = path.suffix.lower() in video.VIDEO_EXTS
+        stem, n = path.stem, 1
+        while (stem, is_video) in used:
+            stem, n = f"{path.stem}_{n}", n + 1
         try:
-            photo = read_photo(path)
+            if is_video:
+                written.append(video.predict_video(trained, path, out, stem, masks=masks,
+                                                   progress=progress))
+            else:
+                written.append(_predict_photo(trained, path, out, stem,
+                                              probabilities=probabilities, written=len(written)))
         except DataError as err:
             skipped.append(str(err))
             continue
-        stem, n = path.stem, 1
-        while stem in used:
-            stem, n = f"{path.stem}_{n}", n + 1
-        used.add(stem)
-        labels, prob = trained.predictor.predict_photo(photo)
-        images = {"mask": trained.task.mask_values[labels],
-                  "overlay": overlay(photo, labels, trained.task)}
-        if probabilities and prob is not None:
-            images["prob"] = (prob * 255).round().astype(np.uint8)
-        for kind, image in images.items():
-            try:
-                Image.fromarray(image).save(out / f"{stem}_{kind}.png")
-            except OSError as err:
-                raise StorageError(f"{out / f'{stem}_{kind}.png'}: cannot write "
-                                   f"({err.strerror or err}); {len(written)} image(s) "
-                                   f"written before it") from None
-        written.append(out / f"{stem}_mask.png")
+        used.add((stem, is_video))
     return written, skipped
 
 

@@ -26,7 +26,7 @@ from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.tasks import Task
 from cityseg.engine import distributed
 from cityseg.engine.environment import resolve_device, resolve_precision
-from cityseg.metrics import BoundaryF1, ConfusionMatrix, boundary_f1
+from cityseg.metrics import BoundaryScores, ConfusionMatrix, boundary_scores
 
 # ImageNet statistics: the usual choice, and harmless for a network trained from scratch.
 MEAN = (0.485, 0.456, 0.406)
@@ -186,7 +186,7 @@ class Predictor:
 
     @torch.inference_mode()
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                 tolerance: int, loss_fn: nn.Module | None = None
+                 tolerance: float, loss_fn: nn.Module | None = None
                  ) -> tuple[dict[str, float], torch.Tensor]:
         """Scores (with `loss` if loss_fn is given) and confusion counts over batches of
         (uint8 frames, masks)."""
@@ -200,7 +200,7 @@ class Predictor:
 
     @torch.inference_mode()
     def evaluate_photos(self, samples: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                        tolerance: int) -> tuple[dict[str, float], torch.Tensor]:
+                        tolerance: float) -> tuple[dict[str, float], torch.Tensor]:
         """Scores and confusion counts over (photo, labels) pairs of any size, predicted exactly
         as predict_photo predicts them (full-resolution evaluation)."""
         tally = _Tally(self.task, tolerance=tolerance, device=self.device)
@@ -223,10 +223,12 @@ def _starts(length: int, window: int, overlap: float) -> list[int]:
 class _Tally:
     """Confusion, boundary and loss counts of a dataset, kept on the device; one host copy."""
 
-    def __init__(self, task: Task, *, tolerance: int, device: torch.device) -> None:
+    def __init__(self, task: Task, *, tolerance: float, device: torch.device) -> None:
         self.task = task
         self.confusion = ConfusionMatrix(task.num_classes, ignore_index=IGNORE_INDEX, device=device)
-        self.boundary = BoundaryF1(tolerance=tolerance, ignore_index=IGNORE_INDEX, device=device)
+        # tolerance: the BF score's, a fraction of the image diagonal
+        self.boundary = BoundaryScores(task.num_classes, tolerance=tolerance,
+                                       ignore_index=IGNORE_INDEX, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.seen = 0
 
@@ -247,7 +249,7 @@ class _Tally:
         # float64 holds counts below 2**53 exactly
         host = distributed.all_reduce(packed, "sum").cpu()
         counts = host[2 : 2 + n * n].long().view(n, n)
-        found = {**self.task.scores(counts), "boundary_f1": boundary_f1(host[2 + n * n :].long())}
+        found = {**self.task.scores(counts), **boundary_scores(host[2 + n * n :])}
         if with_loss:
             found = {"loss": host[1].item() / max(host[0].item(), 1), **found}
         return found, counts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from cityseg.optim import describe_groups
 
 # after each epoch (rank 0): tags to stop the run with, FINISHED, or None to go on
 EpochHook = Callable[[int, dict[str, float]], "dict[str, str] | None"]
+SAMPLE_KEY = "val/sample_"  # + the sample's index: the image series of one validation frame
 
 
 class NullRecorder:
@@ -84,6 +86,8 @@ class Recorder(NullRecorder):
             run_name=self.run_name, tags=tags, reattach=point.run_id if point else None,
             system_metrics=t.system_metrics))
         self.samples = parts.splits.val.first(self.exp.tracking.num_samples)
+        # what the model's metrics are scored on: the validation dataset input
+        self.scored_on = (_dataset_name(self.exp, parts, "val"), parts.splits.fingerprints["val"])
         return self.run_id
 
     def __exit__(self, kind, error, tb) -> None:
@@ -130,6 +134,7 @@ class Recorder(NullRecorder):
         frequencies = {"split": "train", "resized_to": list(exp.data.frame_size),
                        **class_frequencies(parts.splits.train_class_counts())}
         tracker.log_text(json.dumps(frequencies, indent=2), "data/class_frequencies.json")
+        self._log_samples(parts.predictor, step=0)  # the untrained model: the slider's start
 
     def _new_run_tags(self, parts: Components, world, devices: list[str]) -> dict[str, str]:
         exp, predictor = self.exp, parts.predictor
@@ -139,6 +144,7 @@ class Recorder(NullRecorder):
                 "data.mask_encoding": parts.splits.index.encoding.kind,
                 "data.foreground_fraction": f"{fraction:.5f}",
                 "world_size": str(world.size), "backend": world.backend,
+                "data.workers": str(exp.data.workers),  # data.num_workers as this run has it
                 "augment_on": augment_on(exp, predictor.device),
                 "inference": exp.trainer.inference.describe(),
                 "devices": "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)),
@@ -154,17 +160,12 @@ class Recorder(NullRecorder):
         checkpoints.save_atomic(checkpoint, path)
 
     def epoch_end(self, epoch: int, metrics: dict[str, float], predictor: Predictor) -> bool:
-        """Log the epoch (metrics, the panel of the fixed samples, new checkpoints); True when
-        the epoch hook stops the run here (a pruned sweep trial)."""
+        """Log the epoch (metrics, the fixed samples' images and panel, new checkpoints); True
+        when the epoch hook stops the run here (a pruned sweep trial)."""
         tracker = self.tracker
         tracker.beat()
         tracker.log_metrics(metrics, step=epoch)
-        if self.samples is not None:
-            images, masks = self.samples
-            predicted = predictor.predict(images).cpu().numpy()
-            tracker.log_image(viz.sample_panel(images.numpy(), masks.numpy(), predicted,
-                                               task=self.exp.task),
-                              f"samples/epoch_{epoch:03d}.png")
+        self._log_samples(predictor, step=epoch)
         if self.upload:  # another machine can go on from here
             self._upload_checkpoints(changed_only=True)
         stop_tags = self.epoch_hook(epoch, metrics) if self.epoch_hook is not None else None
@@ -173,6 +174,23 @@ class Recorder(NullRecorder):
             self.display.message(f"stopped after epoch {epoch}: "
                                  + ", ".join(f"{k}={v}" for k, v in stop_tags.items()))
         return bool(stop_tags)
+
+    def _log_samples(self, predictor: Predictor, *, step: int) -> None:
+        """The fixed validation samples as predicted at `step` (0: before training, then the
+        epoch): one step-indexed image per sample (`val/sample_<i>`, the same keys in every
+        run, so the Chart view compares a frame across runs), and after an epoch the full-size
+        panel of them all (samples/epoch_NNN.png)."""
+        if self.samples is None:
+            return
+        images, masks = (t.numpy() for t in self.samples)
+        predicted = predictor.predict(self.samples[0]).cpu().numpy()
+        task = self.exp.task
+        for i, (image, mask, pred) in enumerate(zip(images, masks, predicted, strict=True)):
+            self.tracker.log_step_image(viz.sample_card(image, mask, pred, task=task),
+                                        key=f"{SAMPLE_KEY}{i}", step=step)
+        if step > 0:
+            self.tracker.log_image(viz.sample_panel(images, masks, predicted, task=task),
+                                   f"samples/epoch_{step:03d}.png")
 
     def _upload_checkpoints(self, *, changed_only: bool = False) -> None:
         """The run's checkpoints as artifacts, so any machine with the store can use them."""
@@ -253,8 +271,21 @@ class Recorder(NullRecorder):
             height, width = self.exp.data.image_size
             example = np.random.default_rng(0).integers(0, 256, (1, height, width, 3), np.uint8)
             validation = {k: v for k, v in best["metrics"].items() if k.startswith("val/")}
-            self.tracker.log_model(checkpoint=slim, example=example, metrics=validation,
-                                   step=best["epoch"], register=self.exp.tracking.register_model)
+            self.tracker.log_model(name=model_name(self.run_name, self.exp), checkpoint=slim,
+                                   example=example, metrics=validation, step=best["epoch"],
+                                   dataset=self.scored_on,
+                                   register=self.exp.tracking.register_model)
+
+
+def model_name(run_name: str, exp: Experiment) -> str:
+    """The logged model's name in the Models tab: the run's name and the network
+    (`quickstart-unet`, `fg_weight-pos_weight_4-unet`), in the letters MLflow allows (no
+    `/ : . % " '`)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{run_name}-{exp.model.name}").strip("_")
+
+
+def _dataset_name(exp: Experiment, parts: Components, split: str) -> str:
+    return f"{exp.data.name}-{parts.splits.index.layout}-{exp.data.task}-{split}"
 
 
 def _datasets(exp: Experiment, parts: Components) -> list[tuple[str, dict]]:
@@ -266,7 +297,7 @@ def _datasets(exp: Experiment, parts: Components) -> list[tuple[str, dict]]:
         fraction, _ = foreground_stats(dataset.reader.class_counts(), exp.data.foreground)
         height, width = exp.data.frame_size
         found.append((context, {
-            "name": f"{exp.data.name}-{splits.index.layout}-{exp.data.task}-{split}",
+            "name": _dataset_name(exp, parts, split),
             "digest": splits.fingerprints[split], "source": str(Path(exp.data.root).resolve()),
             "schema": {"image": {"dtype": "uint8", "shape": [height, width, 3]},
                        "mask": {"dtype": "uint8", "shape": [height, width],

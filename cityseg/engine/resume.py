@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cityseg import tracking
-from cityseg.config import Experiment, flatten
+from cityseg.config import SAVED, Experiment, flatten
 from cityseg.engine import checkpoints
 from cityseg.errors import ConfigError
 from cityseg.tracking import Liveness, Tracker, liveness
@@ -199,7 +199,7 @@ def _as_now(config: dict) -> dict:
     defaults, so a checkpoint from before an upgrade still resumes (unless it no longer
     validates: then as it was, and the differences are named)."""
     try:
-        return Experiment.model_validate(config).model_dump(mode="json")
+        return Experiment.model_validate(config, context={SAVED: True}).model_dump(mode="json")
     except ValidationError:  # a removed or renamed key: compared raw
         return config
 

@@ -89,8 +89,10 @@ def run(exp: Experiment, *, display=None, resume: str | None = None,
             state = distributed.together(
                 lambda: trainer.restore(point.checkpoint) if point is not None else TrainState())
             resumed_from = state.epoch - 1
-            recorder.start(state, parts)
+            # a signal from here on stops the run at a checkpoint, the start included (params,
+            # datasets, the untrained model's samples): the run never stays RUNNING
             with stop_on_signals(trainer.stop):
+                recorder.start(state, parts)
                 fitted = trainer.fit(state)
                 recorder.finish(fitted, trainer.confusion, trainer.stop)
     except BaseException:
@@ -120,7 +122,8 @@ def _trainer(exp: Experiment, parts: Components, train_model: torch.nn.Module, r
     t = exp.trainer
     settings = TrainerSettings(
         epochs=t.epochs, grad_clip_norm=t.grad_clip_norm, accumulate=t.accumulate,
-        boundary_tolerance=t.boundary_tolerance, monitor=exp.monitor, mode=exp.monitor_mode,
+        boundary_tolerance_diagonal=t.boundary_tolerance_diagonal, monitor=exp.monitor,
+        mode=exp.monitor_mode,
         patience=t.patience, min_delta=t.min_delta, tracking_dir=exp.tracking.dir,
         checkpoint_every_s=t.checkpoint_minutes * 60,
         freeze_encoder_epochs=exp.model.freeze_encoder_epochs)

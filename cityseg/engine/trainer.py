@@ -39,7 +39,7 @@ class TrainerSettings:
     epochs: int
     grad_clip_norm: float
     accumulate: int
-    boundary_tolerance: int
+    boundary_tolerance_diagonal: float  # the BF score's tolerance, a fraction of the diagonal
     monitor: str
     mode: str  # max | min
     patience: int  # 0: no early stopping
@@ -299,7 +299,8 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         found, self.confusion = self.predictor.evaluate(
-            self.val_loader, tolerance=self.s.boundary_tolerance, loss_fn=self.loss_fn)
+            self.val_loader, tolerance=self.s.boundary_tolerance_diagonal,
+            loss_fn=self.loss_fn)
         return {f"val/{k}": v for k, v in found.items()}
 
     def _improved(self, score: float, best: float | None) -> bool:

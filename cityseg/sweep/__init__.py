@@ -17,6 +17,7 @@ from cityseg.sweep.spec import (
     Search,
     SweepConfig,
     SweepPoint,
+    is_sweep_file,
     label_of,
     load_sweep,
 )
@@ -26,6 +27,7 @@ from cityseg.sweep.worker import ChildFailed, Duplicate, Worker
 
 __all__ = [
     "ChildFailed", "Duplicate", "Plan", "Prune", "Range", "Search", "SweepConfig", "SweepPoint",
-    "SweepResult", "Worker", "comparison_panel", "default_storage", "label_of", "load_sweep",
+    "SweepResult", "Worker", "comparison_panel", "default_storage", "is_sweep_file", "label_of",
+    "load_sweep",
     "open_study", "open_tracker", "parent_run", "run_sweep", "summary_rows", "sweep_yaml",
 ]

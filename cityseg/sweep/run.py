@@ -28,6 +28,7 @@ import yaml
 
 from cityseg import tracking
 from cityseg.config import to_yaml
+from cityseg.data.workers import SWEEP_JOBS_ENV, available_cpus
 from cityseg.sweep.spec import Plan, load_sweep
 from cityseg.sweep.study import default_storage, open_study, pending
 from cityseg.sweep.summary import best_of, log_summary, summary_rows
@@ -135,11 +136,11 @@ def sweep_yaml(plan: Plan) -> str:
 
 def _run_workers(plan: Plan, storage: str, parent_id: str, jobs: int) -> list[tuple[str, str]]:
     """`jobs` workers in separate processes on this machine, sharing the CPU threads."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, available_cpus() // jobs)
     failed: list[tuple[str, str]] = []
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
     try:
-        futures = [pool.submit(_work, str(plan.path), storage, parent_id, threads, n + 1)
+        futures = [pool.submit(_work, str(plan.path), storage, parent_id, threads, jobs, n + 1)
                    for n in range(jobs)]
         for future in as_completed(futures):
             failed.extend(future.result())  # Interrupted in a worker stops the sweep
@@ -148,10 +149,11 @@ def _run_workers(plan: Plan, storage: str, parent_id: str, jobs: int) -> list[tu
     return failed
 
 
-def _work(path: str, storage: str, parent_id: str, threads: int, number: int
+def _work(path: str, storage: str, parent_id: str, threads: int, jobs: int, number: int
           ) -> list[tuple[str, str]]:
     """One of `--jobs N` workers, in its own process: the same as a worker on another machine."""
     torch.set_num_threads(threads)
+    os.environ[SWEEP_JOBS_ENV] = str(jobs)  # data.num_workers: auto takes this worker's share
     plan = load_sweep(path)
     return Worker(plan, open_study(plan, storage), tracker=open_tracker(plan),
                   parent_id=parent_id,

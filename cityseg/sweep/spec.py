@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cityseg.config import Experiment, load_experiment, read_yaml, validation_error
 from cityseg.engine.resume import config_hash
 from cityseg.errors import ConfigError
+from cityseg.metrics import lower_is_better
 
 
 class Range(BaseModel):
@@ -99,8 +100,9 @@ class SweepConfig(BaseModel):
     search: Search | None = Field(None, description="ranges or choices that Optuna samples")
     set: dict[str, Any] = Field({}, description="dotted key -> value applied to every child")
     metric: str = Field("val/dice", description="metric the children are ranked by")
-    mode: Literal["max", "min"] = Field("max",
-                                        description="whether a higher or lower metric is better")
+    mode: Literal["max", "min"] = Field(
+        "max", description="whether a higher or lower metric is better (default: min for a "
+                           "loss, max for a score)")
     prune: Literal["median", "none"] | Prune = Field(
         "none", description="median (or a block with its settings) stops hopeless children")
     heartbeat_seconds: int = Field(
@@ -108,6 +110,15 @@ class SweepConfig(BaseModel):
                                "silent for twice as long is failed and queued again. Keep "
                                "twice it above 300 s, when a child's run on another host counts "
                                "as crashed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_of_metric(cls, data: Any) -> Any:
+        """A sweep that ranks by a loss minimises it unless it says otherwise."""
+        if isinstance(data, dict) and "mode" not in data:
+            data = {**data, "mode": "min" if lower_is_better(data.get("metric", "val/dice"))
+                    else "max"}
+        return data
 
     @model_validator(mode="after")
     def _one_kind(self) -> SweepConfig:
@@ -232,6 +243,16 @@ def _value_at(exp: Experiment, key: str, *, where: str) -> Any:
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{where}: {parent} has no key {part}{hint}")
     return node
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """Whether a YAML file is a sweep (it has a `grid:` or a `search:`) rather than an
+    experiment; a file that cannot be read is left to the experiment loader to report."""
+    try:
+        raw = read_yaml(Path(path))
+    except ConfigError:
+        return False
+    return isinstance(raw, dict) and ("grid" in raw or "search" in raw)
 
 
 def load_sweep(path: str | Path) -> Plan:

@@ -113,9 +113,17 @@ def _log_table(tracker: tracking.Tracker, plan: Plan, rows: list[dict[str, Any]]
     writer.writerows(table)
     tracker.log_text(buffer.getvalue(), "summary.csv")
     # values as text where a column's types mix
-    tracker.log_table({c: [r[c] if isinstance(r[c], (int, float, bool)) and c in metrics
-                           or c in ("rank", "epochs") else str(r[c]) for r in table]
+    tracker.log_table({ui_column(c): [r[c] if isinstance(r[c], (int, float, bool))
+                                      and c in metrics or c in ("rank", "epochs") else str(r[c])
+                                      for r in table]
                        for c in columns}, "summary.json")
+
+
+def ui_column(name: str) -> str:
+    """A column name the MLflow UI's table view shows: it reads a dotted name as a path into
+    the row (`loss.pos_weight` -> row["loss"]["pos_weight"]) and renders an empty column, so
+    the dots of a swept key become slashes, as in MLflow's own metric names."""
+    return name.replace(".", "/")
 
 
 # ---------------------------------------------------------------- the comparison panel

@@ -42,7 +42,7 @@ from cityseg.tracking.store import (
     EXPERIMENT_KIND_TAG,
     MODEL_DEVELOPMENT,
     RETRIES,
-    UI,
+    UI_PORT_ENV,
     NoStore,
     RetryingClient,
     Store,
@@ -54,15 +54,16 @@ from cityseg.tracking.store import (
     search_runs,
     tag_filter,
     tracking_uri,
+    ui_port,
 )
 
 __all__ = [
     "EXPERIMENT_KIND_TAG", "HEARTBEAT_EVERY_S", "HEARTBEAT_TAG", "MODEL_DEVELOPMENT", "NOTE_TAG",
-    "RETRIES", "STAGE_TAG", "STALE_AFTER_S", "UI", "CitysegModel", "Liveness", "NoStore",
+    "RETRIES", "STAGE_TAG", "STALE_AFTER_S", "UI_PORT_ENV", "CitysegModel", "Liveness", "NoStore",
     "RetryingClient", "Store", "Tracker", "TrackingUnavailable", "clean_stale", "config_text",
     "downloaded", "interrupt_waits", "on_outage_limit",
     "experiment_links", "interrupted", "is_complete", "is_local", "is_stale",
     "liveness", "mlflow_version", "model_requirements", "model_run", "open", "open_store",
     "point_runs", "promote", "resumable_run", "run_url", "search_runs",
-    "shown_status", "sweep_children", "sweep_parents", "tag_filter", "tracking_uri",
+    "shown_status", "sweep_children", "sweep_parents", "tag_filter", "tracking_uri", "ui_port",
 ]

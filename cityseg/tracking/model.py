@@ -64,11 +64,14 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
-def log_model(tracker: Tracker, *, checkpoint: Path, example: np.ndarray,
-              metrics: dict[str, float], step: int, register: str | None) -> str:
-    """Log the servable model of the tracker's run (this file as its code, with the slim
-    `checkpoint` and the cityseg package), its metrics (`metrics` at `step`), and register it
+def log_model(tracker: Tracker, *, name: str, checkpoint: Path, example: np.ndarray,
+              metrics: dict[str, float], step: int, dataset: tuple[str, str] | None,
+              register: str | None) -> str:
+    """Log the servable model `name` of the tracker's run (this file as its code, with the
+    slim `checkpoint` and the cityseg package), its metrics (`metrics` at `step`, linked to the
+    dataset (name, digest) they were scored on, so the Models tab shows it), and register it
     under `register` if asked; returns its model URI."""
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -78,20 +81,30 @@ def log_model(tracker: Tracker, *, checkpoint: Path, example: np.ndarray,
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
     package = Path(__file__).parents[1]  # cityseg/
     logging.getLogger("mlflow.models").setLevel(logging.ERROR)  # no pip resolution notes
-    # start_run's exit marks the run FINISHED; the session sets the true status at its end
+    client = tracker.store.client
+    # created here and logged outside the run: logged inside it, MLflow would copy every run
+    # metric of one step into the model's (the system metrics too); the model's metrics are
+    # only those scored on the validation set, and it is the run's output at the best epoch
+    logged = client.create_logged_model(
+        tracker.experiment_id, name=name, source_run_id=tracker.run_id,
+        params={k: str(v) for k, v in client.get_run(tracker.run_id).data.params.items()})
     # quiet: MLflow's advice to type-hint predict (the input is an image array that cityseg
     # checks itself); its warning filters are reset by MLflow, so the notes are dropped here
-    with _fluent(tracker.uri), mlflow.start_run(run_id=tracker.run_id), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with _fluent(tracker.uri), contextlib.redirect_stderr(io.StringIO()):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__)),
+            name=name, model_id=logged.model_id, python_model=str(Path(__file__)),
             artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(package)],
             signature=signature, input_example=example, pip_requirements=model_requirements())
+    client.log_outputs(tracker.run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    # log_model made the model the thread's active one: what is logged next is the run's
+    mlflow.clear_active_model()
     # the model's own metrics (MLflow 3 logged models; they are the run's too, so named
     # best/... and the per-epoch histories keep one value per epoch)
+    dataset_name, dataset_digest = dataset or (None, None)
     for key, value in metrics.items():
         tracker.store.client.log_metric(tracker.run_id, f"best/{key}", value, step=step,
-                                        model_id=info.model_id)
+                                        model_id=info.model_id, dataset_name=dataset_name,
+                                        dataset_digest=dataset_digest)
     tags = {"model_uri": info.model_uri}
     if register:
         with _fluent(tracker.uri):  # the registry resolves the model's source through it

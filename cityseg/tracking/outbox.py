@@ -23,7 +23,7 @@ from cityseg.tracking.outage import (
     signalled,
     signals_end_waits,
 )
-from cityseg.tracking.records import Record
+from cityseg.tracking.records import IMAGES, Record
 
 END_GRACE_S = 5.0  # a run stopped or failed tries this long to tell the server, not the limit
 
@@ -200,7 +200,7 @@ class Outbox:
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for n, (kind, *payload) in enumerate(kept):
-            if kind == "image":
+            if kind in IMAGES:
                 np.save(folder / f"{n:05d}.npy", payload[0])
                 payload = [f"{n:05d}.npy", *payload[1:]]
             lines.append(json.dumps({"kind": kind, "payload": payload}, default=_plain))
@@ -224,7 +224,7 @@ def unspooled(folder: Path) -> list[Record]:
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         kind, payload = entry["kind"], entry["payload"]
-        if kind == "image":
+        if kind in IMAGES:
             payload = [np.load(folder / payload[0]), *payload[1:]]
         records.append((kind, *payload))
     return records

@@ -124,3 +124,17 @@ def promote(root: Path, run_id: str, alias: str, *, uri: str | None = None) -> t
     newest = max(versions, key=lambda v: int(v.version))
     client.set_registered_model_alias(newest.name, alias, newest.version)
     return newest.name, newest.version
+
+
+# ---------------------------------------------------------------- files added to a run later
+
+
+def add_artifact(root: Path, run_id: str, path: Path, folder: str, *,
+                 uri: str | None = None) -> str:
+    """Upload `path` into `folder` of the artifacts of run `run_id` (an ended run stays as it
+    ended: `cityseg export --log`); the file's runs:/ URI."""
+    store = open_store(root, uri)
+    if not store.run_exists(run_id):
+        raise CitysegError(f"run {run_id!r} not found in {store.name}")
+    store.client.log_artifact(run_id, str(path), folder)
+    return f"runs:/{run_id}/{folder}/{path.name}"

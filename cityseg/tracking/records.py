@@ -1,6 +1,7 @@
 """What a run logs, as records: ("metrics", {key: value}, step, ms), ("params", {...}),
 ("tags", {...}), ("delete_tag", key), ("datasets", [[context, description], ...]),
-("table" | "image" | "text", content, artifact_file) and ("file", path, artifact_path).
+("table" | "image" | "text", content, artifact_file), ("step_image", image, key, step, ms)
+and ("file", path, artifact_path).
 
 A record is plain data (an image is an array), so that an outage can keep it, in memory and
 on disk, and send it later exactly as it would have been sent (metrics with their own time).
@@ -19,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from cityseg.errors import StorageError
 
 Record = tuple  # (kind, *payload)
+IMAGES = ("image", "step_image")  # the kinds whose payload starts with an array
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
 
@@ -40,6 +42,10 @@ def deliver(record: Record, client, run_id: str, *, artifacts: Path) -> None:
         client.delete_tag(run_id, payload[0])
     elif kind == "datasets":
         client.log_inputs(run_id, datasets=_dataset_inputs(payload[0]))
+    elif kind == "step_image":
+        image, key, step, now = payload
+        with _artifact(f"images/{key} (step {step})", run_id, artifacts):
+            client.log_image(run_id, image, key=key, step=step, timestamp=now, synchronous=True)
     elif kind == "file":
         path, folder = payload
         with _artifact(f"{folder}/{Path(path).name}", run_id, artifacts):

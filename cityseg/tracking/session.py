@@ -305,19 +305,26 @@ class Tracker:
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         self._write(("image", image, artifact_file))
 
+    def log_step_image(self, image: np.ndarray, *, key: str, step: int) -> None:
+        """Image `step` of the series `key`: the run's Model metrics tab shows it with a step
+        slider, and the Chart view the same key across runs side by side."""
+        self._write(("step_image", image, key, step, int(time.time() * 1000)))
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self._write(("text", text, artifact_file))
 
     def log_file(self, path: Path, artifact_path: str) -> None:
         self._write(("file", str(path), artifact_path))
 
-    def log_model(self, *, checkpoint: Path, example: np.ndarray, metrics: dict[str, float],
-                  step: int, register: str | None) -> str:
-        """Log the servable model (tracking/model.py), its metrics, and register it under
-        `register` if asked; returns its model URI. A server is waited for within the limit."""
+    def log_model(self, *, name: str, checkpoint: Path, example: np.ndarray,
+                  metrics: dict[str, float], step: int, dataset: tuple[str, str] | None,
+                  register: str | None) -> str:
+        """Log the servable model `name` (tracking/model.py), its metrics scored on `dataset`
+        (name, digest), and register it under `register` if asked; returns its model URI. A
+        server is waited for within the limit."""
         self._settled()
-        kwargs = {"checkpoint": checkpoint, "example": example, "metrics": metrics,
-                  "step": step, "register": register}
+        kwargs = {"name": name, "checkpoint": checkpoint, "example": example,
+                  "metrics": metrics, "step": step, "dataset": dataset, "register": register}
         if not self.remote:
             return model.log_model(self, **kwargs)
         return self.store.client.retrying(model.log_model, "log the model", self, **kwargs)

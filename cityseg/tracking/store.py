@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"  # the UI's "Model training" experiments
-UI = "http://127.0.0.1:5000"  # where `make ui` serves the store
+# where `make ui` serves the store: 127.0.0.1, on the port `make ui PORT=...` exports
+UI_PORT_ENV, UI_PORT = "CITYSEG_UI_PORT", 5000
 
 
 class NoStore(CitysegError):
@@ -261,10 +262,22 @@ def open(root: Path, *, experiment: str, uri: str | None = None, create: bool = 
 # ---------------------------------------------------------------- store-wide reads
 
 
-def run_url(experiment_id: str, run_id: str | None = None, *, uri: str = "") -> str:
+def ui_port() -> int:
+    """The port of the local UI: $CITYSEG_UI_PORT (`make ui PORT=N` and `make run` set it),
+    else 5000."""
+    text = os.environ.get(UI_PORT_ENV, str(UI_PORT))
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise CitysegError(f"{UI_PORT_ENV}={text}: give the port number the MLflow UI serves on")
+    return int(text)
+
+
+def run_url(experiment_id: str, run_id: str | None = None, *, uri: str = "",
+            port: int | None = None) -> str:
     """The UI page of a run, or the experiment's training runs view (on the tracking server
-    when `uri` is one, else where `make ui` serves the local store)."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    when `uri` is one, else where `make ui` serves the local store: 127.0.0.1 on `port`,
+    by default `ui_port()`)."""
+    base = (uri.rstrip("/") if uri.startswith(("http://", "https://"))
+            else f"http://127.0.0.1:{port or ui_port()}")
     page = f"{base}/#/experiments/{experiment_id}/runs"
     return f"{page}/{run_id}" if run_id else page
 
@@ -287,8 +300,9 @@ def search_runs(root: Path, *, experiment: str | None, filter_string: str = "",
     return open_store(root, uri).search_runs(experiment=experiment, filter_string=filter_string)
 
 
-def experiment_links(root: Path, *, uri: str | None = None) -> list[tuple[str, str]]:
+def experiment_links(root: Path, *, uri: str | None = None,
+                     port: int | None = None) -> list[tuple[str, str]]:
     """(name, training runs view) of every experiment in the store."""
     store = open_store(root, uri)
-    return [(e.name, run_url(e.experiment_id, uri=store.uri))
+    return [(e.name, run_url(e.experiment_id, uri=store.uri, port=port))
             for e in store.client.search_experiments() if e.name != "Default"]

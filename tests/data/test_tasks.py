@@ -43,7 +43,7 @@ def test_scores_and_monitors_of_each_task():
     assert found["iou"] == pytest.approx(3 / 6) and found["precision"] == pytest.approx(3 / 4)
     assert BINARY.monitors[0] == "val/dice" and MULTICLASS.monitors[0] == "val/miou"
     for task in TASKS.values():
-        assert {"val/boundary_f1", "val/loss", "train/loss"} <= set(task.monitors)
+        assert {"val/bf_score", "val/boundary_iou", "val/loss", "train/loss"} <= set(task.monitors)
         assert all(f"val/{name}" in task.monitors for name in task.score_names)
     diagonal = torch.diag(torch.arange(1, 20))
     assert MULTICLASS.scores(diagonal)["miou"] == pytest.approx(1.0)

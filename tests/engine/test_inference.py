@@ -40,7 +40,7 @@ def test_evaluate_reproduces_the_validation_metrics_training_logged(trained_run)
     trained = inference.load_trained(run_id=None, checkpoint=result.checkpoints["last"],
                                      runs=tmp_path / "runs")
     found, _ = inference.evaluate(trained, split="val", full_resolution=False)
-    for key in ("dice", "iou", "precision", "recall", "boundary_f1"):
+    for key in ("dice", "iou", "precision", "recall", "bf_score", "boundary_iou"):
         history = client.get_metric_history(result.run_id, f"val/{key}")
         (logged,) = [m.value for m in history if m.step == 2]
         assert found[key] == pytest.approx(logged, abs=1e-9), key

@@ -92,6 +92,15 @@ def test_the_model_is_registered_with_its_metrics(finished):
     assert metrics["best/val/dice"].value == pytest.approx(best[0].value)
     assert metrics["best/val/dice"].step == result.best_epoch and "best/val/iou" in metrics
     assert len(client.get_metric_history(run.info.run_id, "val/dice")) == 2  # one per epoch
+    # named after the run and the network; only its own metrics, each linked to the dataset
+    # it was scored on (the run's validation input); the run's output at the best epoch
+    assert model.name == "quickstart-unet" and str(model.status) == "READY"
+    assert not [key for key in metrics if key.startswith("system/")]
+    validation = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}["validation"]
+    assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {
+        (validation.name, validation.digest)}
+    (output,) = run.outputs.model_outputs
+    assert output.model_id == model.model_id and output.step == result.best_epoch
 
 
 def test_promote_and_registered_models_serve_evaluate_and_predict(finished, capsys):

@@ -154,7 +154,7 @@ def test_deterministic_runs_match_exactly(tmp_path):
         runner.run(exp)
         client, (run,) = runs_of(tmp_path / folder / "runs")
         histories.append({k: [m.value for m in client.get_metric_history(run.info.run_id, k)]
-                          for k in ("train/loss", "val/loss", "val/dice", "val/boundary_f1")})
+                          for k in ("train/loss", "val/loss", "val/dice", "val/bf_score")})
     assert histories[0] == histories[1]
 
 

@@ -15,7 +15,8 @@ from cityseg.tracking import tracking_uri
 from tests.conftest import QUICKSTART, tiny_overrides
 
 EPOCH_METRICS = ["train/loss", "val/loss", "val/dice", "val/iou", "val/precision", "val/recall",
-                 "val/accuracy", "val/boundary_f1", "lr", "throughput/img_s"]
+                 "val/accuracy", "val/bf_score", "val/boundary_iou", "lr",
+                 "throughput/img_s"]
 
 
 def only_run(runs: Path):
@@ -115,7 +116,7 @@ def test_multiclass_run_logs_miou_confusion_image_and_class_table(tmp_path):
     client, run = only_run(tmp_path / "runs")
     assert run.info.status == "FINISHED"
     assert 0.0 <= run.data.metrics["val/miou"] <= 1.0 and "val/iou/road" in run.data.metrics
-    assert 0.0 <= run.data.metrics["val/boundary_f1"] <= 1.0
+    assert 0.0 <= run.data.metrics["val/bf_score"] <= 1.0
     assert "val/dice" not in run.data.metrics
     artifacts = artifact_paths(client, run.info.run_id)
     assert {"confusion_matrix.png", "per_class_iou.md", "samples/epoch_001.png"} <= artifacts

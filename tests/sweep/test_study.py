@@ -64,3 +64,11 @@ def test_search_with_pruning_stops_hopeless_children_which_end_finished_and_tagg
     summary = client.download_artifacts(parent.info.run_id, "summary.json")
     table = json.loads(Path(summary).read_text())
     assert len(table["data"]) == 6 and "pruned" in table["columns"]
+    # every column holds a value in each row, under a name the UI renders (no dots: the UI
+    # reads them as paths); the swept key still reads as itself
+    assert "loss/pos_weight" in table["columns"]
+    assert not [c for c in table["columns"] if "." in c]
+    for row in table["data"]:
+        assert len(row) == len(table["columns"])
+        assert all(value not in ("", None) for name, value in zip(table["columns"], row,
+                                                                 strict=True) if name != "trial")

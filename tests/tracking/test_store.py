@@ -50,3 +50,24 @@ def test_tag_writes_that_race_on_a_unique_row_are_retried_other_calls_are_not():
         assert fake.calls == 2
     with pytest.raises(RuntimeError, match="UNIQUE constraint"):
         store.RetryingClient(Store(), "x").create_run("1")
+
+
+def test_printed_ui_links_name_the_port_the_ui_serves_on(tmp_path, monkeypatch, capsys):
+    from cityseg.cli import main
+
+    created = tracking.open(tmp_path, experiment="streets")
+    page = f"/#/experiments/{created.experiment_id}/runs"
+    monkeypatch.delenv(tracking.UI_PORT_ENV, raising=False)
+    assert tracking.run_url(created.experiment_id, "r1") == f"http://127.0.0.1:5000{page}/r1"
+    monkeypatch.setenv(tracking.UI_PORT_ENV, "5123")  # what `make ui PORT=5123` exports
+    assert tracking.run_url(created.experiment_id) == f"http://127.0.0.1:5123{page}"
+    assert main(["runs", "links", "--runs", str(tmp_path)]) == 0
+    assert f"streets: http://127.0.0.1:5123{page}" in capsys.readouterr().out
+    assert main(["runs", "links", "--runs", str(tmp_path), "--port", "6001"]) == 0
+    assert f"http://127.0.0.1:6001{page}" in capsys.readouterr().out
+    # a server's own address is kept whatever the local port
+    assert tracking.run_url("7", uri="http://mlflow-host:8080/").startswith(
+        "http://mlflow-host:8080/#/experiments/7")
+    monkeypatch.setenv(tracking.UI_PORT_ENV, "ui")
+    assert main(["runs", "links", "--runs", str(tmp_path)]) == 2
+    assert "CITYSEG_UI_PORT=ui: give the port number" in capsys.readouterr().err
