@@ -11,11 +11,15 @@ One run, on the same frames, model, batch and machine:
 - model FLOPs per image (torch's flop counter), the device's measured matmul peak in the same
   precision, and the model FLOP utilisation (MFU) of the bare step and of the end-to-end run;
 - the data path's ceiling: images/s the DataLoader alone delivers, and which one bounds training;
-- end to end with the augmentations batched on the training device (data.augment_on: device).
+- end to end with the augmentations batched on the training device (data.augment_on: device);
+- inference at full resolution (1024x2048, batch 1): whole, slide and slide + flip on torch
+  eager, torch.compile and ONNX Runtime, predict end to end against the bare forward pass and
+  what bounds it (decode, model, write), and the host each figure comes from.
 Then the older tables: training step by precision and layout, and decoding vs the cache.
 
 One question per module: baseline.py (what is measured), steps.py (the bare step, FLOPs,
 the matmul peak), data.py (the data path alone), training.py (end to end, side by side),
+inference.py (inference speed), host.py (the CPU, its cores and matrix instructions),
 report.py (tables), __main__.py (the command line).
 
 Figures, not asserts. Everything it needs is generated (synthetic 2048x1024 streets under

@@ -125,7 +125,7 @@ class Predictor:
             return self.logits(x)
         rows, cols = x.shape[-2:]
         # a frame smaller than a window: padded with zeros (the mean colour), cropped after
-        x = F.pad(x, (0, max(0, width - cols), 0, max(0, rows - height)))
+        x = F.pad(x, (0, max(0, width - cols), 0, max(0, height - rows)))
         tops = _starts(x.shape[-2], height, self.inference.overlap)
         lefts = _starts(x.shape[-1], width, self.inference.overlap)
         total = None

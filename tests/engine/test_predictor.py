@@ -152,6 +152,19 @@ def test_slide_without_overlap_stitches_the_windows_of_a_spatial_model():
     assert not torch.allclose(slide, whole)  # the seam: padding inside the frame
 
 
+def test_slide_windows_lie_on_the_frame_and_pad_only_a_frame_smaller_than_one():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 5, padding=2)
+    x = torch.randn(1, 3, 64, 64)  # twice the window's height, its width
+    slide = _modes(model, size=(32, 64), mode="slide", overlap=1 / 3).frame_logits(x)
+    total, count = torch.zeros(1, 2, 64, 64), torch.zeros(1, 1, 64, 64)
+    with torch.no_grad():
+        for top in (0, 21, 32):  # stride round(32 * 2/3) = 21; the last window flush with the end
+            total[..., top : top + 32, :] += model(x[..., top : top + 32, :])
+            count[..., top : top + 32, :] += 1
+    torch.testing.assert_close(slide, total / count)
+
+
 def test_flip_tta_of_a_mirror_symmetric_model_changes_nothing():
     torch.manual_seed(0)
     model = nn.Conv2d(3, 2, 3, padding=1, bias=True)
