@@ -43,11 +43,13 @@ sweep: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/cityseg compare $(ARGS)
 
+# the fast suite (about N min on 2 cores); the 15 slowest tests are listed at its end
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
+# the tests marked slow (servers, browsers, several training processes); CI runs both
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check cityseg tests

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,11 +16,22 @@ from pathlib import Path
 import pytest
 
 from cityseg.config import Experiment, load_experiment
+from cityseg.tracking import store
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 CITYSCAPES_MINI = REPO.parent / "shared" / "data" / "cityscapes-mini"
+
+
+def unavailable(what: str, install: str) -> None:
+    """A tool a test needs is missing: skipped here, with how to `install` it; under CI
+    (CI=true), whose .ci/run installs every such tool, a failure, since a skip there would
+    leave a test that nothing runs."""
+    message = f"{what} ({install})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}: CI runs every test", pytrace=False)
+    pytest.skip(message)
 
 
 def tiny_overrides(tmp_path: Path, epochs: int = 2) -> list[str]:
@@ -31,6 +44,23 @@ def tiny_overrides(tmp_path: Path, epochs: int = 2) -> list[str]:
         f"trainer.epochs={epochs}", "trainer.device=cpu", f"tracking.dir={tmp_path / 'runs'}",
         "tracking.num_samples=2",
     ]
+
+
+def cityseg_here(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """`cityseg ARGS` run in this process (in `cwd`, if given), as its console script runs it:
+    (exit code, stdout, stderr). For tests of what a command does; a test of the process itself
+    (a signal, kill -9, torchrun) starts `python -m cityseg` instead."""
+    from cityseg.cli import main
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(before)
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -47,6 +77,41 @@ def _local_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    """One new MLflow store, created and migrated once a session (about 2 s of migrations)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("migrated") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(autouse=True)
+def _copied_stores(request, monkeypatch):
+    """A store a test's run creates in-process starts as a copy of the session's migrated one,
+    the same tables MLflow would make. Processes a test starts, and tests marked `new_store`
+    (the creation is what they check), create theirs as a user's first run does."""
+    if request.node.get_closest_marker("new_store"):
+        return
+    template = request.getfixturevalue("_migrated_store")
+    creating = store._creating
+
+    @contextlib.contextmanager
+    def from_template(db: Path):
+        with creating(db):
+            if not db.exists():
+                partial = db.with_name(f".{db.name}.copy")
+                try:  # whole or not at all: a full disk leaves no half-copied store
+                    shutil.copyfile(template, partial)
+                    partial.replace(db)
+                except OSError:
+                    partial.unlink(missing_ok=True)
+            yield
+
+    monkeypatch.setattr(store, "_creating", from_template)
 
 
 @contextlib.contextmanager

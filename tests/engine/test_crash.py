@@ -115,6 +115,7 @@ def test_kill_9_then_resume_auto_continues_the_same_run_to_the_same_metrics(
                                                  abs=1e-9)
 
 
+@pytest.mark.slow  # about 20 s on two quiet cores: `make test-slow`
 def test_clean_marks_the_crashed_run_leaves_the_live_one_and_refuses_a_second_writer(
         tmp_path, capsys):
     root = tmp_path / "runs"

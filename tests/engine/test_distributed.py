@@ -108,6 +108,7 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_as_many_processes():
         check_same_world(point(3, 2), 1)
 
 
+@pytest.mark.slow  # about 43 s on two quiet cores: `make test-slow`
 def test_sigterm_to_torchrun_checkpoints_once_and_resume_finishes_the_same_run(tmp_path):
     overrides = settings(tmp_path, epochs=30)
     proc = torchrun(2, overrides)

@@ -170,6 +170,7 @@ def test_the_logged_model_predicts_in_a_process_without_cityseg(finished, monkey
     assert np.array_equal(np.load(folder / "out.npy"), here)
 
 
+@pytest.mark.slow  # about 30 s on two quiet cores: `make test-slow`
 def test_mlflow_models_serve_answers_with_the_mask_predict_writes(finished):
     tmp_path, exp, result, client, run = finished
     path, photo = frame()

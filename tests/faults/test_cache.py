@@ -179,6 +179,7 @@ def test_sigterm_while_the_cache_builds_removes_its_temporary_folder(tmp_path, w
         assert_trains_and_finishes(tmp_path, settings)
 
 
+@pytest.mark.slow  # about 21 s on two quiet cores: `make test-slow`
 def test_kill_9_while_the_cache_builds_leaves_a_folder_the_next_build_removes(tmp_path):
     settings = tiny_overrides(tmp_path)
     proc = cityseg_run(tmp_path, settings, fault="slow", wait=False)

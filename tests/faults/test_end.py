@@ -97,6 +97,7 @@ def assert_finished_with_its_end(client, run_id):
     return run
 
 
+@pytest.mark.slow  # about 25 s on two quiet cores: `make test-slow`
 def test_a_full_disk_in_the_end_fails_truthfully_and_resume_auto_redoes_only_the_end(
         tmp_path, settings):
     code, _, err = cityseg_run(tmp_path, settings, hook="enospc-in-model")
@@ -115,6 +116,7 @@ def test_a_full_disk_in_the_end_fails_truthfully_and_resume_auto_redoes_only_the
     assert finished.data.tags["resumed_at"] == "the run's end (its epochs were done)"
 
 
+@pytest.mark.slow  # about 23 s on two quiet cores: `make test-slow`
 def test_sigterm_in_the_end_ends_killed_with_a_message_and_resume_finishes_it(
         tmp_path, settings):
     proc = cityseg_run(tmp_path, settings, hook="stall-in-end", wait=False)

@@ -1,12 +1,11 @@
 """Inputs that would exhaust memory or stop a batch: a 10,000-level nested YAML, an alias bomb
 (in an experiment, a sweep file and a --set value), a PNG over PIL's pixel limit among good
-images, an --out that is a file, and a 16-bit greyscale PNG. Real `python -m cityseg`
-processes; each ends with the store as it was: no run made by a refused file, and the trained
-run still FINISHED with one value per epoch."""
+images, an --out that is a file, and a 16-bit greyscale PNG. The commands run in this process
+(a bomb that got through would exhaust it, or raise out of `main`, and fail the test); each ends
+with the store as it was: no run made by a refused file, and the trained run still FINISHED
+with one value per epoch."""
 
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from cityseg.config import load_experiment
 from cityseg.config.loading import YAML_MAX_DEPTH
 from cityseg.data.synthetic import render_scene
 from cityseg.engine import runner
-from tests.conftest import QUICKSTART, tiny_overrides
+from tests.conftest import QUICKSTART, cityseg_here, tiny_overrides
 
 EPOCHS = 2
 ALIAS_BOMB = "\n".join(  # 9**9 values written out; half a kB on disk
@@ -26,13 +25,13 @@ ALIAS_BOMB = "\n".join(  # 9**9 values written out; half a kB on disk
     + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\n"
 
 
-def cityseg(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, "-m", "cityseg", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+def cityseg(*args: str, cwd) -> SimpleNamespace:
+    """`cityseg ARGS` in `cwd`: its returncode, stdout and stderr."""
+    code, out, err = cityseg_here(*args, cwd=cwd)
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
-def refused(proc: subprocess.CompletedProcess, message: str) -> None:
+def refused(proc: SimpleNamespace, message: str) -> None:
     """Exit 2, the one-line message, no traceback."""
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr, proc.stderr

@@ -1,10 +1,8 @@
 """Faults in what recovery advises and uses: damaged local checkpoints next to intact copies in
-the run's MLflow artifacts (or none), and a checkpoint that holds code. Real `python -m cityseg`
-processes; each test ends with the run's status and one value per epoch.
+the run's MLflow artifacts (or none), and a checkpoint that holds code. The commands run in
+this process (what they read, write and advise is the point, not the process); each test ends
+with the run's status and one value per epoch.
 """
-
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from cityseg import tracking
 from cityseg.config import load_experiment
 from cityseg.engine import checkpoints, runner
-from tests.conftest import QUICKSTART, tiny_overrides
+from tests.conftest import QUICKSTART, cityseg_here, tiny_overrides
 
 
 class Gadget:
@@ -27,10 +25,9 @@ def settings(tmp_path, *, uploaded: bool, epochs: int = 1) -> list[str]:
 
 
 def cityseg(*args: str) -> tuple[int, str, str]:
-    done = subprocess.run([sys.executable, "-m", "cityseg", *args], capture_output=True,
-                          text=True, timeout=600)
-    assert "Traceback" not in done.stderr, done.stderr
-    return done.returncode, done.stdout, done.stderr
+    code, out, err = cityseg_here(*args)
+    assert "Traceback" not in err, err
+    return code, out, err
 
 
 def says(output: str, text: str) -> bool:

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cityseg.sweep import run_sweep
-from tests.conftest import mlflow_process
+from tests.conftest import mlflow_process, unavailable
 from tests.sweep.tiny import runs, write_sweep
 
 GRID = {"loss.pos_weight": [1, 2], "trainer.threshold": [0.3, 0.7]}  # 4 points
@@ -51,6 +51,7 @@ def two_workers(path: Path, storage: str, uri: str | None = None) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow  # about 47 s on two quiet cores: `make test-slow`
 def test_two_workers_share_one_study_and_one_parent_through_an_mlflow_server(tmp_path):
     root = tmp_path / "server"
     path = write_sweep(tmp_path, GRID)
@@ -64,6 +65,7 @@ def test_two_workers_share_one_study_and_one_parent_through_an_mlflow_server(tmp
     assert len(trained) == 4, outputs
 
 
+@pytest.mark.slow  # about 20 s on two quiet cores: `make test-slow`
 def test_a_worker_killed_outright_leaves_its_trial_to_be_retried_and_its_child_resumed(tmp_path):
     path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}, heartbeat_seconds=1,
                        set={"trainer.epochs": 3, "data.num_train": 24, "data.batch_size": 2})
@@ -109,8 +111,11 @@ def postgres():
     for SQLAlchemy with psycopg 3."""
     bin_dir = _postgres_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed: sudo apt-get install postgresql")
-    pytest.importorskip("psycopg", reason="pip install 'cityseg[cluster]'")
+        unavailable("PostgreSQL is not installed", "apt-get install postgresql")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        unavailable("no psycopg", "pip install 'cityseg[cluster]'")
     # its own folder: as root, the cluster belongs to the postgres user (initdb refuses root),
     # who cannot enter pytest's private temporary folders
     folder = Path(tempfile.mkdtemp(prefix="cityseg-pg-"))

@@ -1,13 +1,14 @@
 """A sweep run: a parent with nested children, parallel jobs, skipping finished children,
 summaries."""
 
-
+import pytest
 
 from cityseg.cli import main
 from cityseg.sweep import run_sweep
 from tests.sweep.tiny import runs, write_sweep
 
 
+@pytest.mark.slow  # about 28 s on two quiet cores: `make test-slow`
 def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tmp_path):
     path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2, 4]},
                        description="how much the foreground weight matters")

@@ -6,6 +6,8 @@ import pytest
 from cityseg import tracking
 from cityseg.tracking import store
 
+pytestmark = pytest.mark.new_store  # opening and creating stores is what this file checks
+
 
 def test_a_read_only_open_of_a_missing_store_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

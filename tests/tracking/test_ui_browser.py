@@ -23,7 +23,7 @@ from cityseg.config import load_experiment
 from cityseg.engine import runner
 from cityseg.sweep import run_sweep
 from cityseg.tracking import tracking_uri
-from tests.conftest import QUICKSTART, mlflow_process, tiny_overrides
+from tests.conftest import QUICKSTART, mlflow_process, tiny_overrides, unavailable
 from tests.sweep.tiny import write_sweep
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,11 @@ SIZE = ["data.source_size=[128,256]", "data.image_size=[64,128]"]  # large enoug
 def ui(tmp_path_factory):
     """A quickstart run (2 epochs, a logged model) and a 2-point sweep in one store, served."""
     if CHROMIUM is None:
-        pytest.skip("no chromium (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api")
+        unavailable("no chromium", "apt-get install chromium")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        unavailable("no Playwright", "pip install -e '.[dev]'")
     tmp = tmp_path_factory.mktemp("ui")
     runner.run(load_experiment(QUICKSTART, [*tiny_overrides(tmp), *SIZE]))
     sweep = write_sweep(tmp, {"loss.pos_weight": [1, 8]})
