@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -61,8 +62,11 @@ if fault:
         real_read = cache.read_resized
 
         def slow_read(*args, **kwargs):
-            time.sleep(0.3)
-            return real_read(*args, **kwargs)
+            time.sleep(0.3)  # a slower decoder, not a wait: a signal then lands mid-build
+            decoded = real_read(*args, **kwargs)
+            with open(os.environ["CITYSEG_TEST_PROGRESS"], "a") as progress:
+                progress.write("frame\\n")  # what a test waits on before it signals
+            return decoded
 
         cache.read_resized = slow_read
 '''
@@ -75,13 +79,23 @@ def cityseg_run(tmp_path, settings, *, fault="", free=0, wait=True):
     command = [sys.executable, "-m", "cityseg", "run", str(QUICKSTART),
                *sum((["--set", s] for s in settings), [])]
     env = {**os.environ, "PYTHONPATH": str(hooks), "CITYSEG_TEST_CACHE_FAULT": fault,
-           "CITYSEG_TEST_FREE": str(free)}
+           "CITYSEG_TEST_FREE": str(free), "CITYSEG_TEST_PROGRESS": str(progress(tmp_path))}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     if not wait:
         return proc
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
+
+
+def progress(tmp_path):
+    """The file a slowed build adds a line to per frame decoded."""
+    return tmp_path / "hooks" / "frames-decoded"
+
+
+def frames_decoded(tmp_path) -> int:
+    found = progress(tmp_path)
+    return len(found.read_text().splitlines()) if found.exists() else 0
 
 
 def runs_of(root):
@@ -166,10 +180,9 @@ def test_sigterm_while_the_cache_builds_removes_its_temporary_folder(tmp_path, w
     settings = [*tiny_overrides(tmp_path), f"data.num_workers={workers}"]
     proc = cityseg_run(tmp_path, settings, fault="slow", wait=False)
     deadline = time.time() + 120
-    while not temporaries(tmp_path / "cache"):
+    while not (temporaries(tmp_path / "cache") and frames_decoded(tmp_path) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    time.sleep(0.5)  # some frames in
+        time.sleep(0.05)  # polled: the build has begun, some frames in
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
@@ -225,10 +238,14 @@ def test_a_cache_dir_that_is_a_file_is_exit_2_naming_it(tmp_path):
 
 def test_an_image_size_too_large_is_refused_before_anything_is_written(tmp_path):
     settings = [*tiny_overrides(tmp_path), "data.image_size=[100000,100000]"]
-    start = time.perf_counter()
-    with pytest.raises(ConfigError, match="data.image_size: each side must be at most 8192"):
-        load_experiment(QUICKSTART, settings)
-    assert time.perf_counter() - start < 1.0
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="data.image_size: each side must be at most 8192"):
+            load_experiment(QUICKSTART, settings)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20  # refused by validation: nothing of the 30 GB a frame would take
     code, _, err = cityseg_run(tmp_path, settings)
     assert_refused_before_the_run(tmp_path, code, err, "data.image_size", "at most 8192")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hooks"]  # nothing written

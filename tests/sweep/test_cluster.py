@@ -77,9 +77,15 @@ def test_a_worker_killed_outright_leaves_its_trial_to_be_retried_and_its_child_r
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    client, _, (killed,) = runs(tmp_path)
+    client, (parent,), (killed,) = runs(tmp_path)
     assert killed.info.status == "RUNNING"  # nobody ended it
-    time.sleep(3)  # the trial's Optuna heartbeat is older than its grace period (2 s)
+    # polled: the trial's Optuna heartbeat is older than its grace period (2 s)
+    heartbeats = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=2)
+    study_id = heartbeats.get_study_id_from_name(parent.data.tags["sweep_id"])
+    deadline = time.time() + 60
+    while not heartbeats._get_stale_trial_ids(study_id):
+        assert time.time() < deadline, "the killed worker's trial never went stale"
+        time.sleep(0.1)
 
     lines = []
     run_sweep(path, storage=storage, report=lines.append)
