@@ -67,7 +67,8 @@ def test_a_complete_run_finished_and_was_not_pruned(root, request):
     assert [tracking.is_complete(r) for r in (done, pruned, killed)] == [True, False, False]
 
 
-def test_downloaded_artifacts_leave_no_temporary_folder(root, request):
+def test_downloaded_artifacts_leave_no_temporary_folder(root, request, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # not the folders of other tests
     tracker = tracking.open(root, experiment=request.node.name)
     with tracker.session(run_name="r") as run_id:
         tracker.log_text("name: r\n", "config.yaml")
