@@ -212,10 +212,11 @@ def check_weights_fit(checkpoint: dict, model: nn.Module, path: Path) -> None:
 # ---------------------------------------------------------------- a run's files, local or copied
 
 
-def intact(root: Path, run_id: str, which: Which) -> Fetched:
+def intact(root: Path, run_id: str, which: Which, *, uri: str | None = None) -> Fetched:
     """A run's checkpoint that loads: the local file training wrote, else the copy in the run's
     MLflow artifacts (read from a download, not put in place), with a note when the local file
-    is there but unusable. Unreadable when there is no intact copy, with checked advice."""
+    is there but unusable. Unreadable when there is no intact copy, with checked advice. `uri`:
+    the run's store (its tracking.uri); None: MLFLOW_TRACKING_URI, else the store under root."""
     local = path_of(root, run_id, which)
     damage: Unreadable | None = None
     if local.is_file():
@@ -224,7 +225,7 @@ def intact(root: Path, run_id: str, which: Which) -> Fetched:
         except Unreadable as err:
             damage = err
     try:
-        found = _artifact_copy(root, run_id, which)
+        found = _artifact_copy(root, run_id, which, uri=uri)
     except (_NoCopy, Unreadable) as err:
         if damage is None and isinstance(err, _NoCopy):
             raise CitysegError(f"run {run_id} has no model (it may have failed before its "
@@ -252,11 +253,12 @@ def _other_advice(root: Path, run_id: str, which: Which) -> str:
             f"{run_id})")
 
 
-def restore(root: Path, run_id: str) -> Fetched | None:
+def restore(root: Path, run_id: str, *, uri: str | None = None) -> Fetched | None:
     """For resuming: a run's missing or damaged last.pt and best.pt replaced by their intact
-    copies from its MLflow artifacts (a damaged one kept as NAME.damaged); last.pt, loaded, with
-    a note of what was done. None: no last.pt anywhere; Unreadable: no intact one."""
-    notes = [_restore_best(root, run_id)]
+    copies from its MLflow artifacts in the store at `uri` (as `intact`; a damaged one kept as
+    NAME.damaged); last.pt, loaded, with a note of what was done. None: no last.pt anywhere;
+    Unreadable: no intact one."""
+    notes = [_restore_best(root, run_id, uri)]
     local = path_of(root, run_id, "last")
     damage: Unreadable | None = None
     if local.is_file():
@@ -265,7 +267,7 @@ def restore(root: Path, run_id: str) -> Fetched | None:
         except Unreadable as err:
             damage = err
     try:
-        found = _artifact_copy(root, run_id, "last", put_at=local)
+        found = _artifact_copy(root, run_id, "last", uri=uri, put_at=local)
     except (_NoCopy, Unreadable) as err:
         if damage is None and isinstance(err, _NoCopy):
             return None  # never checkpointed (or not here): nothing to resume from
@@ -282,7 +284,7 @@ def restore(root: Path, run_id: str) -> Fetched | None:
     return replace(found, note=_lines(notes))
 
 
-def _restore_best(root: Path, run_id: str) -> str | None:
+def _restore_best(root: Path, run_id: str, uri: str | None) -> str | None:
     """best.pt made whole beside last.pt (the run's end uploads and logs it); a note when the
     local file was damaged."""
     local = path_of(root, run_id, "best")
@@ -291,7 +293,7 @@ def _restore_best(root: Path, run_id: str) -> str | None:
         return None
     damaged = f"{local}: {why}" if why else None
     try:
-        _artifact_copy(root, run_id, "best", put_at=local)
+        _artifact_copy(root, run_id, "best", uri=uri, put_at=local)
     except (_NoCopy, Unreadable) as err:
         if damaged is None:
             return None if isinstance(err, _NoCopy) else f"{local} does not exist\n  {err}"
@@ -303,8 +305,8 @@ def _restore_best(root: Path, run_id: str) -> str | None:
             f"file is kept as {_aside(local)}")
 
 
-def _artifact_copy(root: Path, run_id: str, which: Which, *, put_at: Path | None = None
-                   ) -> Fetched:
+def _artifact_copy(root: Path, run_id: str, which: Which, *, uri: str | None,
+                   put_at: Path | None = None) -> Fetched:
     """The copy of a run's checkpoint in its MLflow artifacts, loaded, and when `put_at` is
     given, written there atomically (a damaged file there moved aside first). _NoCopy when the
     run has none (or the store cannot be read); Unreadable when the copy does not load."""
@@ -312,8 +314,9 @@ def _artifact_copy(root: Path, run_id: str, which: Which, *, put_at: Path | None
     with contextlib.ExitStack() as stack:
         try:
             copy = stack.enter_context(tracking.downloaded(
-                root, run_id, artifact, missing=f"has no {artifact} among its artifacts (runs "
-                                                f"upload them with tracking.upload_checkpoints)"))
+                root, run_id, artifact, uri=uri,
+                missing=f"has no {artifact} among its artifacts (runs upload them with "
+                        f"tracking.upload_checkpoints)"))
         except CitysegError as err:  # no store, no such run or file, a server that is down
             raise _NoCopy(str(err)) from None
         checkpoint = load(copy, name=f"its copy in run {run_id}'s artifacts ({artifact})")

@@ -54,15 +54,16 @@ class Trained:
 
 def load_trained(*, run_id: str | None, checkpoint: Path | None, runs: Path,
                  overrides: list[str] | tuple[str, ...] = (), device: str = "auto",
-                 which: checkpoints.Which = "best") -> Trained:
-    """A run's best (or last) checkpoint, local else the run's artifact, or a checkpoint file,
-    as a model whose weights fit, on the device, inside its Predictor."""
+                 which: checkpoints.Which = "best", uri: str | None = None) -> Trained:
+    """A run's best (or last) checkpoint, local else the run's artifact in the store at `uri`
+    (its tracking.uri; None: MLFLOW_TRACKING_URI or the store under `runs`), or a checkpoint
+    file, as a model whose weights fit, on the device, inside its Predictor."""
     if (run_id is None) == (checkpoint is None):
         raise CitysegError("give --run RUN_ID or --checkpoint PATH (one of them)")
     if checkpoint is not None:
         found = checkpoints.Fetched(checkpoint, checkpoints.load(checkpoint))
     else:
-        found = checkpoints.intact(runs, run_id, which)
+        found = checkpoints.intact(runs, run_id, which, uri=uri)
     path, saved = found.path, found.checkpoint
     raw = apply_overrides(copy.deepcopy(saved["config"]), overrides)
     exp = validate(raw, source=f"config of checkpoint {path}", saved=True)

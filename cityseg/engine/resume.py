@@ -107,12 +107,12 @@ def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None
         raise ConfigError(f"--resume {spec}: no MLflow store at {store_path(exp)}")
     if spec == "auto":
         run_id = tracking.resumable_run(tracker, config_hash(exp), legacy_config_hash(exp))
-        found = checkpoints.restore(root, run_id) if run_id else None
+        found = checkpoints.restore(root, run_id, uri=tracker.uri) if run_id else None
         if run_id and found is None:  # crashed before its first checkpoint: nothing to resume
             tracker.mark_crashed(run_id)
         return found
     if tracker.run_exists(spec):  # whether it is alive is checked with its checkpoint
-        found = checkpoints.restore(root, spec)
+        found = checkpoints.restore(root, spec, uri=tracker.uri)
         if found is None:
             refuse_if_alive(tracker, spec)  # a live run may not have checkpointed yet
             raise ConfigError(f"--resume {spec}: the run has no checkpoint, neither at "

@@ -150,7 +150,8 @@ def comparison_panel(plan: Plan, rows: list[dict[str, Any]], *,
         # last.pt: the weights whose (last-epoch) metrics rank the children
         try:
             trained = load_trained(run_id=row["run_id"], checkpoint=None, runs=base.tracking.dir,
-                                   device=child.trainer.device, which="last")
+                                   device=child.trainer.device, which="last",
+                                   uri=base.tracking.uri)
         except CitysegError as err:  # e.g. no checkpoint in this store: left out, and said so
             report(f"comparison panel: {row['child']} left out: {err}")
             continue

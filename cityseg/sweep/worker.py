@@ -159,7 +159,8 @@ class Worker:
             return None
         run_id = newest.info.run_id
         try:
-            found = checkpoints.restore(point.experiment.tracking.dir, run_id)
+            tracked = point.experiment.tracking
+            found = checkpoints.restore(tracked.dir, run_id, uri=tracked.uri)
         except checkpoints.Unreadable:
             return run_id  # damaged without an intact copy: resuming says so
         return run_id if found is not None else None

@@ -2,6 +2,7 @@
 tracking dirs that share nothing but the server), and training exactly as it does locally."""
 
 import os
+import shutil
 
 import pytest
 from mlflow import MlflowClient
@@ -9,7 +10,7 @@ from mlflow import MlflowClient
 from cityseg import tracking
 from cityseg.cli import main
 from cityseg.config import load_experiment
-from cityseg.engine import runner
+from cityseg.engine import inference, runner
 from tests.conftest import QUICKSTART, mlflow_process, tiny_overrides
 
 
@@ -82,3 +83,30 @@ def test_a_server_tracked_run_trains_exactly_as_a_local_one(server, tmp_path):
     here, there = per_epoch(local.run_id), per_epoch(remote.run_id)
     assert "val/dice" in here and len(here["val/dice"]) == 3
     assert here == there
+
+
+def test_a_yaml_tracking_uri_is_the_store_resume_and_loading_read_checkpoint_copies_from(
+        server, tmp_path, capsys):
+    """tracking.uri in the experiment file only (no MLFLOW_TRACKING_URI, no --tracking-uri):
+    with the local checkpoints gone, resume and loading the trained run (as a sweep's summary
+    does, handed the sweep's tracking.uri) find the run's copies in that server's artifacts."""
+    experiment = tmp_path / "served.yaml"
+    experiment.write_text(f"base: {QUICKSTART}\ntracking: {{uri: '{server}'}}\n")
+    first = tiny_overrides(tmp_path, epochs=1) + ["tracking.log_model=false"]
+    result = runner.run(load_experiment(experiment, first))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # tracked by the server alone
+    shutil.rmtree(tmp_path / "runs" / "checkpoints")  # another machine, or a lost disk
+
+    # the YAML's store is where the run, and its checkpoints' copies, are looked up
+    code = main(["run", str(experiment), *sets([*first, "trainer.epochs=2"]),
+                 "--resume", result.run_id])
+    assert code == 0, capsys.readouterr().err
+    client = MlflowClient(tracking_uri=server)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.run_id, "val/dice")]
+    assert steps == [1, 2]  # continued from the copy of epoch 1, not started again
+    shutil.rmtree(tmp_path / "runs" / "checkpoints")
+    trained = inference.load_trained(run_id=result.run_id, checkpoint=None,
+                                     runs=tmp_path / "runs", uri=server)
+    assert trained.run_id == result.run_id and trained.path.name == "best.pt"
