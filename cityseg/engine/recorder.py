@@ -164,10 +164,11 @@ class Recorder(NullRecorder):
         when the epoch hook stops the run here (a pruned sweep trial)."""
         tracker = self.tracker
         tracker.beat()
-        tracker.log_metrics(metrics, step=epoch)
-        self._log_samples(predictor, step=epoch)
-        if self.upload:  # another machine can go on from here
-            self._upload_checkpoints(changed_only=True)
+        with tracker.together():  # a resume after this epoch finds all of its records
+            tracker.log_metrics(metrics, step=epoch)
+            self._log_samples(predictor, step=epoch)
+            if self.upload:  # another machine can go on from here
+                self._upload_checkpoints(changed_only=True)
         stop_tags = self.epoch_hook(epoch, metrics) if self.epoch_hook is not None else None
         if stop_tags:
             tracker.set_tags(stop_tags)

@@ -5,11 +5,12 @@ again, and written beside the run's checkpoints for `--resume` when it does not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class Outbox:
         self._closing = False
         self.refused: BaseException | None = None  # the server answered a kept write: no
         self.gave_up = False
+        self._together = 0  # inside together(): the limit's stop waits for the block's end
 
     @property
     def silent(self) -> bool:
@@ -68,6 +70,18 @@ class Outbox:
                 with self._lock:
                     self._queue.append(record)
                     self._start()
+        self._raise_trouble()
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Writes that belong together (an epoch's metrics and images): all are kept, even when
+        the limit passes among them, and the stop it brings comes after the last, so a resume
+        that starts after that epoch finds none of them missing."""
+        self._together += 1
+        try:
+            yield
+        finally:
+            self._together -= 1
         self._raise_trouble()
 
     def put_kept(self, record: Record) -> None:
@@ -97,7 +111,7 @@ class Outbox:
         refused, self.refused = self.refused, None
         if refused is not None:
             raise refused
-        if self.gave_up:
+        if self.gave_up and not self._together:
             raise self.outage.unavailable()
 
     def _start(self) -> None:

@@ -257,6 +257,11 @@ class Tracker:
         finally:
             monitor.finish()
 
+    def together(self) -> contextlib.AbstractContextManager[None]:
+        """Writes that belong together: with a server, kept as one even when its silence passes
+        the limit among them (Outbox.together); a local store writes each at once."""
+        return contextlib.nullcontext() if self._outbox is None else self._outbox.together()
+
     def beat(self) -> None:
         """Refresh the heartbeat: this process, on this host, is writing the run now (to a
         silent server: not at all, and never waiting)."""

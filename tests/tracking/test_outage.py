@@ -78,6 +78,22 @@ def test_past_the_limit_the_outbox_gives_up_stops_training_and_the_next_write_sa
     assert not box.close(wait=False) and box.kept == 2
 
 
+def test_writes_that_belong_together_are_all_kept_when_the_limit_passes_among_them():
+    """An epoch's end (its metrics, then its images): a give-up after the first write still
+    keeps the others, and the stop comes once the last is kept."""
+    server = Server()
+    box = Outbox(deliver=server.deliver, probe=server.probe, outage=answered(0.3))
+    server.up = False
+    with outages.on_outage_limit(lambda: None):
+        box.put(("tags", {"k": "v"}))
+        assert not box.settle() and box.gave_up  # the limit passed
+    with pytest.raises(TrackingUnavailable, match="has not answered"), box.together():
+        box.put(("metrics", {"val/dice": 0.5}, 10, 0))
+        box.put(("image", np.zeros((2, 2, 3), np.uint8), "samples/epoch_010.png"))
+        assert box.kept == 3  # nothing raised inside the block
+    assert [r[0] for r in box._queue] == ["tags", "metrics", "image"]
+
+
 def test_a_heartbeat_to_a_silent_server_starts_the_retries_and_never_waits():
     server, stopped = Server(), []
     box = Outbox(deliver=server.deliver, probe=server.probe, outage=answered(0.3))
