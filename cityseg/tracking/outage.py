@@ -28,7 +28,8 @@ _UNREACHABLE = ("connection refused", "failed to establish a new connection",
                 "remotedisconnected", "timed out", "bad gateway", "service unavailable",
                 "gateway timeout", "too many requests", "error code 429", "error code 502",
                 "error code 503", "error code 504", "name or service not known",
-                "temporary failure in name resolution", "response ended prematurely")
+                "temporary failure in name resolution", "response ended prematurely",
+                "connection broken")  # a server killed while it answered (IncompleteRead)
 _JITTER = random.Random()  # its own generator: the global ones belong to the training
 
 

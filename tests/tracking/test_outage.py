@@ -78,6 +78,14 @@ def test_past_the_limit_the_outbox_gives_up_stops_training_and_the_next_write_sa
     assert not box.close(wait=False) and box.kept == 2
 
 
+def test_a_server_killed_while_it_answers_is_silent_not_a_refusal():
+    cut = ("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with "
+           "exception ('Connection broken: IncompleteRead(0 bytes read, 2 more expected)', "
+           "IncompleteRead(0 bytes read, 2 more expected))")
+    assert outages.unreachable(RuntimeError(cut)) and outages.unreachable(RuntimeError(REFUSED))
+    assert not outages.unreachable(RuntimeError("RESOURCE_DOES_NOT_EXIST: run 'x' not found"))
+
+
 def test_writes_that_belong_together_are_all_kept_when_the_limit_passes_among_them():
     """An epoch's end (its metrics, then its images): a give-up after the first write still
     keeps the others, and the stop comes once the last is kept."""
