@@ -37,12 +37,18 @@ class AdamWParams(Params):
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+def encoder_of(model: nn.Module) -> nn.Module | None:
+    """The model's pretrained-style encoder (model.encoder), or None for the plain U-Net,
+    which has no separate one."""
+    return getattr(model, "encoder", None)
+
+
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, encoder_lr_mult: float,
                  decay_norm_and_bias: bool) -> list[dict]:
     """The model's trainable parameters in named groups: the encoder (if the model has one,
     at lr * encoder_lr_mult) and the rest, each split into decayed weights and undecayed norm
     weights and biases when asked. Empty groups are left out."""
-    encoder = getattr(model, "encoder", None)
+    encoder = encoder_of(model)
     in_encoder = {id(t) for t in encoder.parameters()} if encoder is not None else set()
     undecayed = set()
     if not decay_norm_and_bias:
@@ -66,7 +72,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, encoder_lr
 @OPTIMIZERS.register("adamw", params=AdamWParams)
 def adamw(p: AdamWParams, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW over every parameter (a frozen encoder's too: it trains once unfrozen)."""
-    has_encoder = getattr(model, "encoder", None) is not None
+    has_encoder = encoder_of(model) is not None
     if p.encoder_lr_mult != 1.0 and not has_encoder:
         raise ConfigError("optimizer.encoder_lr_mult: the plain U-Net has no separate encoder; "
                           "set model.encoder to a pretrained-style one, or leave it at 1")

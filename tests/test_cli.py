@@ -2,8 +2,10 @@ import subprocess
 import sys
 
 from cityseg.cli import main
+from cityseg.config import load_experiment
 from cityseg.registry import LOSSES
-from tests.conftest import EXPERIMENTS, QUICKSTART
+from cityseg.train import runner
+from tests.conftest import EXPERIMENTS, NO_MODEL, QUICKSTART, runs_of, tiny_overrides
 
 
 def test_validate_accepts_every_experiment(capsys):
@@ -154,3 +156,16 @@ def test_evaluate_refuses_write_threshold_before_loading_a_model(tmp_path, capsy
                  "--calibrate", "--write-threshold"]) == 2
     assert "--write-threshold needs a local checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_from_run_reruns_the_logged_config(tmp_path, capsys):
+    overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
+    first = runner.run(load_experiment(QUICKSTART, overrides))
+    assert main(["run", "--from-run", first.run_id, "--runs", str(tmp_path / "runs"),
+                 "--set", "seed=7"]) == 0
+    client, runs = runs_of(tmp_path / "runs")
+    assert len(runs) == 2
+    second = next(r for r in runs if r.info.run_id != first.run_id)
+    assert second.data.params["seed"] == "7" and second.data.params["model.depth"] == "2"
+    assert main(["run", "--from-run", "nope", "--runs", str(tmp_path / "runs")]) == 2
+    assert "run 'nope' not found" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from cityseg.config import (
 from cityseg.config.loading import YAML_MAX_DEPTH, YAML_MAX_VALUES
 from cityseg.errors import ConfigError
 from cityseg.registry import LOSSES
+from cityseg.train.resume import check_same_experiment
 from tests.conftest import EXPERIMENTS, QUICKSTART
 
 MINIMAL = {"name": "t", "data": {"name": "synthetic", "image_size": [32, 64]}}
@@ -322,3 +323,41 @@ def test_class_weights_that_do_not_fit_the_task_are_refused_with_the_experiment(
                                           r"numbers given, but the multiclass task has 19"):
         load_experiment(multiclass, ["loss.class_weights=[1, 2, 3]"])
     assert load_experiment(multiclass, [f"loss.class_weights={[1.0] * 19}"]).loss.class_weights
+
+
+def test_a_kept_scale_without_a_crop_is_refused():
+    with pytest.raises(Exception, match=r"data\.scale \[64, 128\] differs .* add random_crop"):
+        load_experiment(QUICKSTART, ["data.scale=[64,128]", "data.image_size=[32,64]",
+                                     "augment=[{name: hflip}]"])
+
+
+# ------------------------------------------------------------------ the boundary tolerance's unit
+
+
+def saved_before_the_bf_score(exp: Experiment, value=2) -> dict:
+    """The config a checkpoint of an older cityseg holds: a pixel tolerance, no new key."""
+    config = exp.model_dump(mode="json")
+    del config["trainer"]["boundary_tolerance_diagonal"]
+    config["trainer"]["boundary_tolerance"] = value
+    return config
+
+
+def test_configs_saved_with_a_pixel_tolerance_still_load(tiny_experiment, tmp_path):
+    old = saved_before_the_bf_score(tiny_experiment)
+    # as evaluate and predict read a checkpoint
+    loaded = validate(old, source="config of checkpoint old.pt", saved=True)
+    assert loaded == tiny_experiment and loaded.trainer.boundary_tolerance_diagonal == 0.0075
+    check_same_experiment({"config": old}, tiny_experiment, tmp_path / "old.pt")  # --resume
+    assert validate(saved_before_the_bf_score(tiny_experiment, 5), source="x",
+                    saved=True) == tiny_experiment
+
+
+def test_an_experiment_file_that_sets_the_retired_pixel_tolerance_is_told_what_replaced_it(
+        tiny_experiment):
+    with pytest.raises(ConfigError, match=r"trainer: .*boundary_tolerance \(pixels, for the "
+                                          r"retired val/boundary_f1\) is gone: set "
+                                          r"boundary_tolerance_diagonal"):
+        validate(saved_before_the_bf_score(tiny_experiment, 2), source="exp.yaml")
+    with pytest.raises(ConfigError, match=r"trainer\.boundary_tolerance_diagonal: Input should "
+                                          r"be less than 1"):
+        load_experiment(QUICKSTART, ["trainer.boundary_tolerance_diagonal=2"])

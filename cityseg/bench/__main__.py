@@ -31,7 +31,7 @@ from cityseg.bench.steps import step_speeds
 from cityseg.bench.training import SCHEMA_VERSION, bench_side_by_side
 from cityseg.data.layouts import read_photo
 from cityseg.data.synthetic import ensure_dataset
-from cityseg.engine.environment import cpu_has_native_bf16, resolve_device
+from cityseg.runtime.device import cpu_has_native_bf16, resolve_device
 
 
 def _positive(text: str) -> int:

@@ -61,8 +61,8 @@ def decode_vs_cache(root: Path, *, workers: int) -> dict:
 
 def loader_ceiling(exp) -> float:
     """Images/s the training DataLoader alone delivers (cache, augmentations, workers)."""
-    from cityseg.engine.build import build_data
-    from cityseg.engine.display import NullDisplay
+    from cityseg.train.build import build_data
+    from cityseg.train.display import NullDisplay
 
     splits = build_data(exp, NullDisplay())
     loader = DataLoader(splits.train, batch_size=exp.data.batch_size, shuffle=True,

@@ -33,9 +33,10 @@ from cityseg.bench.baseline import BASELINE_FILE, BASELINE_SHAPE
 from cityseg.bench.steps import matmul_peak
 from cityseg.config import Experiment, InferenceConfig, load_experiment
 from cityseg.data.layouts import IMAGE_EXTS, read_photo
-from cityseg.engine.inference import Trained, input_files, predict_files, save_png
-from cityseg.engine.predictor import Predictor, place_model
 from cityseg.errors import DataError
+from cityseg.infer.files import input_files, predict_files, save_png
+from cityseg.infer.loading import Trained
+from cityseg.infer.predictor import Predictor, place_model
 from cityseg.registry import MODELS
 
 MODES = {"whole": InferenceConfig(mode="whole"), "slide": InferenceConfig(mode="slide"),
@@ -98,8 +99,8 @@ class OnnxNetwork(nn.Module):
                          "cuda": trained.predictor.device.type == "cuda"}
 
     def _session(self, shape: tuple[int, ...]):
-        from cityseg.engine import export
-        from cityseg.engine.onnx_engine import OnnxRuntimeEngine
+        from cityseg.deploy import export
+        from cityseg.deploy.onnx_engine import OnnxRuntimeEngine
 
         export.onnx_modules()  # a missing extra is said by name
         with torch.inference_mode(False), torch.no_grad():
@@ -138,8 +139,8 @@ def engine_calls(engine: str, trained: Trained) -> tuple[dict[str, Callable], di
     elif engine == "compiled":
         found = _predictors(trained, torch.compile(model, dynamic=False))
     else:
-        from cityseg.engine import export
-        from cityseg.engine.onnx_engine import engine_for
+        from cityseg.deploy import export
+        from cityseg.deploy.onnx_engine import engine_for
 
         found = _predictors(trained, OnnxNetwork(model, trained), fp32_nchw=True)
         graph = engine_for(trained, None).session  # the exported graph, in memory
@@ -229,7 +230,7 @@ def matmul_peaks(device: torch.device, seconds: float, n: int) -> dict[str, floa
     """Measured fp32 matmul FLOP/s, and bf16 where the device has it natively (CUDA, AVX512-BF16
     or AMX; None where it has not) of n x n matmuls: the best of PEAK_SAMPLES samples lasting
     `seconds` in all, so that a busy moment of a shared machine does not lower it."""
-    from cityseg.engine.environment import cpu_has_native_bf16
+    from cityseg.runtime.device import cpu_has_native_bf16
 
     dtypes = {"fp32": None, "bf16": torch.bfloat16}
     native = {"fp32": True, "bf16": device.type == "cuda" or cpu_has_native_bf16()}

@@ -36,7 +36,7 @@ def bench_experiment(root: Path, *, workers: int, device: str) -> Experiment:
 def end_to_end(exp: Experiment) -> float:
     """Training images/s of cityseg's second epoch (the first warms up): real trainer, loader,
     cache, augmentations, validation, metrics and MLflow logging around it."""
-    from cityseg.engine.runner import run
+    from cityseg.train.runner import run
 
     return run(exp).metrics["throughput/img_s"]
 
@@ -61,7 +61,7 @@ class PlainFrames(torch.utils.data.Dataset):
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        from cityseg.engine.predictor import MEAN, STD
+        from cityseg.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
         image = Image.open(self.samples[i].image).convert("RGB")
         mask = Image.open(self.samples[i].mask)
@@ -73,7 +73,7 @@ class PlainFrames(torch.utils.data.Dataset):
         image = self.jitter(image)
         image = TF.resize(image, list(self.size), InterpolationMode.BILINEAR)
         mask = TF.resize(mask, list(self.size), InterpolationMode.NEAREST)
-        x = TF.normalize(TF.to_tensor(image), MEAN, STD)
+        x = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
         return x, torch.from_numpy(self.lut[np.asarray(mask)].astype(np.int64))
 
 
@@ -125,7 +125,7 @@ def bench_side_by_side(root: Path, *, workers: int, device: torch.device, repeat
     """cityseg end to end (as configured, and compiled) vs the plain loop, alternated, each
     repeat also timing the bare step (eager and compiled) so that every ratio compares figures
     taken minutes, not a run, apart; then FLOPs, MFU, the data ceiling, device augmentation."""
-    from cityseg.engine.environment import resolve_precision
+    from cityseg.runtime.device import resolve_precision
 
     exp = bench_experiment(root, workers=workers, device=str(device))
     compiled = exp.model_copy(update={"trainer": exp.trainer.model_copy(

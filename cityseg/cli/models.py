@@ -7,12 +7,16 @@ import argparse
 import contextlib
 import dataclasses
 import sys
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from cityseg.cli.parser import EXIT_USAGE
 from cityseg.errors import CitysegError
+
+if TYPE_CHECKING:
+    from cityseg.infer.loading import Trained
 
 
 def _source_run(args: argparse.Namespace) -> str | None:
@@ -22,6 +26,18 @@ def _source_run(args: argparse.Namespace) -> str | None:
     from cityseg.tracking import model_run
 
     return model_run(args.runs, args.model)
+
+
+def _load(args: argparse.Namespace, run_id: str | None, *, device: str,
+          overrides: list[str]) -> Trained:
+    """The trained model (--run / --model, else --checkpoint), its note said as a warning."""
+    from cityseg.infer import loading
+
+    trained = loading.load_trained(run_id=run_id, checkpoint=args.checkpoint, runs=args.runs,
+                                   overrides=overrides, device=device)
+    if trained.note:
+        print(f"warning: {trained.note}", file=sys.stderr)
+    return trained
 
 
 def _inference_overrides(args: argparse.Namespace) -> list[str]:
@@ -37,7 +53,7 @@ def _check_write_threshold(args: argparse.Namespace, run_id: str | None) -> None
         return
     if not args.calibrate:
         raise CitysegError("--write-threshold needs --calibrate")
-    from cityseg.engine import checkpoints
+    from cityseg import checkpoints
 
     if run_id is not None and not checkpoints.path_of(args.runs, run_id, "best").is_file():
         raise CitysegError("--write-threshold needs a local checkpoint file; "
@@ -45,18 +61,15 @@ def _check_write_threshold(args: argparse.Namespace, run_id: str | None) -> None
 
 
 def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
-    from cityseg.engine import inference
+    from cityseg.infer import evaluation
 
     overrides = [*args.overrides, *([f"data.root={args.data_root}"] if args.data_root else []),
                  *_inference_overrides(args)]
     run_id = _source_run(args)
     _check_write_threshold(args, run_id)
-    trained = inference.load_trained(run_id=run_id, checkpoint=args.checkpoint, runs=args.runs,
-                                     overrides=overrides, device=args.device)
-    if trained.note:
-        print(f"warning: {trained.note}", file=sys.stderr)
-    found, confusion = inference.evaluate(trained, split=args.split,
-                                          full_resolution=args.full_resolution)
+    trained = _load(args, run_id, device=args.device, overrides=overrides)
+    found, confusion = evaluation.evaluate(trained, split=args.split,
+                                           full_resolution=args.full_resolution)
     resolution = ("full-resolution labels" if args.full_resolution
                   else f"{list(trained.exp.data.image_size)}")
     table = Table("metric", "value", title=f"{trained.exp.name} on {args.split} ({resolution}), "
@@ -66,51 +79,48 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     out.print(table)
     calibration = None
     if args.calibrate:
-        calibration = inference.calibrate(trained, split=args.split)
+        calibration = evaluation.calibrate(trained, split=args.split)
         c, best, half = calibration, calibration.best, calibration.at_half
         out.print(f"calibration on {args.split}: "
                   f"threshold 0.5 -> dice {c.dice[half]:.4f}, iou {c.iou[half]:.4f}; "
                   f"best threshold {c.thresholds[best]:.3f} -> "
                   f"dice {c.dice[best]:.4f}, iou {c.iou[best]:.4f}")
         if args.write_threshold:
-            inference.write_threshold(trained, float(c.thresholds[best]))
+            evaluation.write_threshold(trained, float(c.thresholds[best]))
             out.print(f"threshold {c.thresholds[best]:.3f} written into {trained.path}; "
                       f"predict will use it")
     if not args.no_log:
-        run_id = inference.log_evaluation(trained, runs=args.runs, split=args.split,
-                                          full_resolution=args.full_resolution, found=found,
-                                          confusion=confusion, calibration=calibration)
+        run_id = evaluation.log_evaluation(trained, runs=args.runs, split=args.split,
+                                           full_resolution=args.full_resolution, found=found,
+                                           confusion=confusion, calibration=calibration)
         out.print(f"evaluation logged as MLflow run {run_id} (source run {trained.run_id})")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace, out: Console) -> int:
-    from cityseg.engine import inference, submission, video
+    from cityseg.infer import files, submission
 
     if args.zip is not None and args.format != "cityscapes":
         raise CitysegError("--zip packs the files of --format cityscapes; add --format cityscapes")
     if args.probabilities and args.format == "cityscapes":
         raise CitysegError("--probabilities is for --format files: the benchmark folder holds "
                            "the predictions only")
-    inference.check_out(args.out)
+    files.check_out(args.out)
     engine = _engine(args)
-    trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
-                                     runs=args.runs, device=args.device,
-                                     overrides=_inference_overrides(args))
-    if trained.note:
-        print(f"warning: {trained.note}", file=sys.stderr)
+    trained = _load(args, _source_run(args), device=args.device,
+                    overrides=_inference_overrides(args))
     if engine == "onnxruntime":  # predict asks its predictor only predict_photo
-        from cityseg.engine.onnx_engine import engine_for
+        from cityseg.deploy.onnx_engine import engine_for
 
         trained = dataclasses.replace(trained, predictor=engine_for(trained, args.onnx))
-    with video.progress_bar(out) if out.is_terminal else contextlib.nullcontext() as progress:
+    with files.progress_bar(out) if out.is_terminal else contextlib.nullcontext() as progress:
         if args.format == "cityscapes":
             written, skipped = submission.benchmark_files(trained, args.inputs, args.out,
                                                           zip_to=args.zip, progress=progress)
         else:
-            written, skipped = inference.predict_files(trained, args.inputs, args.out,
-                                                       probabilities=args.probabilities,
-                                                       masks=args.masks, progress=progress)
+            written, skipped = files.predict_files(trained, args.inputs, args.out,
+                                                   probabilities=args.probabilities,
+                                                   masks=args.masks, progress=progress)
     out.print(_predicted(args, trained, written, skipped), markup=False)
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
@@ -144,18 +154,14 @@ def _engine(args: argparse.Namespace) -> str:
 
 
 def cmd_export(args: argparse.Namespace, out: Console) -> int:
-    from cityseg.engine import export, inference
+    from cityseg.deploy import export
 
     if args.out is not None:
         export.check_out_file(args.out)
     if args.format == "onnx":
         export.onnx_modules()  # a missing extra is said before the model is loaded
     # traced on the CPU in fp32, whatever device it trained on
-    trained = inference.load_trained(run_id=_source_run(args), checkpoint=args.checkpoint,
-                                     runs=args.runs, device="cpu",
-                                     overrides=_inference_overrides(args))
-    if trained.note:
-        print(f"warning: {trained.note}", file=sys.stderr)
+    trained = _load(args, _source_run(args), device="cpu", overrides=_inference_overrides(args))
     path = export.export(trained, fmt=args.format,
                          out=args.out or export.default_out(trained, args.format))
     out.print(f"{path}: {trained.exp.name} (run {trained.run_id}, {trained.task.name}, "

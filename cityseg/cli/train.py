@@ -20,16 +20,15 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         raise CitysegError("run: give an experiment file or --from-run RUN_ID (one of them)")
     # the experiment is read and validated before anything is written
     if args.from_run:
-        from cityseg import tracking
+        from cityseg.tracking import logged_config
 
-        with tracking.downloaded(args.runs, args.from_run, "config.yaml",
-                                 missing="has no config.yaml artifact") as logged:
+        with logged_config(args.runs, args.from_run) as logged:
             exp = load_experiment(logged, args.overrides, saved=True)
     else:
         exp = load_experiment(args.experiment, args.overrides)
-    from cityseg.engine.display import RichDisplay
-    from cityseg.engine.runner import run
     from cityseg.errors import Interrupted, TrainingDiverged
+    from cityseg.train.display import RichDisplay
+    from cityseg.train.runner import run
 
     out.print(f"[bold]{exp.name}[/]: {exp.data.name} data ({exp.data.task}), {exp.model.name}, "
               f"{exp.loss.name} loss, {exp.trainer.epochs} epochs")

@@ -34,6 +34,7 @@ import numpy as np
 
 from cityseg.data.layouts import Sample
 from cityseg.errors import ConfigError, DataError, StorageError
+from cityseg.runtime.process import pid_alive
 
 # free space a build leaves: the run still writes checkpoints and its MLflow store there
 MARGIN_BYTES, MARGIN_FRACTION = 64 * 2**20, 0.05
@@ -119,7 +120,7 @@ def remove_stale(cache_dir: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if match is None or match["host"] not in (None, host) or _alive(int(match["pid"])):
+        if match is None or match["host"] not in (None, host) or pid_alive(int(match["pid"])):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
@@ -129,14 +130,6 @@ def remove_stale(cache_dir: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @contextmanager

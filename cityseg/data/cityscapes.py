@@ -80,6 +80,16 @@ def id_to_train_id_lut() -> np.ndarray:
     return lut
 
 
+def train_id_to_id_lut() -> np.ndarray:
+    """uint8[256]: train id -> official label id (the inverse of `id_to_train_id_lut` on the 19
+    classes; other values, never predicted, become 0, "unlabeled")."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for label in LABELS:
+        if label.train_id != IGNORE_INDEX:
+            lut[label.train_id] = label.id
+    return lut
+
+
 def train_id_to_binary_lut(foreground: tuple[str, ...] | list[str]) -> np.ndarray:
     """uint8 lookup table: train id -> 1 (foreground), 0 (background), 255 (ignored)."""
     unknown = sorted(set(foreground) - set(TRAIN_CLASSES))

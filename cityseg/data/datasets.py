@@ -1,4 +1,6 @@
-"""Dataset registry entries: where samples come from, and how one sample becomes tensors."""
+"""Dataset registry entries: where samples come from (the `data:` section and the index of a
+dataset's files) and the two splits a run trains and validates on, each read from the decode
+cache or from disk. How a sample is read and becomes tensors is loader.py's."""
 
 from __future__ import annotations
 
@@ -7,19 +9,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
-from torch.utils.data import Dataset, Sampler
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cityseg.data import synthetic
-from cityseg.data.cache import DecodedSplit, fingerprint, load_or_build
+from cityseg.data.cache import fingerprint, load_or_build
 from cityseg.data.cityscapes import DEFAULT_FOREGROUND, TRAIN_CLASSES
-from cityseg.data.device_augment import DeviceAugmenter
-from cityseg.data.layouts import DatasetIndex, Encoding, Sample, index_dataset, read_resized
+from cityseg.data.layouts import DatasetIndex, index_dataset
+from cityseg.data.loader import (
+    CachedReader,
+    DiskReader,
+    SegmentationDataset,
+    loader_workers,
+)
 from cityseg.data.tasks import TASKS
-from cityseg.data.workers import loader_workers
 from cityseg.errors import ConfigError, DataError
 from cityseg.registry import DATASETS, BuildContext, Params
 
@@ -90,6 +93,11 @@ class DataParams(Params):
         """data.num_workers as a count (auto resolved for this process)."""
         return loader_workers(self.num_workers)
 
+    @property
+    def validation_split(self) -> str:
+        """The split a run validates on."""
+        return "val"
+
     def index(self, splits: tuple[str, ...]) -> DatasetIndex:
         """The samples of the splits, found where and as this dataset keeps its files."""
         raise NotImplementedError(f"{type(self).__name__} does not say where its samples are")
@@ -106,6 +114,10 @@ class CityscapesParams(DataParams):
 
     def index(self, splits: tuple[str, ...]) -> DatasetIndex:
         return index_dataset(self.root, layout=self.layout, splits=splits)
+
+    @property
+    def validation_split(self) -> str:
+        return self.val_split
 
 
 class SyntheticParams(DataParams):
@@ -130,171 +142,6 @@ class SyntheticParams(DataParams):
 def task_lut(p: DataParams) -> np.ndarray:
     """Train id -> label of the configured task (255 = ignore)."""
     return TASKS[p.task].lut(p.foreground)
-
-
-class DiskReader:
-    """Decodes and resizes each sample when asked (no cache)."""
-
-    def __init__(self, samples: list[Sample], *, layout: str, encoding: Encoding,
-                 size: tuple[int, int]) -> None:
-        self.samples, self.layout, self.encoding, self.size = samples, layout, encoding, size
-        self._counts: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return read_resized(self.samples[i], layout=self.layout, encoding=self.encoding,
-                            size=self.size)
-
-    def class_counts(self) -> np.ndarray:
-        """Pixels per train id, decoded once (pos_weight auto and the run's data report both
-        ask)."""
-        if self._counts is None:
-            self._counts = np.zeros(256, dtype=np.int64)
-            for i in range(len(self)):
-                self._counts += np.bincount(self[i][1].ravel(), minlength=256)
-        return self._counts
-
-
-class CachedReader:
-    """Reads decoded arrays from a cache; memory maps are opened lazily in each worker process."""
-
-    def __init__(self, decoded: DecodedSplit) -> None:
-        self.decoded = decoded
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return self.decoded.count
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._arrays is None:
-            self._arrays = self.decoded.arrays()
-        images, masks = self._arrays
-        return np.array(images[i]), np.array(masks[i])
-
-    def __getstate__(self) -> dict:  # workers re-open the maps rather than pickling the data
-        return {"decoded": self.decoded, "_arrays": None}
-
-    def class_counts(self) -> np.ndarray:
-        return self.decoded.class_counts
-
-
-class SegmentationDataset(Dataset):
-    """(image uint8 (3, H, W), mask uint8 (H, W)) in the task's labels, augmented if asked.
-
-    Indexed by (epoch, index) from an EpochSampler, the augmentation is seeded by
-    (seed, epoch, index): the same sample gets the same augmentation whatever the worker count,
-    and a resumed run sees exactly what an uninterrupted one would. Normalisation happens on
-    the device.
-    """
-
-    def __init__(self, reader: DiskReader | CachedReader, *, lut: np.ndarray,
-                 transform: v2.Transform | None, seed: int = 0) -> None:
-        self.reader = reader
-        self.lut = lut  # train id -> task label
-        self.transform = transform
-        self.seed = seed
-        # set: the augmentations run batched on the training device; each sample comes
-        # unaugmented with its parameters, drawn here from its seed
-        self.device_augment: DeviceAugmenter | None = None
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def first(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The first `count` samples (fewer if the split is smaller) as (images, masks)
-        batches, unaugmented: the fixed images of sample panels. None for count 0."""
-        pairs = [self[i] for i in range(min(count, len(self)))]
-        if not pairs:
-            return None
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        photo, train_ids = self.reader[index]
-        img = tv_tensors.Image(torch.from_numpy(photo).permute(2, 0, 1))  # (3, H, W)
-        mask = tv_tensors.Mask(torch.from_numpy(self.lut[train_ids]))  # (H, W)
-        seed = sample_seed(self.seed, epoch, index)
-        if self.device_augment is not None:
-            return (img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor),
-                    self.device_augment.draw(seed, tuple(img.shape)))
-        if self.transform is not None:
-            img, mask = augment_sample(self.transform, img, mask, seed)
-        return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch: a function of (seed, epoch, index)."""
-    return (seed * 1_000_003 + epoch * 100_003 + index) % 2**63
-
-
-def augment_sample(transform: v2.Transform, img: torch.Tensor, mask: torch.Tensor,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample through the augmentations, their random parameters drawn from `seed` (on
-    the CPU generator, wherever the pixels are), the caller's RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        return transform(tv_tensors.Image(img), tv_tensors.Mask(mask))
-
-
-class EpochSampler(Sampler):
-    """Yields (epoch, index) keys in an order fixed by (seed, epoch), from global batch
-    `start_batch` on. With several ranks, each takes an equal contiguous share of every global
-    batch, so the ranks together train on exactly the batches one process would; the last,
-    partial batch is split evenly (up to world - 1 of its samples are left out)."""
-
-    def __init__(self, size: int, *, seed: int, shuffle: bool, batch_size: int,
-                 rank: int = 0, world: int = 1) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.epoch, self.start_batch = 1, 0
-
-    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
-        """Order of `epoch`, from global batch `start_batch` (a run resumed mid-epoch)."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def _shares(self) -> list[int]:
-        """Samples this rank takes from each global batch of an epoch."""
-        full, rest = divmod(self.size, self.batch_size)
-        shares = [self.batch_size // self.world] * full
-        if rest // self.world:
-            shares.append(rest // self.world)
-        return shares
-
-    @property
-    def batches(self) -> int:
-        """Global batches (steps) per epoch."""
-        return len(self._shares())
-
-    def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
-        keys = []
-        for batch, share in enumerate(self._shares()):
-            if batch >= self.start_batch:
-                first = batch * self.batch_size + self.rank * share
-                keys += [(self.epoch, i) for i in order[first : first + share]]
-        return iter(keys)
-
-    def __len__(self) -> int:
-        return sum(self._shares()[self.start_batch :])
-
-
-class ShardSampler(Sampler):
-    """Every `world`-th index from `rank`: the ranks together see each sample exactly once."""
-
-    def __init__(self, size: int, *, rank: int = 0, world: int = 1) -> None:
-        self.indices = list(range(rank, size, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 @dataclass
@@ -340,19 +187,25 @@ def data_index(p: DataParams, splits: tuple[str, ...]) -> DatasetIndex:
     return p.index(splits)
 
 
+def split_dataset(p: DataParams, split: str, *, index: DatasetIndex | None = None,
+                  transform: v2.Transform | None = None, seed: int = 0
+                  ) -> tuple[SegmentationDataset, str]:
+    """One split as a dataset of the task (at data.scale, through the cache if enabled;
+    without a transform: as validation, evaluate and the sweep's panel see it), and its
+    fingerprint."""
+    reader, printed = reader_for(p, index or data_index(p, (split,)), split)
+    return SegmentationDataset(reader, lut=task_lut(p), transform=transform, seed=seed), printed
+
+
 def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,
                  train_transform: v2.Transform | None, seed: int) -> DataSplits:
-    """Readers (cached or not) for the two splits, wrapped as datasets of the task."""
+    """The two splits a run trains and validates on (the batch checked first)."""
     check_batch(p, index, train_split)
-    readers, prints = {}, {}
-    for split in (train_split, val_split):
-        readers[split], prints[split] = reader_for(p, index, split)
-    lut = task_lut(p)
-    return DataSplits(
-        train=SegmentationDataset(readers[train_split], lut=lut, transform=train_transform,
-                                  seed=seed),
-        val=SegmentationDataset(readers[val_split], lut=lut, transform=None),
-        index=index, fingerprints={"train": prints[train_split], "val": prints[val_split]})
+    train, train_print = split_dataset(p, train_split, index=index, transform=train_transform,
+                                       seed=seed)
+    val, val_print = split_dataset(p, val_split, index=index)
+    return DataSplits(train=train, val=val, index=index,
+                      fingerprints={"train": train_print, "val": val_print})
 
 
 @DATASETS.register("cityscapes", params=CityscapesParams)

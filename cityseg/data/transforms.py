@@ -5,13 +5,13 @@ so geometric transforms move both the same way, masks are resampled with nearest
 photometric transforms leave masks alone, and pixels a transform invents in the mask (the
 corners of a rotation) get the ignore index rather than a made-up class.
 
-Each augmentation also has a batched form (`@batched`): the kornia module that does the same on
-a batch on the training device, each sample with its own parameters (data.augment_on: device).
+Each augmentation's params model also says how it runs batched (`batched(ctx)`, as a
+dataset's params say where its samples are), so the registry entry carries both forms: the
+batched one is the kornia module that does the same on a batch on the training device, each
+sample with its own parameters (data.augment_on: device).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import kornia.augmentation as K
 import torch
@@ -23,24 +23,27 @@ from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.device_augment import DeviceAugmenter, RandomScaleCrop
 from cityseg.registry import AUGMENTATIONS, BuildContext, Params
 
-# augmentation name -> builder(params, ctx) of its kornia form, for data.augment_on: device
-BATCHED: dict[str, Callable[[Params, BuildContext], torch.nn.Module]] = {}
+
+class AugmentParams(Params):
+    """Base of every augmentation's params: its batched (kornia) form, where it has one."""
+
+    def batched(self, ctx: BuildContext) -> torch.nn.Module:
+        """The kornia module doing this augmentation on a batch, for data.augment_on: device."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched form")
 
 
-def batched(name: str) -> Callable:
-    """Decorator: `@batched("hflip")` on the builder of that augmentation's kornia form."""
-
-    def decorator(builder: Callable) -> Callable:
-        BATCHED[name] = builder
-        return builder
-
-    return decorator
+def has_batched_form(params: type[Params]) -> bool:
+    """Whether an augmentation's params model says how it runs batched on the device."""
+    return issubclass(params, AugmentParams) and params.batched is not AugmentParams.batched
 
 
-class HFlipParams(Params):
+class HFlipParams(AugmentParams):
     """Mirror left-right."""
 
     p: float = Field(0.5, ge=0.0, le=1.0, description="probability of flipping a sample")
+
+    def batched(self, ctx: BuildContext) -> torch.nn.Module:
+        return K.RandomHorizontalFlip(p=self.p)
 
 
 @AUGMENTATIONS.register("hflip", params=HFlipParams)
@@ -49,16 +52,14 @@ def hflip(p: HFlipParams, ctx: BuildContext) -> v2.Transform:
     return v2.RandomHorizontalFlip(p=p.p)
 
 
-@batched("hflip")
-def hflip_batched(p: HFlipParams, ctx: BuildContext) -> torch.nn.Module:
-    return K.RandomHorizontalFlip(p=p.p)
-
-
-class RotateParams(Params):
+class RotateParams(AugmentParams):
     """Rotate by a random angle; uncovered mask pixels become ignore."""
 
     degrees: float = Field(10.0, ge=0.0, le=180.0, description="maximum absolute angle in degrees")
     p: float = Field(1.0, ge=0.0, le=1.0, description="probability of rotating a sample")
+
+    def batched(self, ctx: BuildContext) -> torch.nn.Module:
+        return K.RandomRotation(self.degrees, resample="bilinear", p=self.p)
 
 
 @AUGMENTATIONS.register("rotate", params=RotateParams)
@@ -69,12 +70,7 @@ def rotate(p: RotateParams, ctx: BuildContext) -> v2.Transform:
     return v2.RandomApply([rotation], p=p.p)
 
 
-@batched("rotate")
-def rotate_batched(p: RotateParams, ctx: BuildContext) -> torch.nn.Module:
-    return K.RandomRotation(p.degrees, resample="bilinear", p=p.p)
-
-
-class ColorJitterParams(Params):
+class ColorJitterParams(AugmentParams):
     """Random brightness, contrast, saturation and hue (image only)."""
 
     brightness: float = Field(0.2, ge=0.0, description="factor drawn from [1-b, 1+b]")
@@ -82,6 +78,10 @@ class ColorJitterParams(Params):
     saturation: float = Field(0.2, ge=0.0, description="factor drawn from [1-s, 1+s]")
     hue: float = Field(0.0, ge=0.0, le=0.5, description="shift drawn from [-h, h]")
     p: float = Field(1.0, ge=0.0, le=1.0, description="probability of jittering a sample")
+
+    def batched(self, ctx: BuildContext) -> torch.nn.Module:
+        return K.ColorJitter(brightness=self.brightness, contrast=self.contrast,
+                             saturation=self.saturation, hue=self.hue, p=self.p)
 
 
 @AUGMENTATIONS.register("color_jitter", params=ColorJitterParams)
@@ -92,13 +92,7 @@ def color_jitter(p: ColorJitterParams, ctx: BuildContext) -> v2.Transform:
     return v2.RandomApply([jitter], p=p.p)
 
 
-@batched("color_jitter")
-def color_jitter_batched(p: ColorJitterParams, ctx: BuildContext) -> torch.nn.Module:
-    return K.ColorJitter(brightness=p.brightness, contrast=p.contrast, saturation=p.saturation,
-                         hue=p.hue, p=p.p)
-
-
-class RandomResizedCropParams(Params):
+class RandomResizedCropParams(AugmentParams):
     """Crop a random area and aspect ratio, resized back to data.image_size."""
 
     scale: tuple[float, float] = Field((0.5, 1.0), description="range of the crop's area fraction")
@@ -115,6 +109,10 @@ class RandomResizedCropParams(Params):
             raise ValueError(f"scale must be within (0, 1], got {self.scale}")
         return self
 
+    def batched(self, ctx: BuildContext) -> torch.nn.Module:
+        return K.RandomResizedCrop(ctx.image_size, scale=self.scale, ratio=self.ratio, p=self.p,
+                                   cropping_mode="resample")
+
 
 @AUGMENTATIONS.register("random_resized_crop", params=RandomResizedCropParams)
 def random_resized_crop(p: RandomResizedCropParams, ctx: BuildContext) -> v2.Transform:
@@ -123,14 +121,7 @@ def random_resized_crop(p: RandomResizedCropParams, ctx: BuildContext) -> v2.Tra
     return v2.RandomApply([crop], p=p.p)
 
 
-@batched("random_resized_crop")
-def random_resized_crop_batched(p: RandomResizedCropParams, ctx: BuildContext
-                                ) -> torch.nn.Module:
-    return K.RandomResizedCrop(ctx.image_size, scale=p.scale, ratio=p.ratio, p=p.p,
-                               cropping_mode="resample")
-
-
-class RandomScaleParams(Params):
+class RandomScaleParams(AugmentParams):
     """Rescale the frame by a random ratio (mmsegmentation's Cityscapes recipe: 0.5 to 2)."""
 
     ratio: tuple[float, float] = Field((0.5, 2.0), description="range of the scale factor "
@@ -144,6 +135,11 @@ class RandomScaleParams(Params):
             raise ValueError(f"ratio must satisfy 0 < low <= high, got {(lo, hi)}")
         return self
 
+    def batched(self, ctx: BuildContext) -> torch.nn.Module:
+        """Scaled frames differ in size and cannot share a batch: on the device, random_scale is
+        one warp with the random_crop that must follow it (see device_augmentations)."""
+        return RandomScaleCrop(ctx.image_size, ratio=self.ratio, p=self.p)
+
 
 @AUGMENTATIONS.register("random_scale", params=RandomScaleParams)
 def random_scale(p: RandomScaleParams, ctx: BuildContext) -> v2.Transform:
@@ -153,16 +149,12 @@ def random_scale(p: RandomScaleParams, ctx: BuildContext) -> v2.Transform:
     return v2.RandomApply([jitter], p=p.p)
 
 
-@batched("random_scale")
-def random_scale_batched(p: RandomScaleParams, ctx: BuildContext) -> torch.nn.Module:
-    """Scaled frames differ in size and cannot share a batch: on the device, random_scale is
-    one warp with the random_crop that must follow it (see device_augmentations)."""
-    return RandomScaleCrop(ctx.image_size, ratio=p.ratio, p=p.p)
-
-
-class RandomCropParams(Params):
+class RandomCropParams(AugmentParams):
     """Cut a data.image_size window at a random place (always: batches need that size); a
     smaller frame is padded first, the mask's padding being ignore."""
+
+    def batched(self, ctx: BuildContext) -> torch.nn.Module:
+        return RandomScaleCrop(ctx.image_size)
 
 
 @AUGMENTATIONS.register("random_crop", params=RandomCropParams)
@@ -172,11 +164,6 @@ def random_crop(p: RandomCropParams, ctx: BuildContext) -> v2.Transform:
     return v2.RandomCrop(ctx.image_size, pad_if_needed=True, fill=fill)
 
 
-@batched("random_crop")
-def random_crop_batched(p: RandomCropParams, ctx: BuildContext) -> torch.nn.Module:
-    return RandomScaleCrop(ctx.image_size)
-
-
 def build_augmentations(params: list[Params], ctx: BuildContext) -> v2.Transform | None:
     """The experiment's augment list as one joint transform, or None when it is empty."""
     if not params:
@@ -184,10 +171,10 @@ def build_augmentations(params: list[Params], ctx: BuildContext) -> v2.Transform
     return v2.Compose([AUGMENTATIONS.build(p, ctx) for p in params])
 
 
-def device_problem(params: list[Params]) -> str | None:
+def device_problem(params: list[AugmentParams]) -> str | None:
     """Why the augment list cannot run batched on the device, or None when it can."""
     for i, p in enumerate(params):
-        if p.name not in BATCHED:
+        if not has_batched_form(type(p)):
             return (f"augment[{i}] {p.name} has no batched (kornia) form; "
                     f"use data.augment_on: workers")
         if p.name == "random_scale" and (i + 1 == len(params)
@@ -198,13 +185,14 @@ def device_problem(params: list[Params]) -> str | None:
     return None
 
 
-def device_augmentations(params: list[Params], ctx: BuildContext) -> DeviceAugmenter | None:
+def device_augmentations(params: list[AugmentParams], ctx: BuildContext
+                         ) -> DeviceAugmenter | None:
     """The augment list as one batched kornia pipeline (random_scale + random_crop fused into
     one warp), or None when it is empty. The list must pass `device_problem`."""
     if not params:
         return None
     if (problem := device_problem(params)) is not None:
         raise ValueError(problem)
-    modules = [BATCHED[p.name](p, ctx) for i, p in enumerate(params)
+    modules = [p.batched(ctx) for i, p in enumerate(params)
                if not (p.name == "random_crop" and i and params[i - 1].name == "random_scale")]
     return DeviceAugmenter(*modules)

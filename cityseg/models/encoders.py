@@ -16,6 +16,11 @@ from torch import nn
 
 from cityseg.errors import ConfigError
 
+# ImageNet's RGB statistics (of 0..1 values): torchvision's backbones learned on inputs
+# normalised by them, and they do not hurt a network trained from scratch (the plain encoder)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class EncoderSpec:
@@ -24,6 +29,9 @@ class EncoderSpec:
     channels: tuple[int, ...]  # each stage's output channels
     first_stride: int  # the first stage's output stride (2, or 4 for ConvNeXt's patchify stem)
     head: tuple[str, ...]  # the classifier: replaced by Identity
+    # the input normalisation its weights expect (the preprocessing travels with the encoder)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 def _features(*groups: range) -> tuple[tuple[str, ...], ...]:
@@ -53,6 +61,13 @@ ENCODERS: dict[str, EncoderSpec] = {
         _features(range(0, 2), range(2, 3), range(3, 4), range(4, 6), range(6, 9)),
         (16, 24, 40, 112, 1280), 2, ("classifier",)),
 }
+
+
+def normalisation(encoder: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of RGB values in 0..1 that an encoder's inputs are normalised by; `plain`
+    (the original U-Net encoder) takes ImageNet's."""
+    spec = ENCODERS.get(encoder)
+    return (spec.mean, spec.std) if spec is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def stages_for(name: str, depth: int) -> int:

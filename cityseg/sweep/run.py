@@ -28,7 +28,7 @@ import yaml
 
 from cityseg import tracking
 from cityseg.config import to_yaml
-from cityseg.data.workers import SWEEP_JOBS_ENV, available_cpus
+from cityseg.data.loader import SWEEP_JOBS_ENV, available_cpus
 from cityseg.sweep.spec import Plan, load_sweep
 from cityseg.sweep.study import default_storage, open_study, pending
 from cityseg.sweep.summary import best_of, log_summary, summary_rows

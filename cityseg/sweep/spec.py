@@ -16,8 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cityseg.config import Experiment, load_experiment, read_yaml, validation_error
-from cityseg.engine.resume import config_hash
+from cityseg.config import Experiment, config_hash, load_experiment, read_yaml, validation_error
 from cityseg.errors import ConfigError
 from cityseg.metrics import lower_is_better
 
@@ -116,8 +115,8 @@ class SweepConfig(BaseModel):
     def _mode_of_metric(cls, data: Any) -> Any:
         """A sweep that ranks by a loss minimises it unless it says otherwise."""
         if isinstance(data, dict) and "mode" not in data:
-            data = {**data, "mode": "min" if lower_is_better(data.get("metric", "val/dice"))
-                    else "max"}
+            metric = data["metric"] if "metric" in data else cls.model_fields["metric"].default
+            data = {**data, "mode": "min" if lower_is_better(metric) else "max"}
         return data
 
     @model_validator(mode="after")

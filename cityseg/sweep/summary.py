@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 
 from cityseg import tracking, viz
+from cityseg.data.datasets import split_dataset
 from cityseg.data.tasks import LOGGED_METRICS
-from cityseg.data.transforms import build_augmentations
-from cityseg.engine.inference import load_trained
 from cityseg.errors import CitysegError
+from cityseg.infer.loading import load_trained
 from cityseg.metrics import lower_is_better
-from cityseg.registry import DATASETS
 from cityseg.sweep.spec import Plan, yaml_value
 from cityseg.sweep.study import Study, plots
 
@@ -139,8 +138,7 @@ def comparison_panel(plan: Plan, rows: list[dict[str, Any]], *,
     if (not chosen or base.tracking.num_samples == 0
             or any(exp.data != base.data for exp in children)):
         return None  # children saw different data: no common images to compare
-    ctx = base.build_context()
-    val = DATASETS.build(base.data, ctx, train_transform=build_augmentations([], ctx)).val
+    val, _ = split_dataset(base.data, base.data.validation_split)
     found = val.first(base.tracking.num_samples)
     if found is None:  # an empty validation split
         return None

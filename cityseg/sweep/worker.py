@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cityseg import tracking
-from cityseg.engine import checkpoints, runner
+from cityseg import checkpoints, tracking
 from cityseg.errors import Interrupted
 from cityseg.sweep.spec import Plan, SweepPoint
 from cityseg.sweep.study import (
@@ -26,6 +25,8 @@ from cityseg.sweep.study import (
     suggest,
     take_trial,
 )
+from cityseg.train import runner
+from cityseg.train.resume import restored
 
 
 class Duplicate(Exception):
@@ -160,7 +161,7 @@ class Worker:
         run_id = newest.info.run_id
         try:
             tracked = point.experiment.tracking
-            found = checkpoints.restore(tracked.dir, run_id, uri=tracked.uri)
+            found = restored(tracked.dir, run_id, uri=tracked.uri)
         except checkpoints.Unreadable:
             return run_id  # damaged without an intact copy: resuming says so
         return run_id if found is not None else None

@@ -1,13 +1,14 @@
-"""MLflow tracking, the only package that imports mlflow. One question per module:
+"""MLflow tracking, the only package that imports mlflow (deploy/pyfunc.py aside: MLflow runs
+that file as the model's code); it imports nothing from train, infer or deploy. One question
+per module:
 
-- store.py: where are runs tracked, and how do I reach them? (`open`, `open_store`, NoStore)
+- store.py: where are runs tracked, and how do I reach them? (`open_store`, NoStore)
 - outage.py: how long may a server stay silent? (the limit, TrackingUnavailable, waits)
 - outbox.py: what happens to a run's writes meanwhile? (kept in order, sent, spooled to disk)
 - records.py: what does a run write? (records, and how each is sent)
-- session.py: one run from start to end, and what it logs (the Tracker)
-- liveness.py: is a RUNNING run's process still there? (`runs clean`)
+- session.py: one run from start to end, and what it logs (the Tracker, `open`)
+- liveness.py: is a RUNNING run's process still there? (its heartbeat, `runs clean`)
 - queries.py: which runs? (named tag queries), a run's artifacts, the model registry
-- model.py: the servable pyfunc model and its requirements
 
 `from cityseg import tracking` and then `tracking.<name>`: every public name is here.
 """
@@ -24,20 +25,21 @@ from cityseg.tracking.liveness import (
     liveness,
     shown_status,
 )
-from cityseg.tracking.model import CitysegModel, mlflow_version, model_requirements
 from cityseg.tracking.outage import TrackingUnavailable, interrupt_waits, on_outage_limit
 from cityseg.tracking.queries import (
     config_text,
     downloaded,
     is_complete,
+    logged_config,
     model_run,
     point_runs,
     promote,
     resumable_run,
+    run_artifacts,
     sweep_children,
     sweep_parents,
 )
-from cityseg.tracking.session import NOTE_TAG, Tracker
+from cityseg.tracking.session import NOTE_TAG, Tracker, open
 from cityseg.tracking.store import (
     EXPERIMENT_KIND_TAG,
     MODEL_DEVELOPMENT,
@@ -48,7 +50,6 @@ from cityseg.tracking.store import (
     Store,
     experiment_links,
     is_local,
-    open,
     open_store,
     run_url,
     search_runs,
@@ -59,11 +60,11 @@ from cityseg.tracking.store import (
 
 __all__ = [
     "EXPERIMENT_KIND_TAG", "HEARTBEAT_EVERY_S", "HEARTBEAT_TAG", "MODEL_DEVELOPMENT", "NOTE_TAG",
-    "RETRIES", "STAGE_TAG", "STALE_AFTER_S", "UI_PORT_ENV", "CitysegModel", "Liveness", "NoStore",
+    "RETRIES", "STAGE_TAG", "STALE_AFTER_S", "UI_PORT_ENV", "Liveness", "NoStore",
     "RetryingClient", "Store", "Tracker", "TrackingUnavailable", "clean_stale", "config_text",
     "downloaded", "interrupt_waits", "on_outage_limit",
-    "experiment_links", "interrupted", "is_complete", "is_local", "is_stale",
-    "liveness", "mlflow_version", "model_requirements", "model_run", "open", "open_store",
-    "point_runs", "promote", "resumable_run", "run_url", "search_runs",
+    "experiment_links", "interrupted", "is_complete", "logged_config", "is_local", "is_stale",
+    "liveness", "model_run", "open", "open_store",
+    "point_runs", "promote", "resumable_run", "run_artifacts", "run_url", "search_runs",
     "shown_status", "sweep_children", "sweep_parents", "tag_filter", "tracking_uri", "ui_port",
 ]

@@ -1,15 +1,18 @@
-"""Is a RUNNING run's process still there? Heartbeats read back, stale runs, what to resume,
-and `cityseg runs clean`, which marks the runs of dead processes FAILED."""
+"""Is a RUNNING run's process still there? Its heartbeat (a thread writes it, this reads it
+back), stale runs, what to resume, and `cityseg runs clean`, which marks the runs of dead
+processes FAILED."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cityseg.runtime.process import pid_alive
 from cityseg.tracking.store import open_store
 
 STAGE_TAG = "cityseg.stage"  # "end" while a run's end (uploads, reports, model) runs
@@ -30,14 +33,6 @@ class Liveness:
     pid: int | None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def liveness(run, *, now: float | None = None) -> Liveness | None:
@@ -52,7 +47,7 @@ def liveness(run, *, now: float | None = None) -> Liveness | None:
         host, pid, last = None, None, run.info.start_time / 1000
     age = now - last
     where = f"pid {pid} on host {host}" if pid is not None else "no heartbeat"
-    if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
+    if host == socket.gethostname() and pid is not None and not pid_alive(pid):
         return Liveness(False, f"{where} is gone", host, pid)
     if age > STALE_AFTER_S:
         return Liveness(False, f"{where}: silent for {age / 60:.0f} minutes "
@@ -106,3 +101,26 @@ def mark_crashed(client, run) -> str | None:
     client.set_tag(run.info.run_id, "crashed", state.reason)
     client.set_terminated(run.info.run_id, status="FAILED")
     return state.reason
+
+
+class Heartbeat:
+    """Refreshes a run's heartbeat tag every `every` seconds from a daemon thread."""
+
+    def __init__(self, beat, every: float) -> None:
+        self._beat, self._every = beat, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cityseg-heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            with contextlib.suppress(Exception):  # a missed beat is not worth a failed run
+                self._beat()
+
+    def __enter__(self) -> Heartbeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cityseg.runtime.files import written_whole
 from cityseg.tracking.outage import (
     SLICE_S,
     Outage,
@@ -218,9 +219,8 @@ class Outbox:
                 np.save(folder / f"{n:05d}.npy", payload[0])
                 payload = [f"{n:05d}.npy", *payload[1:]]
             lines.append(json.dumps({"kind": kind, "payload": payload}, default=_plain))
-        part = folder / "records.jsonl.part"
-        part.write_text("\n".join(lines) + "\n")
-        part.replace(folder / "records.jsonl")
+        with written_whole(folder / "records.jsonl") as part:
+            part.write_text("\n".join(lines) + "\n")
         return len(kept)
 
 

@@ -7,8 +7,9 @@ Callers name the question; the MLflow filter strings are written here once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,10 +75,24 @@ def downloaded(root: Path, run_id: str, artifact: str, *, missing: str,
         yield _download(store, run_id, artifact, folder, missing=missing)
 
 
+def run_artifacts(root: Path, run_id: str, *, uri: str | None = None
+                  ) -> Callable[..., contextlib.AbstractContextManager[Path]]:
+    """Run `run_id`'s artifacts in the store at `uri` (None: MLFLOW_TRACKING_URI, else the
+    store under `root`), as `checkpoints.intact` and `restore` look for copies:
+    `artifacts(artifact, missing=...)` is `downloaded` of that run."""
+    return functools.partial(downloaded, root, run_id, uri=uri)
+
+
+def logged_config(root: Path, run_id: str, *, uri: str | None = None
+                  ) -> contextlib.AbstractContextManager[Path]:
+    """The resolved config.yaml that run `run_id` logged, as `downloaded` gives it (a local
+    path while the block lasts)."""
+    return downloaded(root, run_id, "config.yaml", missing="has no config.yaml artifact", uri=uri)
+
+
 def config_text(root: Path, run_id: str, *, uri: str | None = None) -> str:
     """The resolved config.yaml that run `run_id` logged, as text."""
-    with downloaded(root, run_id, "config.yaml", missing="has no config.yaml artifact",
-                    uri=uri) as path:
+    with logged_config(root, run_id, uri=uri) as path:
         return path.read_text()
 
 

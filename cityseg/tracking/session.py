@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,8 +21,8 @@ import numpy as np
 from mlflow.tracking.context.registry import resolve_tags
 
 from cityseg.errors import Interrupted
-from cityseg.tracking import model, records
-from cityseg.tracking.liveness import HEARTBEAT_EVERY_S, HEARTBEAT_TAG, mark_crashed
+from cityseg.tracking import records
+from cityseg.tracking.liveness import HEARTBEAT_EVERY_S, HEARTBEAT_TAG, Heartbeat, mark_crashed
 from cityseg.tracking.outage import (
     ServerSilent,
     TrackingUnavailable,
@@ -33,32 +32,9 @@ from cityseg.tracking.outage import (
 )
 from cityseg.tracking.outbox import END_GRACE_S, Outbox, forget, unspooled
 from cityseg.tracking.records import Record
-from cityseg.tracking.store import Store
+from cityseg.tracking.store import Store, connect
 
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
-
-
-class _Heartbeat:
-    """Refreshes a run's heartbeat tag every `every` seconds from a daemon thread."""
-
-    def __init__(self, beat, every: float) -> None:
-        self._beat, self._every = beat, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cityseg-heartbeat", daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._every):
-            with contextlib.suppress(Exception):  # a missed beat is not worth a failed run
-                self._beat()
-
-    def __enter__(self) -> _Heartbeat:
-        self._beat()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 class Tracker:
@@ -132,7 +108,7 @@ class Tracker:
         self._outbox = self._new_outbox()
         status, stopped = "FAILED", None
         try:
-            with _Heartbeat(self.beat, HEARTBEAT_EVERY_S), \
+            with Heartbeat(self.beat, HEARTBEAT_EVERY_S), \
                     self._system_metrics(system_metrics, resume=reattach is not None):
                 yield self.run_id
             status = "FINISHED"
@@ -321,18 +297,14 @@ class Tracker:
     def log_file(self, path: Path, artifact_path: str) -> None:
         self._write(("file", str(path), artifact_path))
 
-    def log_model(self, *, name: str, checkpoint: Path, example: np.ndarray,
-                  metrics: dict[str, float], step: int, dataset: tuple[str, str] | None,
-                  register: str | None) -> str:
-        """Log the servable model `name` (tracking/model.py), its metrics scored on `dataset`
-        (name, digest), and register it under `register` if asked; returns its model URI. A
-        server is waited for within the limit."""
+    def log_model(self, log: Callable[..., str], **kwargs) -> str:
+        """Log the run's servable model through `log(tracker, **kwargs) -> model URI` (the
+        pyfunc's, deploy/pyfunc.py: tracking does not know what a cityseg model is), after the
+        run's earlier writes; a server is waited for within the limit."""
         self._settled()
-        kwargs = {"name": name, "checkpoint": checkpoint, "example": example,
-                  "metrics": metrics, "step": step, "dataset": dataset, "register": register}
         if not self.remote:
-            return model.log_model(self, **kwargs)
-        return self.store.client.retrying(model.log_model, "log the model", self, **kwargs)
+            return log(self, **kwargs)
+        return self.store.client.retrying(log, "log the model", self, **kwargs)
 
     def _write(self, record: Record) -> None:
         """One write of the current run: at once (a local store), or through the outbox."""
@@ -344,3 +316,13 @@ class Tracker:
     def _deliver(self, record: Record, client) -> None:
         """Send `record` of the current run through `client` (retrying, or trying once)."""
         records.deliver(record, client, self.run_id, artifacts=self.root / "artifacts")
+
+
+def open(root: Path, *, experiment: str, uri: str | None = None, create: bool = True,
+         outage_minutes: float = 10.0) -> Tracker:
+    """The one way to build a Tracker of `experiment` in the store under `root` (or at `uri`).
+    create=False never creates a store or an experiment: NoStore instead. A server may stay
+    silent for `outage_minutes` (tracking.outage_minutes) before its calls give up."""
+    store, experiment_id = connect(root, experiment=experiment, uri=uri, create=create,
+                                   outage_minutes=outage_minutes)
+    return Tracker(store=store, experiment_id=experiment_id)

@@ -18,16 +18,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cityseg.errors import CitysegError, StorageError
 from cityseg.tracking.outage import Outage, ServerSilent, unreachable
-
-if TYPE_CHECKING:
-    from cityseg.tracking.session import Tracker
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"  # the UI's "Model training" experiments
@@ -244,19 +240,6 @@ def _created_experiment(store: Store, experiment: str) -> str:
         # the UI then opens the experiment on its training runs, not on a GenAI overview
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
     return experiment_id
-
-
-def open(root: Path, *, experiment: str, uri: str | None = None, create: bool = True,
-         outage_minutes: float = 10.0) -> Tracker:
-    """The one way to build a Tracker of `experiment` in the store under `root` (or at `uri`).
-    create=False never creates a store or an experiment: NoStore instead. A server may stay
-    silent for `outage_minutes` (tracking.outage_minutes) before its calls give up."""
-    # imported here: the Tracker is built on a Store, so session.py imports this module
-    from cityseg.tracking.session import Tracker
-
-    store, experiment_id = connect(root, experiment=experiment, uri=uri, create=create,
-                                   outage_minutes=outage_minutes)
-    return Tracker(store=store, experiment_id=experiment_id)
 
 
 # ---------------------------------------------------------------- store-wide reads

@@ -89,3 +89,14 @@ def test_class_frequencies_are_shares_of_the_labelled_pixels():
     assert found["classes"]["car"] == {"pixels": 10, "frequency": 0.25}
     assert found["classes"]["sky"] == {"pixels": 0, "frequency": 0.0}
     assert class_frequencies(np.zeros(256, dtype=np.int64))["classes"]["road"]["frequency"] == 0.0
+
+
+def test_train_ids_map_back_to_the_official_ids_cityscapesscripts_gives():
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    from cityseg.data.cityscapes import id_to_train_id_lut, train_id_to_id_lut
+
+    back, forth = train_id_to_id_lut(), id_to_train_id_lut()
+    for train_id in range(19):  # the official table: the independent reference
+        assert back[train_id] == trainId2label[train_id].id
+        assert forth[back[train_id]] == train_id

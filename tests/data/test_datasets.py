@@ -5,9 +5,7 @@ import pytest
 from cityseg.config import Experiment, load_experiment  # noqa: F401  (registers every dataset)
 from cityseg.data.datasets import DataParams, data_index
 from cityseg.data.synthetic import write_dataset
-from cityseg.errors import ConfigError
 from cityseg.registry import DATASETS
-from tests.conftest import QUICKSTART
 
 
 @pytest.mark.parametrize("name", DATASETS.names())
@@ -30,26 +28,3 @@ def test_cityscapes_is_indexed_in_its_configured_layout(tmp_path):
     assert found.layout == "folders" and found.layout_how == "detected"
     given = DATASETS.get("cityscapes").params(name="cityscapes", root=tmp_path, layout="folders")
     assert data_index(given, ("train",)).layout_how == "given"
-
-
-def test_num_workers_auto_shares_the_processs_cpus_among_the_machines_trainers(monkeypatch):
-    from cityseg.data import workers
-
-    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.delenv(workers.SWEEP_JOBS_ENV, raising=False)
-    # one process: 16 CPUs, one for the loop, at most 8 workers
-    assert workers.loader_workers("auto") == 8 and workers.loader_workers(3) == 3
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc-per-node=4: 4 CPUs each
-    assert workers.loader_workers("auto") == 3
-    monkeypatch.setenv(workers.SWEEP_JOBS_ENV, "2")  # and two sweep workers: 2 CPUs each
-    assert workers.loader_workers("auto") == 1
-    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert workers.loader_workers("auto") == 0  # a share under one CPU: the loop loads itself
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.delenv(workers.SWEEP_JOBS_ENV)
-    assert workers.loader_workers("auto") == 1  # this machine's 2 cores: one worker
-    exp = load_experiment(QUICKSTART)
-    assert exp.data.num_workers == "auto" and exp.data.workers == 1
-    with pytest.raises(ConfigError, match="data.num_workers"):
-        load_experiment(QUICKSTART, ["data.num_workers=-1"])

@@ -11,12 +11,11 @@ from cityseg.config import load_experiment
 from cityseg.data.datasets import SegmentationDataset
 from cityseg.data.device_augment import DeviceAugmenter, RandomScaleCrop
 from cityseg.data.transforms import build_augmentations, device_augmentations
-from cityseg.engine.runner import run
 from cityseg.errors import ConfigError
 from cityseg.registry import AUGMENTATIONS, BuildContext
 from cityseg.tracking import tracking_uri
-from tests.conftest import QUICKSTART, tiny_overrides
-from tests.data.test_transforms import positional_pair
+from cityseg.train.runner import run
+from tests.conftest import QUICKSTART, positional_pair, tiny_overrides
 
 CTX = BuildContext(task="binary", out_channels=1, ignore_index=255, image_size=(48, 96),
                    frame_size=(96, 192))

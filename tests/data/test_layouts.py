@@ -1,9 +1,7 @@
 """Every layout and mask encoding, written by the project itself, loads to the source labels;
 photos of every PIL mode read as 8-bit RGB, and files that should not be decoded are refused."""
 
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from cityseg.data.layouts import (
 )
 from cityseg.data.synthetic import SPLIT_OFFSETS, render_scene, write_dataset
 from cityseg.errors import DataError
+from tests.conftest import png_header
 
 SIZE = (96, 192)
 CASES = [  # layout, mask encoding, swapped channels, JPEG quality
@@ -152,17 +151,6 @@ def test_float_and_wider_than_16bit_photos_are_refused_with_their_path(tmp_path,
     image.save(tmp_path / "odd.tiff")
     with pytest.raises(DataError, match=rf"odd\.tiff: {expected}"):
         read_photo(tmp_path / "odd.tiff")
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height and holds no pixels: what a decompression bomb's
-    header looks like to PIL, in 70 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
-                                                              0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("content,expected", [

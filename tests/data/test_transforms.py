@@ -5,6 +5,7 @@ from torchvision import tv_tensors
 from cityseg.config import Experiment  # noqa: F401  (registers every augmentation)
 from cityseg.data.transforms import build_augmentations
 from cityseg.registry import AUGMENTATIONS, BuildContext
+from tests.conftest import positional_pair
 
 CTX = BuildContext(task="binary", out_channels=1, ignore_index=255, image_size=(32, 64))
 
@@ -65,15 +66,6 @@ def test_empty_augment_list_means_no_transform():
     assert build_augmentations([], CTX) is None
 
 
-def positional_pair(height=96, width=192):
-    """A frame whose mask is a function of pixel position (16-pixel blocks numbered across
-    both axes) and whose red channel encodes the same number: alignment is checkable anywhere."""
-    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    label = ((y // 16) * 5 + (x // 16)) % 20
-    image = torch.stack([label * 12, y % 256, x % 256]).to(torch.uint8)
-    return tv_tensors.Image(image), tv_tensors.Mask(label.to(torch.uint8))
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_random_scale_and_crop_keep_image_and_mask_aligned(seed):
     ctx = BuildContext(task="binary", out_channels=1, ignore_index=255, image_size=(48, 96),
@@ -105,3 +97,13 @@ def test_random_crop_pads_a_small_frame_with_ignore():
     assert mask.shape == (48, 96) and (mask == 255).sum() == 48 * 96 - 32 * 64
     kept = mask != 255
     assert torch.equal((image[0][kept].float() / 12).round().long(), mask[kept].long())
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
+def test_every_augmentation_has_its_batched_form_on_its_registry_entry(name):
+    from cityseg.data.transforms import has_batched_form
+
+    entry = AUGMENTATIONS.get(name)
+    assert has_batched_form(entry.params)
+    module = entry.params(name=name).batched(CTX)
+    assert isinstance(module, torch.nn.Module)

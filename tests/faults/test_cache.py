@@ -13,14 +13,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
-from cityseg import tracking
 from cityseg.config import load_experiment
-from cityseg.engine.build import build_data
-from cityseg.engine.display import NullDisplay
 from cityseg.errors import ConfigError
-from tests.conftest import QUICKSTART, tiny_overrides
+from cityseg.train.build import build_data
+from cityseg.train.display import NullDisplay
+from tests.conftest import QUICKSTART, runs_of, tiny_overrides
 
 HOOKS = '''
 import os
@@ -96,16 +94,6 @@ def progress(tmp_path):
 def frames_decoded(tmp_path) -> int:
     found = progress(tmp_path)
     return len(found.read_text().splitlines()) if found.exists() else 0
-
-
-def runs_of(root):
-    """The quickstart runs in this store (none when the run never opened; reading a store
-    that was never made would make one)."""
-    if not root.exists():
-        return None, []
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
-    experiment = client.get_experiment_by_name("quickstart")
-    return client, [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 
 def assert_trains_and_finishes(tmp_path, settings):

@@ -39,10 +39,10 @@ if hook == "enospc-in-model":
 
     model.log_model = log_model
 if hook == "stall-in-end":
-    from cityseg.engine.recorder import Recorder
+    from cityseg.train.recorder import Recorder
     Recorder._upload_checkpoints = stall(Recorder._upload_checkpoints)
 if hook == "stall-in-first-epoch":
-    from cityseg.engine.trainer import Trainer
+    from cityseg.train.trainer import Trainer
     Trainer.train_epoch = stall(Trainer.train_epoch)
 '''
 

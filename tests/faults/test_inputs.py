@@ -16,7 +16,7 @@ from cityseg import tracking
 from cityseg.config import load_experiment
 from cityseg.config.loading import YAML_MAX_DEPTH
 from cityseg.data.synthetic import render_scene
-from cityseg.engine import runner
+from cityseg.train import runner
 from tests.conftest import QUICKSTART, cityseg_here, tiny_overrides
 
 EPOCHS = 2

@@ -9,9 +9,9 @@ import torch
 from mlflow import MlflowClient
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from cityseg import tracking
+from cityseg import checkpoints, tracking
 from cityseg.config import load_experiment
-from cityseg.engine import checkpoints, runner
+from cityseg.train import runner
 from tests.conftest import QUICKSTART, cityseg_here, tiny_overrides
 
 

@@ -4,6 +4,7 @@ with a checkpoint that `--resume` finishes once the server is back), SIGTERM dur
 and back within seconds (the run is intact). Real `cityseg run` processes, real signals; each
 test ends by reading the MLflow run: its status and one value per epoch."""
 
+import functools
 import os
 import signal
 import socket
@@ -16,12 +17,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cityseg import tracking
+from cityseg import checkpoints, tracking
 from cityseg.config import load_experiment
-from cityseg.engine import checkpoints
-from cityseg.engine.build import build_data
-from cityseg.engine.display import NullDisplay
+from cityseg.train.build import build_data
+from cityseg.train.display import NullDisplay
 from tests.conftest import QUICKSTART, tiny_overrides
+from tests.conftest import wait_for as _wait_for
 
 BIN = os.path.dirname(sys.executable)  # mlflow and uvicorn of this environment
 KEYS = ("train/loss", "val/loss", "val/dice", "lr")
@@ -127,12 +128,8 @@ def train(tmp_path, server, *settings, epochs=20):
                                   text=True)
 
 
-def wait_for(proc, condition, timeout=300):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, f"training ended early: {proc.stderr.read()}"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.1)
+
+wait_for = functools.partial(_wait_for, timeout=300, every=0.1)  # a server in the loop
 
 
 def logged_epochs(server):

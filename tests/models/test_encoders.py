@@ -7,14 +7,14 @@ import torch
 import torchvision
 from mlflow import MlflowClient
 
+from cityseg import checkpoints
 from cityseg.cli import main
 from cityseg.config import load_experiment
-from cityseg.engine import checkpoints
-from cityseg.engine.runner import run
 from cityseg.models.encoders import ENCODERS
 from cityseg.optim import param_groups
 from cityseg.registry import MODELS
 from cityseg.tracking import tracking_uri
+from cityseg.train.runner import run
 from tests.conftest import QUICKSTART, tiny_overrides
 
 

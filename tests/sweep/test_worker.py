@@ -5,9 +5,9 @@ import signal
 
 import pytest
 
-from cityseg.engine import runner
 from cityseg.errors import Interrupted
 from cityseg.sweep import load_sweep, run_sweep
+from cityseg.train import runner
 from tests.sweep.tiny import runs, write_sweep
 
 

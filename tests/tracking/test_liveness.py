@@ -1,11 +1,13 @@
 """`cityseg runs clean`: the runs of dead processes are marked FAILED (crashed), live ones are
-left alone. (The heartbeat rules themselves are tested in tests/engine/test_crash.py.)"""
+left alone; and the heartbeat rules that tell them apart."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from cityseg import tracking
 
@@ -28,3 +30,26 @@ def test_clean_stale_marks_only_runs_whose_process_is_gone(tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["crashed"] == reason
     assert f"pid {gone}" in reason and tracking.interrupted(run)
     assert tracker.get_run(alive).info.status == "RUNNING"
+
+
+def fake_run(status="RUNNING", beat=None, started=0.0):
+    tags = {} if beat is None else {tracking.HEARTBEAT_TAG: json.dumps(beat)}
+    return SimpleNamespace(info=SimpleNamespace(status=status, start_time=started * 1000),
+                           data=SimpleNamespace(tags=tags))
+
+
+def test_liveness_from_heartbeats():
+    here, now = socket.gethostname(), 10_000.0
+    fresh = {"host": "elsewhere", "pid": 1, "time": now - 30}
+    assert tracking.liveness(fake_run(beat=fresh), now=now).alive
+    old = {**fresh, "time": now - tracking.STALE_AFTER_S - 1}
+    state = tracking.liveness(fake_run(beat=old), now=now)
+    assert not state.alive and "silent" in state.reason
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = {"host": here, "pid": dead.pid, "time": now}
+    assert not tracking.liveness(fake_run(beat=gone), now=now).alive
+    mine = {"host": here, "pid": os.getpid(), "time": now}
+    assert tracking.liveness(fake_run(beat=mine), now=now).alive
+    assert tracking.liveness(fake_run(status="FINISHED", beat=gone), now=now) is None
+    assert not tracking.liveness(fake_run(started=now - 3600), now=now).alive  # never beat

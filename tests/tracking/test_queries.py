@@ -1,13 +1,18 @@
-"""The named tag queries find the right runs, and artifacts leave no temporary folder."""
+"""The named tag queries find the right runs, artifacts leave no temporary folder, and a registered
+model is promoted and found by its version or alias."""
 
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cityseg import tracking
+from cityseg.cli import main
 from cityseg.errors import CitysegError
+from tests.conftest import frame
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +89,23 @@ def test_downloaded_artifacts_leave_no_temporary_folder(root, request, tmp_path,
             tracking.downloaded(root, "nope", "config.yaml", missing=""):
         pass
     assert set(Path(tempfile.gettempdir()).glob("cityseg-*")) == before
+
+
+def test_promote_and_registered_models_serve_evaluate_and_predict(finished, capsys):
+    tmp_path, exp, result, client, run = finished
+    runs = str(tmp_path / "runs")
+    assert main(["promote", run.info.run_id, "--alias", "champion", "--runs", runs]) == 0
+    assert str(client.get_model_version_by_alias("streets", "champion").version) == "1"
+    path, photo = frame()
+    image = tmp_path / "frame.png"
+    Image.fromarray(photo).save(image)
+    out = tmp_path / "by-alias"
+    assert main(["predict", "--model", "models:/streets@champion", "--runs", runs, str(image),
+                 "--out", str(out)]) == 0
+    assert main(["predict", "--run", run.info.run_id, "--runs", runs, str(image),
+                 "--out", str(tmp_path / "by-run")]) == 0
+    by_alias = np.asarray(Image.open(out / "frame_mask.png"))
+    assert np.array_equal(by_alias, np.asarray(Image.open(tmp_path / "by-run/frame_mask.png")))
+    assert main(["evaluate", "--model", "models:/streets/1", "--runs", runs, "--no-log"]) == 0
+    assert main(["evaluate", "--model", "models:/streets/7", "--runs", runs, "--no-log"]) == 2
+    assert "not in the registry" in capsys.readouterr().err

@@ -20,9 +20,9 @@ import pytest
 from mlflow import MlflowClient
 
 from cityseg.config import load_experiment
-from cityseg.engine import runner
 from cityseg.sweep import run_sweep
 from cityseg.tracking import tracking_uri
+from cityseg.train import runner
 from tests.conftest import QUICKSTART, mlflow_process, tiny_overrides, unavailable
 from tests.sweep.tiny import write_sweep
 
