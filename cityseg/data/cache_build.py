@@ -130,8 +130,6 @@ def remove_stale(cache_dir: Path) -> list[Path]:
     return removed
 
 
-
-
 @contextmanager
 def sigterm_unwinds():
     """While a build runs, SIGTERM raises SystemExit(143) instead of ending the process at

@@ -193,7 +193,7 @@ def split_dataset(p: DataParams, split: str, *, index: DatasetIndex | None = Non
     """One split as a dataset of the task (at data.scale, through the cache if enabled;
     without a transform: as validation, evaluate and the sweep's panel see it), and its
     fingerprint."""
-    reader, printed = reader_for(p, index or data_index(p, (split,)), split)
+    reader, printed = reader_for(p, data_index(p, (split,)) if index is None else index, split)
     return SegmentationDataset(reader, lut=task_lut(p), transform=transform, seed=seed), printed
 
 

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from cityseg.tracking.session import Tracker
 
 
-
 class CitysegModel(PythonModel):
     """The pyfunc: a trained cityseg checkpoint behind `predict(images) -> masks`."""
 
@@ -53,7 +52,7 @@ def model_requirements() -> list[str]:
     """What the served model imports, pinned to the versions it was trained with."""
     from importlib.metadata import version
 
-    packages = ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyyaml", "mlflow")
+    packages = ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyyaml", "kornia", "mlflow")
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 

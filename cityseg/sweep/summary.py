@@ -138,7 +138,11 @@ def comparison_panel(plan: Plan, rows: list[dict[str, Any]], *,
     if (not chosen or base.tracking.num_samples == 0
             or any(exp.data != base.data for exp in children)):
         return None  # children saw different data: no common images to compare
-    val, _ = split_dataset(base.data, base.data.validation_split)
+    try:
+        val, _ = split_dataset(base.data, base.data.validation_split)
+    except CitysegError as err:  # e.g. the data is not on this machine: no panel, and said so
+        report(f"comparison panel: left out: {err}")
+        return None
     found = val.first(base.tracking.num_samples)
     if found is None:  # an empty validation split
         return None

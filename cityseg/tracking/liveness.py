@@ -33,8 +33,6 @@ class Liveness:
     pid: int | None
 
 
-
-
 def liveness(run, *, now: float | None = None) -> Liveness | None:
     """Liveness of a RUNNING run from its heartbeat tag (None for runs that ended)."""
     if run.info.status != "RUNNING":

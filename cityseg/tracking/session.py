@@ -189,7 +189,7 @@ class Tracker:
                 f"run` command with `--resume {self.run_id}` sends them and finishes the run.")
 
     def _kept_dir(self) -> Path:
-        """Beside the run's checkpoints (engine.checkpoints.run_dir): what a server missed."""
+        """Beside the run's checkpoints (checkpoints.run_dir): what a server missed."""
         return self.root / "checkpoints" / self.run_id / "unsent"
 
     def _keep(self, outbox: Outbox) -> int:

@@ -32,12 +32,12 @@ def stall(real):
 
 if hook == "enospc-in-model":
     import errno
-    from cityseg.tracking import model
+    from cityseg.deploy import pyfunc
 
     def log_model(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    model.log_model = log_model
+    pyfunc.log_model = log_model
 if hook == "stall-in-end":
     from cityseg.train.recorder import Recorder
     Recorder._upload_checkpoints = stall(Recorder._upload_checkpoints)
