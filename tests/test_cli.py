@@ -1,10 +1,11 @@
 import subprocess
 import sys
 
+from mlflow.entities import Metric, Param
+
+from cityseg import tracking
 from cityseg.cli import main
-from cityseg.config import load_experiment
 from cityseg.registry import LOSSES
-from cityseg.train import runner
 from tests.conftest import EXPERIMENTS, NO_MODEL, QUICKSTART, runs_of, tiny_overrides
 
 
@@ -160,8 +161,13 @@ def test_evaluate_refuses_write_threshold_before_loading_a_model(tmp_path, capsy
 
 def test_from_run_reruns_the_logged_config(tmp_path, capsys):
     overrides = [*tiny_overrides(tmp_path, epochs=1), NO_MODEL]
-    first = runner.run(load_experiment(QUICKSTART, overrides))
-    assert main(["run", "--from-run", first.run_id, "--runs", str(tmp_path / "runs"),
+    assert main(["run", str(QUICKSTART), *(a for o in overrides for a in ("--set", o))]) == 0
+    # the first run says what the pause while MLflow makes its tables is
+    assert f"tracking: creating the MLflow store {tmp_path / 'runs' / 'mlflow.db'}" in \
+        capsys.readouterr().out.replace("\n", "")
+    _, (first,) = runs_of(tmp_path / "runs")
+    first = first.info
+    assert main(["run", "--from-run", first.run_id[:8], "--runs", str(tmp_path / "runs"),
                  "--set", "seed=7"]) == 0
     client, runs = runs_of(tmp_path / "runs")
     assert len(runs) == 2
@@ -169,3 +175,32 @@ def test_from_run_reruns_the_logged_config(tmp_path, capsys):
     assert second.data.params["seed"] == "7" and second.data.params["model.depth"] == "2"
     assert main(["run", "--from-run", "nope", "--runs", str(tmp_path / "runs")]) == 2
     assert "run 'nope' not found" in capsys.readouterr().err
+
+
+def test_compare_fits_the_terminal_with_names_and_the_ranking_metric_whole(tmp_path, capsys,
+                                                                           monkeypatch):
+    tracker = tracking.open(tmp_path, experiment="e")
+    long_path = "/data/" + "very-long-folder-name/" * 4
+    for i, weight in enumerate((1, 4, 16)):
+        run_id = tracker.create_run(run_name=f"fg_weight-loss.pos_weight_{weight}-seed_{i}",
+                                    tags={})
+        tracker.store.client.log_batch(run_id, metrics=[
+            Metric("val/dice", 0.5 + i / 10, 0, 1), Metric("val/iou", 0.3 + i / 10, 0, 1)],
+            params=[Param("loss.pos_weight", str(weight)), Param("data.root", f"{long_path}{i}"),
+                    Param("optimizer.group.model", f"482737 parameters, lr 0.000{i}, ...")] + [
+                Param("seed", str(i)), *(Param(f"trainer.knob_{k}", str(k)) for k in range(9))])
+        tracker.store.client.set_terminated(run_id, "FINISHED")
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["compare", "--runs", str(tmp_path), "--experiment", "e"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 100
+    header = next(line for line in lines if line.startswith("run "))
+    assert header.split()[:3] == ["run", "val/dice", "val/iou"]
+    names = [line.split()[0] for line in lines if line.startswith("fg_weight")]
+    assert names == [f"fg_weight-loss.pos_weight_{w}-seed_{i}" for i, w in ((2, 16), (1, 4),
+                                                                              (0, 1))]
+    # the params that differ, short ones first, as far as they fit; never the optimizer's groups
+    assert header.split()[-2:] == ["seed", "loss.pos_weight"] and "trainer.knob" not in out
+    assert "optimizer.group" not in out
+    assert "1 more differing param(s) left out to fit 100 columns: data.root" in out

@@ -50,8 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
-    if not out.is_terminal:  # logs and pipes: wide enough that tables are not cut
-        out = Console(highlight=False, width=140)
+    if not out.is_terminal:  # logs and pipes: wide enough that tables are not cut (COLUMNS rules)
+        out = Console(highlight=False, width=int(os.environ.get("COLUMNS") or 140))
     # under torchrun, rank 0 speaks for every process: it reports what all ranks agreed on
     # (a stop, a divergence, a rank's failure); another rank's stderr still carries the errors
     # only that rank knows, and every traceback

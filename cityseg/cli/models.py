@@ -22,7 +22,14 @@ if TYPE_CHECKING:
 def _source_run(args: argparse.Namespace) -> str | None:
     """The run behind --run, or behind the registered model --model names."""
     if args.model is None:
-        return args.run
+        if args.run is None:
+            return None
+        from cityseg.tracking import NoStore, run_id_in
+
+        try:
+            return run_id_in(args.runs, args.run)
+        except NoStore:  # what follows says what is missing, in its own terms
+            return args.run
     from cityseg.tracking import model_run
 
     return model_run(args.runs, args.model)

@@ -60,12 +60,14 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="train an experiment and track it in MLflow")
     p.add_argument("experiment", nargs="?", help="experiment YAML file (or --from-run)")
     p.add_argument("--resume", metavar="RUN_ID|CHECKPOINT|auto",
-                   help="continue a stopped run: its MLflow run id, a checkpoint file, or auto "
+                   help="continue a stopped run: its MLflow run id (or the id's start, as "
+                        "tables print it), a checkpoint file, or auto "
                         "(the newest unfinished run of the same experiment and config)")
     p.add_argument("--fallback-best", action="store_true",
                    help="with --resume: if the run's last.pt is corrupt, continue from its best.pt")
     p.add_argument("--from-run", metavar="RUN_ID",
-                   help="re-run exactly the config an earlier run logged")
+                   help="re-run exactly the config an earlier run logged (its id, or the "
+                        "id's start)")
     _add_runs(p, "tracking dir of --from-run")
     _add_overrides(p)
     p = sub.add_parser("validate", help="check experiment files; exit 2 if any is invalid")
@@ -122,7 +124,8 @@ def _add_sweep_commands(sub: argparse._SubParsersAction) -> None:
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     """evaluate, predict and export: which trained model, and how it infers."""
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="MLflow run id (its best checkpoint)")
+    source.add_argument("--run", help="MLflow run id, or its start as tables print it (the "
+                                      "run's best checkpoint)")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint file")
     source.add_argument("--model", metavar="models:/NAME/VERSION|models:/NAME@ALIAS",
                         help="a registered model (its run's best checkpoint)")

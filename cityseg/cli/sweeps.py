@@ -22,6 +22,53 @@ def shown_metrics(first: str, present: Iterable[str]) -> list[str]:
     return [m for m in dict.fromkeys((first, *HEADLINE_METRICS)) if m in present]
 
 
+# params that describe rather than configure (the optimizer's groups, with a warm-up's
+# first learning rate): never a reason two runs differ
+NOISE = ("optimizer.group.",)
+PARAM_WIDTH = 22  # a param column's most characters: a value longer is cut with an ellipsis
+
+
+def compare_table(runs: list, metrics: list[str], *, width: int) -> Table:
+    """Runs side by side in `width` columns: the run's name and the ranking metric first (never
+    dropped), then the other headline metrics, the status, the run id's start (enough to name
+    it), then the params that differ between the runs as far as the width allows."""
+    from cityseg import tracking
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    names = [r.info.run_name or "-" for r in runs]
+    table.add_column("run", no_wrap=True, min_width=min(max(map(len, names)), 40))
+    for m in metrics:
+        table.add_column(m, no_wrap=True, justify="right", min_width=6)
+    table.add_column("status", no_wrap=True)
+    table.add_column("run id", no_wrap=True)
+    # params that differ between the runs that have them (older runs may lack newer params)
+    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(NOISE)})
+    varying = [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1]
+    # the short ones first (a swept weight, a seed): more of them fit than of long paths
+    varying.sort(key=lambda k: max(len(r.data.params.get(k, "-")) for r in runs))
+    used = (table.columns[0].min_width + 2 + sum(max(len(m), 6) + 2 for m in metrics)
+            + max(len(tracking.shown_status(r)) for r in runs) + 2 + 8)
+    shown = []
+    for key in varying:
+        column = min(PARAM_WIDTH, max(len(key), *(len(r.data.params.get(key, "-"))
+                                                  for r in runs))) + 2
+        if used + column > width:
+            break
+        shown.append(key)
+        used += column
+    for key in shown:
+        table.add_column(key, no_wrap=True, overflow="ellipsis", max_width=PARAM_WIDTH)
+    for r, name in zip(runs, names, strict=True):
+        table.add_row(name, *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-"
+                              for m in metrics),
+                      tracking.shown_status(r), r.info.run_id[:8],
+                      *(r.data.params.get(k, "-") for k in shown))
+    if len(shown) < len(varying):
+        table.caption = (f"{len(varying) - len(shown)} more differing param(s) left out to fit "
+                         f"{width} columns: {', '.join(varying[len(shown):][:6])}")
+    return table
+
+
 def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     from cityseg import tracking
     from cityseg.errors import Interrupted
@@ -80,21 +127,8 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
                     key=lambda r: r.data.metrics[args.metric],
                     reverse=not lower_is_better(args.metric))
     runs = (scored + [r for r in runs if args.metric not in r.data.metrics])[: args.limit]
-    keys = sorted({k for r in runs for k in r.data.params})
-    # params that differ between the runs that have them (older runs may lack newer params)
-    varying = [k for k in keys
-               if len({r.data.params[k] for r in runs if k in r.data.params}) > 1][:5]
     metrics = shown_metrics(args.metric, (m for r in runs for m in r.data.metrics))
-    table = Table(title=f"sorted by {args.metric}", box=None, header_style="bold")
-    for header in ("run", "status", *varying, *metrics, "run id"):
-        # long param values (paths) give way first; status, metrics and ids stay whole
-        fixed = header in ("status", "run id", *metrics)
-        table.add_column(header, no_wrap=True, min_width=max(len(header), 8) if fixed else None)
-    for r in runs:
-        table.add_row(r.info.run_name, tracking.shown_status(r),
-                      *(r.data.params.get(k, "-") for k in varying),
-                      *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-"
-                        for m in metrics),
-                      r.info.run_id[:8])
+    table = compare_table(runs, metrics, width=out.width)
+    table.title = f"sorted by {args.metric}"
     out.print(table)
     return 0

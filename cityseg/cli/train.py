@@ -20,8 +20,9 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         raise CitysegError("run: give an experiment file or --from-run RUN_ID (one of them)")
     # the experiment is read and validated before anything is written
     if args.from_run:
-        from cityseg.tracking import logged_config
+        from cityseg.tracking import logged_config, run_id_in
 
+        args.from_run = run_id_in(args.runs, args.from_run)
         with logged_config(args.runs, args.from_run) as logged:
             exp = load_experiment(logged, args.overrides, saved=True)
     else:

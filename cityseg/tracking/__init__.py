@@ -29,6 +29,7 @@ from cityseg.tracking.outage import TrackingUnavailable, interrupt_waits, on_out
 from cityseg.tracking.queries import (
     config_text,
     downloaded,
+    full_run_id,
     is_complete,
     logged_config,
     model_run,
@@ -36,6 +37,7 @@ from cityseg.tracking.queries import (
     promote,
     resumable_run,
     run_artifacts,
+    run_id_in,
     sweep_children,
     sweep_parents,
 )
@@ -50,6 +52,7 @@ from cityseg.tracking.store import (
     Store,
     experiment_links,
     is_local,
+    new_local_store,
     open_store,
     run_url,
     search_runs,
@@ -62,9 +65,10 @@ __all__ = [
     "EXPERIMENT_KIND_TAG", "HEARTBEAT_EVERY_S", "HEARTBEAT_TAG", "MODEL_DEVELOPMENT", "NOTE_TAG",
     "RETRIES", "STAGE_TAG", "STALE_AFTER_S", "UI_PORT_ENV", "Liveness", "NoStore",
     "RetryingClient", "Store", "Tracker", "TrackingUnavailable", "clean_stale", "config_text",
-    "downloaded", "interrupt_waits", "on_outage_limit",
-    "experiment_links", "interrupted", "is_complete", "logged_config", "is_local", "is_stale",
-    "liveness", "model_run", "open", "open_store",
-    "point_runs", "promote", "resumable_run", "run_artifacts", "run_url", "search_runs",
+    "downloaded", "full_run_id", "interrupt_waits", "on_outage_limit",
+    "experiment_links", "interrupted", "is_complete", "logged_config", "is_local",
+    "new_local_store", "is_stale",
+    "liveness", "model_run", "open", "open_store", "point_runs", "promote", "resumable_run",
+    "run_artifacts", "run_id_in", "run_url", "search_runs",
     "shown_status", "sweep_children", "sweep_parents", "tag_filter", "tracking_uri", "ui_port",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,6 +60,35 @@ def resumable_run(tracker: Tracker, *config_hashes: str) -> str | None:
 def is_complete(run) -> bool:
     """A run that ended normally with its full schedule: FINISHED and not pruned."""
     return run.info.status == "FINISHED" and run.data.tags.get("pruned") != "true"
+
+
+# ---------------------------------------------------------------- a run named by its id's start
+
+_ID_PREFIX = re.compile(r"[0-9a-f]{1,31}")
+
+
+def full_run_id(store: Store, given: str) -> str:
+    """The id of the run `given` names: a whole id as it is, else the one run (of any
+    experiment) whose id starts with it, as the 8-character ids tables print. CitysegError,
+    listing the candidates, when no run or several runs start with it; text that is no id's
+    start is returned as it is (the caller says what it is not)."""
+    if not _ID_PREFIX.fullmatch(given):
+        return given
+    found = [r for r in store.search_runs(experiment=None) if r.info.run_id.startswith(given)]
+    if len(found) == 1:
+        return found[0].info.run_id
+    if not found:
+        raise CitysegError(f"run {given}: no run in {store.name} has an id starting with it")
+    shown = "\n  ".join(f"{r.info.run_id}  {r.info.run_name}  ({r.info.status})"
+                        for r in found[:10])
+    more = f"\n  ... and {len(found) - 10} more" if len(found) > 10 else ""
+    raise CitysegError(f"run {given}: {len(found)} runs in {store.name} have ids starting with "
+                       f"it; give more of the id:\n  {shown}{more}")
+
+
+def run_id_in(root: Path, given: str, *, uri: str | None = None) -> str:
+    """`full_run_id` in the store under `root` (or at `uri`)."""
+    return full_run_id(open_store(root, uri), given)
 
 
 # ---------------------------------------------------------------- artifacts

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cityseg.errors import CitysegError, StorageError
+from cityseg.runtime.files import partial_path, written_whole
 from cityseg.tracking.outage import Outage, ServerSilent, unreachable
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -53,6 +55,10 @@ RETRIES = 10  # SQLite allows one writer at a time: parallel sweep children wait
 # what SQLite and the OS say when a store cannot be written, whatever the layer that reports it
 _STORAGE_TROUBLE = ("disk is full", "disk i/o error", "readonly database", "read-only file system",
                     "no space left", "unable to open database", "permission denied")
+# a store whose tables MLflow cannot read or migrate (half made by a creation that an older
+# cityseg let a Ctrl-C interrupt, damaged, or not a store at all), in SQLite's and Alembic's words
+_BROKEN = re.compile(r"(table|index) \S+ already exists|no such (table|column)|file is not a "
+                     r"database|database disk image is malformed|can't locate revision")
 _IDEMPOTENT = ("log_inputs", "set_tag", "set_experiment_tag")  # safe to repeat after a race
 _JITTER = random.Random()  # its own generator: the global ones belong to the training
 
@@ -107,10 +113,23 @@ class RetryingClient:
             return result
 
     def _storage_trouble(self, err: Exception, what: str) -> None:
-        text = str(err).lower()
-        if any(trouble in text for trouble in _STORAGE_TROUBLE):
-            reason = str(err).splitlines()[0][:200]
-            raise StorageError(f"MLflow store {self._store}: cannot {what}: {reason}") from None
+        _refuse_trouble(err, self._store, what)
+
+
+def _refuse_trouble(err: Exception, store: str, what: str) -> None:
+    """A StorageError naming the store and what to do, when `err` says its disk or its tables
+    are the trouble (not a passing lock or a silent server)."""
+    text = str(err).lower()
+    reason = str(err).splitlines()[0][:200]
+    if any(trouble in text for trouble in _STORAGE_TROUBLE):
+        raise StorageError(f"MLflow store {store}: cannot {what}: {reason}") from None
+    if _BROKEN.search(text):
+        raise StorageError(
+            f"MLflow store {store}: cannot {what}: it is not a whole MLflow store ({reason}).\n"
+            f"  Its creation was probably interrupted (an older cityseg let Ctrl-C stop it "
+            f"half-way). If it holds no runs you need, move it aside and run again, which "
+            f"makes a new one:\n    mv {store} {store}.broken\n  Otherwise open it with the "
+            f"MLflow that made it (`mlflow db upgrade sqlite:///{store}`).") from None
 
 
 # ---------------------------------------------------------------- the store
@@ -162,7 +181,13 @@ def _connect(root: Path, uri: str | None, outage_minutes: float = 10.0) -> Store
     name = resolved.removeprefix("sqlite:///")
     if is_local(resolved):
         with _creating(Path(name)):
-            client = MlflowClient(tracking_uri=resolved)  # creates and migrates a new store
+            if not Path(name).exists():
+                _create(Path(name))
+            try:
+                client = MlflowClient(tracking_uri=resolved)
+            except Exception as err:  # noqa: BLE001  (a broken store said as such, else raised)
+                _refuse_trouble(err, name, "open it")
+                raise
         return Store(root=root, uri=resolved, client=RetryingClient(client, store=name))
     # the client waits for a silent server itself, for tracking.outage_minutes, and keeps what
     # training logs meanwhile: MLflow's own retries (7, over four minutes, blocking the call and
@@ -188,6 +213,33 @@ def _creating(db: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # and the lock with it
+
+
+def _create(db: Path) -> None:
+    """A new SQLite store, made whole beside its name and then moved there: MLflow's migrations
+    take 15-30 s on a first run, and SIGINT, SIGTERM or kill -9 meanwhile leave no half-made
+    store under the name (a leftover from a kill -9 is removed by the next creation)."""
+    partial = partial_path(db)
+    leftovers = [partial, *(Path(f"{partial}{s}") for s in ("-journal", "-wal", "-shm"))]
+    for path in leftovers:  # the lock is held: nobody else is creating it
+        path.unlink(missing_ok=True)
+    try:
+        with written_whole(db) as partial:
+            client = MlflowClient(tracking_uri=f"sqlite:///{partial}")
+            client.search_experiments()  # creates and migrates the tables
+            with contextlib.suppress(AttributeError):  # its connections, before the move
+                client._tracking_client.store.engine.dispose()
+    finally:
+        for path in leftovers[1:]:
+            path.unlink(missing_ok=True)
+
+
+def new_local_store(root: Path, uri: str | None = None) -> Path | None:
+    """The SQLite file that opening the store under `root` (or at `uri`) would create; None
+    when it exists or the store is a server."""
+    resolved = tracking_uri(root, uri)
+    path = Path(resolved.removeprefix("sqlite:///"))
+    return path if is_local(resolved) and not path.exists() else None
 
 
 def open_store(root: Path, uri: str | None = None, *, outage_minutes: float = 10.0) -> Store:

@@ -86,6 +86,9 @@ class Recorder(NullRecorder):
         """Start the MLflow run, or reattach to the one the checkpoint belongs to."""
         t = self.exp.tracking
         if self.tracker is None:
+            if (new := tracking.new_local_store(t.dir, t.uri)) is not None:
+                self.display.message(f"tracking: creating the MLflow store {new} (its first use "
+                                     f"takes 15-30 s)")
             self.tracker = tracking.open(t.dir, experiment=t.experiment, uri=t.uri,
                                          outage_minutes=t.outage_minutes)
         self.upload = self.tracker.remote if t.upload_checkpoints == "auto" \

@@ -89,6 +89,7 @@ def find_checkpoint(spec: str, exp: Experiment, tracker: Tracker | None
         if spec == "auto":
             return None
         raise ConfigError(f"--resume {spec}: no MLflow store at {store_path(exp)}")
+    spec = tracking.full_run_id(tracker.store, spec)  # an id's start, as tables print them
     if spec == "auto":
         run_id = tracking.resumable_run(tracker, config_hash(exp), legacy_config_hash(exp))
         found = restored(root, run_id, uri=tracker.uri) if run_id else None

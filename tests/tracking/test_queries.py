@@ -1,6 +1,7 @@
 """The named tag queries find the right runs, artifacts leave no temporary folder, and a registered
 model is promoted and found by its version or alias."""
 
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -109,3 +110,36 @@ def test_promote_and_registered_models_serve_evaluate_and_predict(finished, caps
     assert main(["evaluate", "--model", "models:/streets/1", "--runs", runs, "--no-log"]) == 0
     assert main(["evaluate", "--model", "models:/streets/7", "--runs", runs, "--no-log"]) == 2
     assert "not in the registry" in capsys.readouterr().err
+
+
+def test_a_run_is_named_by_any_unique_start_of_its_id(tmp_path):
+    tracker = tracking.open(tmp_path, experiment="e")
+    other = tracking.open(tmp_path, experiment="f")
+    ids = [tracker.create_run(run_name=f"r{i}", tags={}) for i in range(3)]
+    ids.append(other.create_run(run_name="elsewhere", tags={}))
+    store = tracker.store
+    for run_id in ids:  # the shortest start no other id shares, and the 8 characters printed
+        n = next(n for n in range(1, 33)
+                 if sum(i.startswith(run_id[:n]) for i in ids) == 1)
+        assert tracking.full_run_id(store, run_id[:n]) == run_id
+        assert tracking.full_run_id(store, run_id[:8]) == run_id
+        assert tracking.full_run_id(store, run_id) == run_id
+    assert tracking.full_run_id(store, "auto") == "auto"  # no id's start: left to the caller
+    unknown = next(c for c in "0123456789abcdef" if not any(i.startswith(c) for i in ids))
+    with pytest.raises(CitysegError, match=f"run {unknown}: no run in .* has an id starting"):
+        tracking.full_run_id(store, unknown)
+
+
+def test_a_start_shared_by_several_runs_lists_them(tmp_path):
+    tracker = tracking.open(tmp_path, experiment="e")
+    ids: list[str] = []
+    while len({i[0] for i in ids}) == len(ids):  # 17 runs at most share a first character
+        ids.append(tracker.create_run(run_name=f"r{len(ids)}", tags={}))
+    start = ids[-1][0]
+    sharing = sorted(i for i in ids if i.startswith(start))
+    with pytest.raises(CitysegError, match=rf"run {start}: {len(sharing)} runs in .* have ids "
+                                           rf"starting with it; give more of the id:\n  ") as no:
+        tracking.full_run_id(tracker.store, start)
+    # each candidate listed with its name and status
+    listed = re.findall(r"^  ([0-9a-f]{32})  r\d+  \(RUNNING\)$", str(no.value), re.M)
+    assert sorted(listed) == sharing

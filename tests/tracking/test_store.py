@@ -1,9 +1,16 @@
 """Where runs are tracked: a read never creates a store, and the client retries only what is
 safe to retry. (The retry test moved from tests/test_tracking.py.)"""
 
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
 import pytest
 
 from cityseg import tracking
+from cityseg.errors import StorageError
 from cityseg.tracking import store
 
 pytestmark = pytest.mark.new_store  # opening and creating stores is what this file checks
@@ -73,3 +80,38 @@ def test_printed_ui_links_name_the_port_the_ui_serves_on(tmp_path, monkeypatch, 
     monkeypatch.setenv(tracking.UI_PORT_ENV, "ui")
     assert main(["runs", "links", "--runs", str(tmp_path)]) == 2
     assert "CITYSEG_UI_PORT=ui: give the port number" in capsys.readouterr().err
+
+
+OPEN = "import sys; from pathlib import Path; from cityseg import tracking; " \
+       "tracking.open(Path(sys.argv[1]), experiment='e')"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_a_store_whose_creation_is_stopped_is_not_left_half_made(tmp_path, signum):
+    db, partial = tmp_path / "mlflow.db", tmp_path / ".mlflow.db.part"
+    proc = subprocess.Popen([sys.executable, "-c", OPEN, str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not partial.exists():  # MLflow is creating and migrating its tables
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the store's creation never started"
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0, stderr  # the signal stopped it
+    assert not db.exists()  # no half-made store under the name
+    tracker = tracking.open(tmp_path, experiment="e")  # the next run makes a whole one
+    assert tracker.store.client.get_experiment_by_name("e") is not None
+    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow.db" in p.name) == [
+        "mlflow.db", "mlflow.db.lock"]
+
+
+def test_a_half_made_store_is_named_with_what_to_do(tmp_path):
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as made:  # as an interrupted creation leaves it: some tables
+        made.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY)")
+        made.execute("CREATE INDEX index_params_run_uuid ON experiments (experiment_id)")
+    with pytest.raises(StorageError, match=r"(?s)MLflow store .*mlflow.db: cannot .*: it is not "
+                                           r"a whole MLflow store .*mv .*mlflow.db "
+                                           r".*mlflow.db.broken"):
+        tracking.open(tmp_path, experiment="e")
