@@ -12,8 +12,8 @@ from cityseg.data.layouts import LAYOUTS
 from cityseg.data.synthetic import MASK_ENCODINGS
 
 DESCRIPTION = ("Command line: "
-               "`cityseg run|sweep|compare|evaluate|predict|export|validate|show|schema|list|"
-               "data`.")
+               "`cityseg run|sweep|compare|evaluate|predict|export|promote|runs|validate|show|"
+               "schema|list|data`.")
 
 # Exit codes: 0 success, 2 bad input (config, data, command line: argparse's own code for a bad
 # command line), 1 a run that failed while training, 128 + N stopped by signal N.

@@ -8,7 +8,7 @@ terminal (CI, pipes): no bar, the same rows as plain text, so logs stay readable
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 # metric -> (header, format); sized so a row fits an 80-column log
@@ -46,7 +46,7 @@ class RichDisplay:
         self.progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
-            TimeElapsedColumn(), console=self.console, transient=True)
+            TimeRemainingColumn(), console=self.console, transient=True)
         self.task = self.progress.add_task("train", total=steps, completed=done,
                                            loss="...", speed="...")
         self.progress.start()

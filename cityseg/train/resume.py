@@ -70,6 +70,8 @@ def find_resume_point(spec: str | None, exp: Experiment, fallback_best: bool, di
         display.message(point.note)
     crash = check_run_resumable(point, exp, tracker)
     check_epochs_left(point, exp, finished=tracker.get_run(point.run_id).info.status == "FINISHED")
+    display.message(f"resuming run {point.run_id} from {saved_state(point.checkpoint).position} "
+                    f"({point.path})")
     return tracker, dataclasses.replace(point, crash=crash)
 
 

@@ -28,6 +28,7 @@ from cityseg.errors import ConfigError, Interrupted
 from cityseg.models.unet import UNet
 from cityseg.tracking import tracking_uri
 from cityseg.train import runner
+from cityseg.train.display import NullDisplay
 from cityseg.train.resume import ResumePoint, check_same_world
 from tests.conftest import NO_MODEL, QUICKSTART, runs_of, steps, tiny_overrides
 
@@ -167,9 +168,14 @@ def test_a_checkpoint_saved_before_new_config_keys_existed_still_resumes(tmp_pat
                          ("model", "encoder"), ("model", "weights")):
         del saved["config"][section][key]
     save_atomic(saved, path)
+    said = []
+    shown = NullDisplay()
+    shown.message = said.append
     more = runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=2"]),
-                      resume=result.run_id[:8])  # the id's start, as tables print it
+                      resume=result.run_id[:8], display=shown)  # the id's start, as printed
     assert more.run_id == result.run_id and more.resumed_from == 1
+    # said at the start: which run, from where
+    assert f"resuming run {result.run_id} from the end of epoch 1 ({path})" in said
     with pytest.raises(ConfigError, match=r"trainer\.inference\.mode: whole in the checkpoint, "
                                           r"slide now"):
         runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=3",
