@@ -90,9 +90,13 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
                   f"workers on other machines need a --storage they all reach "
                   f"(README: Many machines)", markup=False)
     try:
+        from cityseg.train.display import RichDisplay
+
+        # one worker here: each child shows its bar and epoch rows under its line
         result = run_sweep(args.sweep, jobs=args.jobs,
                            storage=args.storage or default_storage(plan),
-                           report=lambda line: out.print(f"  {line}", markup=False))
+                           report=lambda line: out.print(f"  {line}", markup=False),
+                           display=(lambda: RichDisplay(out)) if args.jobs == 1 else None)
     except Interrupted as err:
         print(f"{signal.Signals(err.signum).name}: sweep stopped; finished children are kept. "
               f"Run the same command again to train the rest.", file=sys.stderr)

@@ -94,6 +94,11 @@ class DataParams(Params):
         return loader_workers(self.num_workers)
 
     @property
+    def training_split(self) -> str:
+        """The split a run trains on."""
+        return "train"
+
+    @property
     def validation_split(self) -> str:
         """The split a run validates on."""
         return "val"
@@ -114,6 +119,10 @@ class CityscapesParams(DataParams):
 
     def index(self, splits: tuple[str, ...]) -> DatasetIndex:
         return index_dataset(self.root, layout=self.layout, splits=splits)
+
+    @property
+    def training_split(self) -> str:
+        return self.train_split
 
     @property
     def validation_split(self) -> str:
@@ -195,6 +204,21 @@ def split_dataset(p: DataParams, split: str, *, index: DatasetIndex | None = Non
     fingerprint."""
     reader, printed = reader_for(p, data_index(p, (split,)) if index is None else index, split)
     return SegmentationDataset(reader, lut=task_lut(p), transform=transform, seed=seed), printed
+
+
+def decodes(p: DataParams) -> bool:
+    """Whether building a run's splits decodes their images into the cache (its first use, or
+    files changed since): data not written yet (synthetic) will be."""
+    if not p.cache:
+        return False
+    splits = (p.training_split, p.validation_split)
+    try:
+        index = data_index(p, splits)
+    except DataError:  # synthetic data is written, then decoded; missing data is refused
+        return isinstance(p, SyntheticParams)
+    return any(not (p.cache_dir / fingerprint(index.samples[s], layout=index.layout,
+                                               encoding=index.encoding, size=p.frame_size)
+                    ).is_dir() for s in splits)
 
 
 def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,

@@ -46,9 +46,11 @@ class SweepResult:
 
 
 def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
-              report: Callable[[str], None] = print) -> SweepResult:
+              report: Callable[[str], None] = print,
+              display: Callable[[], Any] | None = None) -> SweepResult:
     """Join the sweep's study and parent run, train trials until none is left, and write the
-    summary of every child so far on the parent run."""
+    summary of every child so far on the parent run. `display()` makes each child's display
+    (its bar and epoch rows, as `cityseg run` shows them) when the children train here."""
     plan = load_sweep(path)
     storage = storage or default_storage(plan)
     study = open_study(plan, storage)
@@ -63,7 +65,7 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
             report(f"sweep {plan.sweep_id}: joining parent run {parent_id}, study in {storage}")
         if jobs <= 1:
             failed = Worker(plan, study, tracker=tracker, parent_id=parent_id,
-                            report=report).work()
+                            report=report, display=display).work()
         else:
             failed = _run_workers(plan, storage, parent_id, jobs)
         rows = summary_rows(plan, tracker)

@@ -41,9 +41,10 @@ class Worker:
     """Trains the trials one `cityseg sweep` process takes from the study, one at a time."""
 
     def __init__(self, plan: Plan, study: Study, *, tracker: tracking.Tracker, parent_id: str,
-                 report: Callable[[str], None]) -> None:
+                 report: Callable[[str], None], display: Callable[[], Any] | None = None) -> None:
         self.plan, self.study, self.tracker = plan, study, tracker
         self.parent_id, self.report = parent_id, report
+        self.display = display  # a new display per child (its bar and epoch rows), or none
         self.failed: list[tuple[str, str]] = []  # (child, error) that failed in this worker
         # points this worker leaves alone: they failed here, or another worker holds them
         self.not_mine: list[dict[str, Any]] = []
@@ -181,7 +182,8 @@ class Worker:
                 if plan.config.pruning is not None else None)
         try:
             result = runner.run(point.experiment, run_name=point.label, tags=tags,
-                                resume=resume, epoch_hook=hook)
+                                resume=resume, epoch_hook=hook,
+                                display=self.display() if self.display else None)
         except (Interrupted, KeyboardInterrupt):
             raise  # the person wants the whole sweep to stop
         except Exception as err:  # noqa: BLE001  (a failed child is reported, the others go on)

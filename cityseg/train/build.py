@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from cityseg import checkpoints
 from cityseg.config import Experiment
 from cityseg.data.cityscapes import foreground_stats
-from cityseg.data.datasets import DataSplits
+from cityseg.data.datasets import DataSplits, decodes
 from cityseg.data.device_augment import DeviceAugmenter
 from cityseg.data.loader import EpochSampler, ShardSampler
 from cityseg.data.transforms import build_augmentations, device_augmentations, device_problem
@@ -61,9 +61,9 @@ def build_run(exp: Experiment, point: ResumePoint | None, world: distributed.Wor
 
 def build_data(exp: Experiment, display) -> DataSplits:
     """The dataset's splits (generated, indexed and cached on first use)."""
-    if exp.data.cache:
-        display.message(f"data: decode cache in {exp.data.cache_dir} "
-                        f"(the first use decodes every image)")
+    if decodes(exp.data):  # said only when it happens: a first use takes a while
+        display.message(f"data: decoding every image once into the cache in "
+                        f"{exp.data.cache_dir} (later runs read the arrays)")
     ctx = exp.build_context()
     return DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
 
