@@ -1,6 +1,6 @@
 # cityseg: every target sets itself up (.venv + pip install -e .[dev]) on first use.
 #   make run [EXP=experiments/baseline.yaml] [SET="trainer.epochs=3 loss.pos_weight=8"] [NPROC=2]
-#   make sweep [SWEEP=experiments/sweeps/fg_weight_quick.yaml] [JOBS=2] [STORAGE=URL]
+#   make sweep [SWEEP=experiments/sweeps/fg_weight_quick.yaml] [JOBS=2] [STORAGE=URL] [SET="trainer.epochs=2"]
 #   make compare [ARGS="--metric val/iou"]
 #   make test | test-slow [TEST_JOBS=2] | lint | ui | validate | schema | bench
 
@@ -38,7 +38,7 @@ SWEEP  ?= experiments/sweeps/fg_weight_quick.yaml
 JOBS   ?= 1
 STORAGE ?=
 sweep: $(STAMP)
-	$(BIN)/cityseg sweep $(SWEEP) --jobs $(JOBS) $(if $(STORAGE),--storage $(STORAGE))
+	$(BIN)/cityseg sweep $(SWEEP) --jobs $(JOBS) $(if $(STORAGE),--storage $(STORAGE)) $(foreach s,$(SET),--set $(s))
 
 compare: $(STAMP)
 	$(BIN)/cityseg compare $(ARGS)

@@ -113,6 +113,7 @@ def _add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                    help="Optuna storage the workers share: sqlite:///FILE, postgresql://..., "
                         "mysql://..., or a journal file path on a shared filesystem "
                         "(default: sqlite next to the local MLflow store)")
+    _add_overrides(p)
     p = sub.add_parser("compare", help="table of runs from the MLflow store, sorted by a metric")
     p.add_argument("--experiment", help="MLflow experiment name (default: all)")
     p.add_argument("--sweep", help="only the children of this sweep id")

@@ -76,7 +76,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
 
     if args.jobs < 1:
         raise CitysegError("--jobs must be at least 1")
-    plan = load_sweep(args.sweep)  # every grid point and range validated before anything runs
+    # every grid point and range validated before anything runs; --set joins the file's set
+    plan = load_sweep(args.sweep, args.overrides)
     sweep = plan.config
     size = (f"{len(plan.points)} grid points" if sweep.grid is not None
             else f"{sweep.search.trials} {sweep.search.sampler} trials")
@@ -96,7 +97,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         result = run_sweep(args.sweep, jobs=args.jobs,
                            storage=args.storage or default_storage(plan),
                            report=lambda line: out.print(f"  {line}", markup=False),
-                           display=(lambda: RichDisplay(out)) if args.jobs == 1 else None)
+                           display=(lambda: RichDisplay(out)) if args.jobs == 1 else None,
+                           overrides=args.overrides)
     except Interrupted as err:
         print(f"{signal.Signals(err.signum).name}: sweep stopped; finished children are kept. "
               f"Run the same command again to train the rest.", file=sys.stderr)

@@ -47,11 +47,13 @@ class SweepResult:
 
 def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
               report: Callable[[str], None] = print,
-              display: Callable[[], Any] | None = None) -> SweepResult:
+              display: Callable[[], Any] | None = None,
+              overrides: list[str] | tuple[str, ...] = ()) -> SweepResult:
     """Join the sweep's study and parent run, train trials until none is left, and write the
     summary of every child so far on the parent run. `display()` makes each child's display
-    (its bar and epoch rows, as `cityseg run` shows them) when the children train here."""
-    plan = load_sweep(path)
+    (its bar and epoch rows, as `cityseg run` shows them) when the children train here;
+    `overrides` (--set) join the sweep file's `set`."""
+    plan = load_sweep(path, overrides)
     storage = storage or default_storage(plan)
     study = open_study(plan, storage)
     tracker = open_tracker(plan)
@@ -67,7 +69,7 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
             failed = Worker(plan, study, tracker=tracker, parent_id=parent_id,
                             report=report, display=display).work()
         else:
-            failed = _run_workers(plan, storage, parent_id, jobs)
+            failed = _run_workers(plan, storage, parent_id, jobs, list(overrides))
         rows = summary_rows(plan, tracker)
         best = best_of(rows, plan.config.metric)
         left = pending(study)
@@ -136,14 +138,15 @@ def sweep_yaml(plan: Plan) -> str:
 # ---------------------------------------------------------------- workers on this machine
 
 
-def _run_workers(plan: Plan, storage: str, parent_id: str, jobs: int) -> list[tuple[str, str]]:
+def _run_workers(plan: Plan, storage: str, parent_id: str, jobs: int,
+                 overrides: list[str]) -> list[tuple[str, str]]:
     """`jobs` workers in separate processes on this machine, sharing the CPU threads."""
     threads = max(1, available_cpus() // jobs)
     failed: list[tuple[str, str]] = []
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
     try:
-        futures = [pool.submit(_work, str(plan.path), storage, parent_id, threads, jobs, n + 1)
-                   for n in range(jobs)]
+        futures = [pool.submit(_work, str(plan.path), storage, parent_id, threads, jobs, n + 1,
+                               overrides) for n in range(jobs)]
         for future in as_completed(futures):
             failed.extend(future.result())  # Interrupted in a worker stops the sweep
     finally:  # on Ctrl-C: every worker stops its child at a checkpoint
@@ -151,12 +154,12 @@ def _run_workers(plan: Plan, storage: str, parent_id: str, jobs: int) -> list[tu
     return failed
 
 
-def _work(path: str, storage: str, parent_id: str, threads: int, jobs: int, number: int
-          ) -> list[tuple[str, str]]:
+def _work(path: str, storage: str, parent_id: str, threads: int, jobs: int, number: int,
+          overrides: list[str]) -> list[tuple[str, str]]:
     """One of `--jobs N` workers, in its own process: the same as a worker on another machine."""
     torch.set_num_threads(threads)
     os.environ[SWEEP_JOBS_ENV] = str(jobs)  # data.num_workers: auto takes this worker's share
-    plan = load_sweep(path)
+    plan = load_sweep(path, overrides)
     return Worker(plan, open_study(plan, storage), tracker=open_tracker(plan),
                   parent_id=parent_id,
                   report=lambda line: print(f"  [worker {number}] {line}", flush=True)).work()

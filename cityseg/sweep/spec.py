@@ -16,7 +16,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cityseg.config import Experiment, config_hash, load_experiment, read_yaml, validation_error
+from cityseg.config import (
+    Experiment,
+    config_hash,
+    load_experiment,
+    parse_override,
+    read_yaml,
+    validation_error,
+)
 from cityseg.errors import ConfigError
 from cityseg.metrics import lower_is_better
 
@@ -254,11 +261,15 @@ def is_sweep_file(path: str | Path) -> bool:
     return isinstance(raw, dict) and ("grid" in raw or "search" in raw)
 
 
-def load_sweep(path: str | Path) -> Plan:
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
     """Read and validate the sweep file, every grid point and every searched range's ends;
-    ConfigError naming the field on any problem."""
+    ConfigError naming the field on any problem. `overrides` (`cityseg sweep --set KEY=VALUE`)
+    join the file's `set`, after it: every child gets them, and the sweep is another one."""
     path = Path(path)
     raw = read_yaml(path)
+    if overrides and isinstance(raw, dict):
+        raw["set"] = {**(raw.get("set") or {}),
+                      **{".".join(key): value for key, value in map(parse_override, overrides)}}
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:

@@ -84,3 +84,16 @@ def test_a_type_error_in_a_sweep_file_reads_like_an_experiment_error(tmp_path):
     assert message.startswith(f"{path}: 2 errors")
     assert "search.params.loss.pos_weight.high: " in message and "'lots'" in message
     assert "search.trials: " in message and "'three'" in message
+
+
+def test_set_on_the_command_line_joins_the_sweep_files_set_for_every_child(tmp_path):
+    path = write_sweep(tmp_path, {"loss.pos_weight": [1, 2]}, set={"trainer.epochs": 3})
+    plain = load_sweep(path)
+    shrunk = load_sweep(path, ["trainer.epochs=1", "seed=5"])
+    assert [p.experiment.trainer.epochs for p in plain.points] == [3, 3]
+    assert [(p.experiment.trainer.epochs, p.experiment.seed) for p in shrunk.points] == [
+        (1, 5), (1, 5)]
+    assert [p.experiment.loss.pos_weight for p in shrunk.points] == [1, 2]
+    assert shrunk.sweep_id != plain.sweep_id  # another sweep: its children are not mixed in
+    with pytest.raises(ConfigError, match="tracking.dir"):
+        load_sweep(path, [f"tracking.dir={tmp_path / 'elsewhere'}"])
