@@ -83,10 +83,12 @@ def adamw(p: AdamWParams, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-    """Each param group's size, lr and weight decay, for the run's record."""
+    """Each param group's size, configured lr and weight decay, for the run's record: the lr
+    a schedule starts from (`initial_lr`), not where a warm-up has put it at this step."""
     return {g.get("name", str(i)): {"tensors": len(g["params"]),
                                     "parameters": sum(t.numel() for t in g["params"]),
-                                    "lr": g["lr"], "weight_decay": g["weight_decay"]}
+                                    "lr": g.get("initial_lr", g["lr"]),
+                                    "weight_decay": g["weight_decay"]}
             for i, g in enumerate(optimizer.param_groups)}
 
 

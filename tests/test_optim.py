@@ -34,3 +34,15 @@ def test_every_schedule_steps_and_round_trips_its_state(name):
     again.load_state_dict(state)
     assert again.state_dict() == state
     assert 0 < optimizer.param_groups[0]["lr"] <= 0.1
+
+
+def test_the_recorded_lr_is_the_configured_one_not_the_warm_ups_first():
+    from cityseg.optim import describe_groups
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = OPTIMIZERS.build(OPTIMIZERS.get("adamw").params(name="adamw", lr=3e-3), model)
+    SCHEDULERS.build(SCHEDULERS.get("cosine").params(name="cosine", warmup_epochs=0.5),
+                     optimizer, steps_per_epoch=10, epochs=4, mode="max")
+    assert optimizer.param_groups[0]["lr"] < 3e-3  # the warm-up's first step
+    (group,) = describe_groups(optimizer).values()
+    assert group["lr"] == pytest.approx(3e-3)

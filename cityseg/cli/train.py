@@ -51,8 +51,8 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
               f"MLflow run {err.run_id} marked KILLED.\n"
               f"resume with: {again}", file=sys.stderr)
         return 128 + err.signum
-    if result.resumed_from:
-        out.print(f"resumed after epoch {result.resumed_from}")
+    if result.resumed_at:
+        out.print(f"resumed from {result.resumed_at}")
     out.print(f"best {exp.monitor} = {result.best_score:.4f} at epoch {result.best_epoch}; "
               f"run {result.run_id} in MLflow experiment '{exp.tracking.experiment}'")
     out.print(f"checkpoints: {result.checkpoints['best'].parent}")

@@ -122,8 +122,8 @@ class Recorder(NullRecorder):
         exp, tracker, point = self.exp, self.tracker, self.point
         if point is not None:
             crash = {"resumed_after_crash": point.crash} if point.crash else {}
-            at = (f"epoch {state.epoch}, batch {state.step_in_epoch + 1}"
-                  if state.epoch <= exp.trainer.epochs and not state.stopped_early
+            # where the checkpoint stood: the numbers the stop was told with
+            at = (state.position if state.epoch <= exp.trainer.epochs and not state.stopped_early
                   else "the run's end (its epochs were done)")
             tracker.set_tags({"resumed_at": at, "trainer.epochs_now": str(exp.trainer.epochs),
                               **crash})

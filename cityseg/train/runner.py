@@ -39,6 +39,7 @@ class RunResult(FitResult):
 
     run_id: str = ""
     resumed_from: int = 0  # epochs already done when this call started (0: a fresh run)
+    resumed_at: str = ""  # where in training it went on (TrainState.position); "": fresh
     url: str = ""  # the run's page in the MLflow UI (rank 0)
 
     @property
@@ -75,14 +76,15 @@ def run(exp: Experiment, *, display=None, resume: str | None = None,
             trainer = Trainer.for_run(exp, parts, run_id=run_id, recorder=recorder,
                                       display=display)
             state = trainer.initial_state(point)
-            resumed_from = state.epoch - 1
+            resumed_from, resumed_at = state.epoch - 1, state.position if point else ""
             # a signal from here on stops the run at a checkpoint, the start included (params,
             # datasets, the untrained model's samples): the run never stays RUNNING
             with stop_on_signals(trainer.stop):
                 recorder.start(state, parts)
                 fitted = trainer.fit(state)
                 recorder.finish(fitted, trainer.confusion, trainer.stop)
-    return RunResult(**vars(fitted), run_id=run_id, resumed_from=resumed_from, url=recorder.url)
+    return RunResult(**vars(fitted), run_id=run_id, resumed_from=resumed_from,
+                     resumed_at=resumed_at, url=recorder.url)
 
 
 def check_world(exp: Experiment, world: distributed.World, device: torch.device) -> None:
