@@ -231,6 +231,10 @@ def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray
     left.legend()
     right.plot(epochs, [h[monitor] for h in history], marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel=monitor, title=monitor)
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (left, right):  # epochs are whole: no ticks at half epochs
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     return figure_image(fig)
 
 

@@ -148,3 +148,16 @@ def test_confusion_image_and_plots_render():
     rows = [{"status": "FINISHED", "loss.pos_weight": w, "seed": s, "val/dice": w / 10 + s / 100}
             for w in (1, 2, 4) for s in (1, 2)]
     assert viz.metrics_against(rows, key="loss.pos_weight", metrics=["val/dice"]).shape[2] == 3
+
+
+def test_learning_curves_tick_whole_epochs_only(monkeypatch):
+    drawn = []
+    real = viz.figure_image
+    monkeypatch.setattr(viz, "figure_image", lambda fig: drawn.append(fig) or real(fig))
+    history = [{"train/loss": 1.0 / e, "val/loss": 1.2 / e, "val/dice": 0.2 * e}
+               for e in range(1, 4)]
+    viz.learning_curves(history, "val/dice")
+    (fig,) = drawn
+    for axis in fig.axes:
+        ticks = [t for t in axis.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)

@@ -79,8 +79,10 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
                                            full_resolution=args.full_resolution)
     resolution = ("full-resolution labels" if args.full_resolution
                   else f"{list(trained.exp.data.image_size)}")
-    table = Table("metric", "value", title=f"{trained.exp.name} on {args.split} ({resolution}), "
-                                           f"threshold {trained.threshold:g}", box=None)
+    # the title on its own line: a table two columns wide would wrap it into ragged lines
+    out.print(f"{trained.exp.name} on {args.split} ({resolution}), threshold "
+              f"{trained.threshold:g}", markup=False)
+    table = Table("metric", "value", box=None)
     for key, value in found.items():
         table.add_row(key, f"{value:.4f}")
     out.print(table)
@@ -170,7 +172,7 @@ def cmd_export(args: argparse.Namespace, out: Console) -> int:
     # traced on the CPU in fp32, whatever device it trained on
     trained = _load(args, _source_run(args), device="cpu", overrides=_inference_overrides(args))
     path = export.export(trained, fmt=args.format,
-                         out=args.out or export.default_out(trained, args.format))
+                         out=args.out or export.default_out(trained, args.format, args.runs))
     out.print(f"{path}: {trained.exp.name} (run {trained.run_id}, {trained.task.name}, "
               f"{trained.exp.trainer.inference.describe()}); image uint8 (N, 3, H, W) -> mask, "
               f"probabilities", markup=False)

@@ -149,9 +149,16 @@ def _cityseg_version() -> str:
         return cityseg.__version__
 
 
-def default_out(trained: Trained, fmt: Format) -> Path:
-    """`<experiment>-<run id prefix>.onnx` (or .pt2) in the current folder."""
-    return Path(f"{trained.exp.name}-{trained.run_id[:8]}.{fmt}")
+def default_out(trained: Trained, fmt: Format, runs: Path) -> Path:
+    """`<runs>/exports/<experiment>-<run id prefix>.onnx` (or .pt2): beside the runs, never
+    loose in the folder the command ran in (or in git)."""
+    folder = runs / "exports"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"{folder}: cannot create the folder ({err.strerror}); give --out") \
+            from None
+    return folder / f"{trained.exp.name}-{trained.run_id[:8]}.{fmt}"
 
 
 def export(trained: Trained, *, fmt: Format, out: Path) -> Path:

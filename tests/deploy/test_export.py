@@ -290,3 +290,14 @@ def test_the_command_lines_formats_are_the_exporters(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["export", "--checkpoint", "m.pt", "--format", "tflite"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def test_without_out_the_file_goes_beside_the_runs_not_into_the_working_folder(
+        tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    path = _checkpoint(tmp_path, "binary", run_id="0123456789abcdef")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", str(path), "--runs", str(runs), "--format",
+                 "pt2"]) == 0
+    assert [p.name for p in (runs / "exports").iterdir()] == ["quickstart-01234567.pt2"]
+    assert not list(tmp_path.glob("*.pt2"))
