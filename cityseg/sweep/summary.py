@@ -148,7 +148,8 @@ def comparison_panel(plan: Plan, rows: list[dict[str, Any]], *,
         return None
     images, masks = found
     columns = {}
-    for row, child in zip(chosen, children, strict=True):
+    metric = plan.config.metric
+    for rank, (row, child) in enumerate(zip(chosen, children, strict=True), start=1):
         # last.pt: the weights whose (last-epoch) metrics rank the children
         try:
             trained = load_trained(run_id=row["run_id"], checkpoint=None, runs=base.tracking.dir,
@@ -157,7 +158,9 @@ def comparison_panel(plan: Plan, rows: list[dict[str, Any]], *,
         except CitysegError as err:  # e.g. no checkpoint in this store: left out, and said so
             report(f"comparison panel: {row['child']} left out: {err}")
             continue
-        columns[row["child"]] = trained.predictor.predict(images).cpu().numpy()
+        # its place and score on its header: the column to pick is the first
+        score = f" ({row[metric]:.3f})" if isinstance(row.get(metric), float) else ""
+        columns[f"#{rank} {row['child']}{score}"] = trained.predictor.predict(images).cpu().numpy()
     if not columns:
         return None
     return viz.comparison_panel(images.numpy(), masks.numpy(), columns, task=base.task)

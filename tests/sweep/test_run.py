@@ -3,6 +3,7 @@ summaries."""
 
 import pytest
 
+from cityseg import viz
 from cityseg.cli import main
 from cityseg.sweep import run_sweep
 from tests.sweep.tiny import runs, write_sweep
@@ -49,9 +50,13 @@ def test_parallel_sweep_nests_children_summarises_and_skips_finished_on_rerun(tm
     assert fresh.parent_id == parent.info.run_id and len(fresh.rows) == 3
 
 
-def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys):
+def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys, monkeypatch):
     # foreground everywhere vs nowhere
     path = write_sweep(tmp_path, {"trainer.threshold": [0.01, 0.99]})
+    headers = []
+    real = viz.comparison_panel
+    monkeypatch.setattr(viz, "comparison_panel", lambda images, targets, columns, task: (
+        headers.extend(columns), real(images, targets, columns, task=task))[1])
     assert main(["sweep", str(path), "--set", "trainer.epochs=1"]) == 0  # --set: every child
     swept = capsys.readouterr().out
     # each child shows what a run shows: its epoch rows, under its line
@@ -68,4 +73,7 @@ def test_compare_prints_runs_sorted_by_metric(tmp_path, capsys):
     assert "trainer.threshold" in out and "val/dice" in out
     high, low = sorted(result.rows, key=lambda row: -row["val/dice"])
     assert high["val/dice"] > low["val/dice"]
+    # predictions_by_child.png: each column headed by its place and score, the best first
+    assert headers[:2] == [f"#1 {high['child']} ({high['val/dice']:.3f})",
+                           f"#2 {low['child']} ({low['val/dice']:.3f})"]
     assert out.index(high["run_id"][:8]) < out.index(low["run_id"][:8])
