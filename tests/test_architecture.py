@@ -15,7 +15,7 @@ MAX_LINES = 350
 MAX_MODULES = 12  # per package, its __init__ included
 
 # package -> the cityseg packages and top-level modules it must never import (directly or
-# through a deferred import): the import order of README's Architecture section
+# through a deferred import): the import order of docs/architecture.md
 FORBIDDEN = {
     "runtime": {"config", "data", "models", "losses", "metrics", "optim", "viz", "checkpoints",
                 "tracking", "train", "infer", "deploy", "sweep", "cli", "bench"},

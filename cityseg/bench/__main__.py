@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: synthetic 2048x1024 frames")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--json", action="store_true",
-                        help="print the report as JSON (README: Performance) and skip the "
+                        help="print the report as JSON (docs/performance.md) and skip the "
                              "older training tables")
     parser.add_argument("--skip-steps", action="store_true",
                         help="skip the precision and layout table")

@@ -18,7 +18,7 @@ from cityseg.data.layouts import index_dataset
 from cityseg.losses import WeightedBCE
 from cityseg.models.unet import UNet
 
-SCHEMA_VERSION = 1  # of --json; README "Performance" documents it
+SCHEMA_VERSION = 1  # of --json; docs/performance.md documents it
 
 
 def bench_experiment(root: Path, *, workers: int, device: str) -> Experiment:

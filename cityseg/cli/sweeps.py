@@ -89,7 +89,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
                                                                             tracked.uri)):
         out.print(f"note: the Optuna study is in {default_storage(plan)} on this machine; "
                   f"workers on other machines need a --storage they all reach "
-                  f"(README: Many machines)", markup=False)
+                  f"(docs/sweeps.md: Many machines)", markup=False)
     try:
         from cityseg.train.display import RichDisplay
 
