@@ -239,16 +239,18 @@ def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray
 
 
 def metrics_against(rows: list[dict], *, key: str, metrics: list[str],
-                    scatter: bool = False) -> np.ndarray:
+                    scatter: bool = False, ranked_by: str | None = None,
+                    lower_better: bool = False) -> np.ndarray:
     """Each metric against the values of one swept key: mean over the children sharing a value
     (e.g. several seeds), with the min-max spread as a band. `scatter`: one point per child (a
-    search, whose children differ in every key)."""
+    search, whose children differ in every key). `ranked_by` (a metric among `metrics`) gets
+    its own panel with its best value starred; the others share one, their legend beside it."""
     plt = _pyplot()
     finished = [r for r in rows if r.get("status") == "FINISHED"]
     values = sorted({_hashable(r[key]) for r in finished}, key=lambda v: (isinstance(v, str), v))
     numeric = all(isinstance(v, (int, float)) for v in values)
-    fig, axis = plt.subplots(figsize=(6.5, 4), dpi=100)
     if scatter and numeric:
+        fig, axis = plt.subplots(figsize=(6.5, 4), dpi=100)
         for metric in metrics:
             points = [(r[key], r[metric]) for r in finished if metric in r]
             axis.scatter(*zip(*points, strict=True), label=metric, alpha=0.8)
@@ -262,21 +264,33 @@ def metrics_against(rows: list[dict], *, key: str, metrics: list[str],
         axis.legend()
         return figure_image(fig)
     positions = values if numeric else list(range(len(values)))
-    for metric in metrics:
-        groups = [[r[metric] for r in finished if _hashable(r[key]) == v and metric in r]
-                  for v in values]
-        if not all(groups):
-            continue
-        means = [float(np.mean(g)) for g in groups]
-        axis.plot(positions, means, marker="o", label=metric)
-        if any(len(g) > 1 for g in groups):
-            axis.fill_between(positions, [min(g) for g in groups], [max(g) for g in groups],
-                              alpha=0.2)
-    if numeric and len(values) > 2 and min(values) > 0 and max(values) / min(values) >= 8:
-        axis.set_xscale("log", base=2)
-    axis.set_xticks(positions, [str(v) for v in values])
-    axis.set(xlabel=key, ylabel="value", title=f"metrics against {key}")
-    axis.legend()
+    others = [m for m in metrics if m != ranked_by]
+    panels = ([ranked_by] if ranked_by in metrics else []) + ([others] if others else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.5, 4), dpi=100,
+                             squeeze=False)
+    for axis, shown in zip(axes[0], panels, strict=True):
+        for metric in [shown] if isinstance(shown, str) else shown:
+            groups = [[r[metric] for r in finished if _hashable(r[key]) == v and metric in r]
+                      for v in values]
+            if not all(groups):
+                continue
+            means = [float(np.mean(g)) for g in groups]
+            axis.plot(positions, means, marker="o", label=metric)
+            if any(len(g) > 1 for g in groups):
+                axis.fill_between(positions, [min(g) for g in groups],
+                                  [max(g) for g in groups], alpha=0.2)
+            if metric == ranked_by:
+                best = int(np.argmin(means) if lower_better else np.argmax(means))
+                axis.scatter([positions[best]], [means[best]], marker="*", s=260, zorder=5,
+                             color="gold", edgecolor="black",
+                             label=f"best: {key} = {values[best]}")
+        if numeric and len(values) > 2 and min(values) > 0 and max(values) / min(values) >= 8:
+            axis.set_xscale("log", base=2)
+        axis.set_xticks(positions, [str(v) for v in values])
+        title = shown if isinstance(shown, str) else "other scores"
+        axis.set(xlabel=key, ylabel="value", title=f"{title} against {key}")
+        # beside the plot, never over its lines
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return figure_image(fig)
 
 

@@ -150,14 +150,52 @@ def test_confusion_image_and_plots_render():
     assert viz.metrics_against(rows, key="loss.pos_weight", metrics=["val/dice"]).shape[2] == 3
 
 
-def test_learning_curves_tick_whole_epochs_only(monkeypatch):
-    drawn = []
+def _drawn(monkeypatch) -> list[list[dict]]:
+    """What each figure viz renders holds, axis by axis, read before it is closed."""
+    seen = []
     real = viz.figure_image
-    monkeypatch.setattr(viz, "figure_image", lambda fig: drawn.append(fig) or real(fig))
+
+    def keep(fig):
+        fig.canvas.draw()
+        seen.append([{"title": axis.get_title(), "xticks": list(axis.get_xticks()),
+                      "xlim": axis.get_xlim(), "legend": axis.get_legend(),
+                      "offsets": [c.get_offsets().tolist() for c in axis.collections],
+                      "right": axis.get_window_extent().x1} for axis in fig.axes])
+        for axis in seen[-1]:
+            legend = axis.pop("legend")
+            axis["labels"] = [t.get_text() for t in legend.texts] if legend else []
+            axis["legend_left"] = legend.get_window_extent().x0 if legend else None
+        return real(fig)
+
+    monkeypatch.setattr(viz, "figure_image", keep)
+    return seen
+
+
+def test_learning_curves_tick_whole_epochs_only(monkeypatch):
+    drawn = _drawn(monkeypatch)
     history = [{"train/loss": 1.0 / e, "val/loss": 1.2 / e, "val/dice": 0.2 * e}
                for e in range(1, 4)]
     viz.learning_curves(history, "val/dice")
-    (fig,) = drawn
-    for axis in fig.axes:
-        ticks = [t for t in axis.get_xticks() if 1 <= t <= 3]
+    (axes,) = drawn
+    assert len(axes) == 2
+    for axis in axes:
+        low, high = axis["xlim"]
+        ticks = [t for t in axis["xticks"] if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_a_sweep_plot_gives_the_ranking_metric_its_panel_with_the_best_starred(monkeypatch):
+    drawn = _drawn(monkeypatch)
+    rows = [{"status": "FINISHED", "loss.pos_weight": w, "seed": s,
+             "val/dice": {1: 0.5, 2: 0.7, 4: 0.6}[w] + s / 100, "val/iou": w / 10}
+            for w in (1, 2, 4) for s in (1, 2)]
+    viz.metrics_against(rows, key="loss.pos_weight", metrics=["val/dice", "val/iou"],
+                        ranked_by="val/dice")
+    ((ranked, others),) = drawn
+    assert ranked["title"] == "val/dice against loss.pos_weight"
+    assert others["title"] == "other scores against loss.pos_weight"
+    assert ranked["offsets"][-1] == [[2.0, 0.715]]  # the star: the best mean over the seeds
+    assert "best: loss.pos_weight = 2" in ranked["labels"]
+    assert others["labels"] == ["val/iou"]
+    for axis in (ranked, others):  # the legend beside the plot, not over its lines
+        assert axis["legend_left"] >= axis["right"]

@@ -83,7 +83,8 @@ def log_summary(tracker: tracking.Tracker, plan: Plan, study: Study, rows: list[
         if key == "seed" or len({yaml_value(r.get(key)) for r in complete}) < 2:
             continue
         image = viz.metrics_against(complete, key=key, scatter=sweep.search is not None,
-                                    metrics=scores)
+                                    metrics=scores, ranked_by=sweep.metric,
+                                    lower_better=lower_is_better(sweep.metric))
         tracker.log_image(image, f"plots/{key.replace('.', '_')}.png")
     if sweep.search is not None:
         for name, image in plots(study).items():
