@@ -15,10 +15,11 @@ from cityseg.data.tasks import Task
 
 COLUMNS = ("Input", "Ground truth", "Prediction", "Error")
 IGNORED = (110, 110, 110)
-# Error colours of a thresholded task: true positive white, false positive red, false negative
-# blue; of any other task: a wrong pixel red (true negatives and right pixels stay black).
-TP, FP, FN = (255, 255, 255), (230, 40, 40), (40, 120, 255)
-WRONG = (230, 40, 40)
+# Error colours of a thresholded task: true positive white, false positive orange, false
+# negative blue; of any other task: a wrong pixel orange (true negatives and right pixels stay
+# black). Not red: red is the predicted foreground in the Prediction panel beside it.
+TP, FP, FN = (255, 255, 255), (255, 150, 0), (40, 120, 255)
+WRONG = (255, 150, 0)
 MIN_HEIGHT = 128  # small training images are upscaled so the panel stays readable
 CARD_MAX_SIDE = 512  # a card's cells at most this long: it is a preview, the panel is full size
 # Titles and legend in a font sized to the cell's longer side: a card (2x2 cells) shown as

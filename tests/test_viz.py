@@ -199,3 +199,10 @@ def test_a_sweep_plot_gives_the_ranking_metric_its_panel_with_the_best_starred(m
     assert others["labels"] == ["val/iou"]
     for axis in (ranked, others):  # the legend beside the plot, not over its lines
         assert axis["legend_left"] >= axis["right"]
+
+
+def test_an_error_colour_never_means_what_the_prediction_colour_means():
+    from cityseg.data.tasks import TASKS
+
+    predicted = {tuple(int(c) for c in TASKS["binary"].overlay_colors[1])}
+    assert not predicted & {viz.FP, viz.FN, viz.WRONG}
