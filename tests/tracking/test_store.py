@@ -82,7 +82,10 @@ def test_printed_ui_links_name_the_port_the_ui_serves_on(tmp_path, monkeypatch, 
     assert "CITYSEG_UI_PORT=ui: give the port number" in capsys.readouterr().err
 
 
-OPEN = "import sys; from pathlib import Path; from cityseg import tracking; " \
+# Ctrl-C's default handler put back: a process started in the background (nohup, a CI
+# runner) inherits SIGINT ignored, where a terminal's first run has it
+OPEN = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+       "from pathlib import Path; from cityseg import tracking; " \
        "tracking.open(Path(sys.argv[1]), experiment='e')"
 
 
