@@ -36,6 +36,7 @@ def compare_table(runs: list, metrics: list[str], *, width: int) -> Table:
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     names = [r.info.run_name or "-" for r in runs]
+    statuses = [tracking.shown_status(r) for r in runs]  # liveness read once a run
     table.add_column("run", no_wrap=True, min_width=min(max(map(len, names)), 40))
     for m in metrics:
         table.add_column(m, no_wrap=True, justify="right", min_width=6)
@@ -47,7 +48,7 @@ def compare_table(runs: list, metrics: list[str], *, width: int) -> Table:
     # the short ones first (a swept weight, a seed): more of them fit than of long paths
     varying.sort(key=lambda k: max(len(r.data.params.get(k, "-")) for r in runs))
     used = (table.columns[0].min_width + 2 + sum(max(len(m), 6) + 2 for m in metrics)
-            + max(len(tracking.shown_status(r)) for r in runs) + 2 + 8)
+            + max(map(len, statuses)) + 2 + 8)
     shown = []
     for key in varying:
         column = min(PARAM_WIDTH, max(len(key), *(len(r.data.params.get(key, "-"))
@@ -58,10 +59,10 @@ def compare_table(runs: list, metrics: list[str], *, width: int) -> Table:
         used += column
     for key in shown:
         table.add_column(key, no_wrap=True, overflow="ellipsis", max_width=PARAM_WIDTH)
-    for r, name in zip(runs, names, strict=True):
+    for r, name, status in zip(runs, names, statuses, strict=True):
         table.add_row(name, *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-"
                               for m in metrics),
-                      tracking.shown_status(r), r.info.run_id[:8],
+                      status, r.info.run_id[:8],
                       *(r.data.params.get(k, "-") for k in shown))
     if len(shown) < len(varying):
         table.caption = (f"{len(varying) - len(shown)} more differing param(s) left out to fit "

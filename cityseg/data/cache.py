@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -139,8 +140,10 @@ def _decoded(path: Path, manifest: dict) -> DecodedSplit:
 
 
 def load_or_build(samples: list[Sample], *, layout: str, encoding: Encoding, size: tuple[int, int],
-                  cache_dir: Path, workers: int) -> DecodedSplit:
-    """The cached split for these samples, decoding them (in `workers` processes) if needed."""
+                  cache_dir: Path, workers: int,
+                  before_decoding: Callable[[], None] | None = None) -> DecodedSplit:
+    """The cached split for these samples, decoding them (in `workers` processes) if needed;
+    `before_decoding()` is called first when they are (the wait a person should be told of)."""
     key = fingerprint(samples, layout=layout, encoding=encoding, size=size)
     final = cache_dir / key
     if final.exists():
@@ -154,6 +157,8 @@ def load_or_build(samples: list[Sample], *, layout: str, encoding: Encoding, siz
     _writable(cache_dir)
     remove_stale(cache_dir)
     check_fits(cache_dir, len(samples), size, workers)
+    if before_decoding is not None:
+        before_decoding()
     tmp = temporary(cache_dir, key)
     try:
         tmp.mkdir()

@@ -4,6 +4,7 @@ cache or from disk. How a sample is read and becomes tensors is loader.py's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -165,14 +166,16 @@ class DataSplits:
         return self.train.reader.class_counts()
 
 
-def reader_for(p: DataParams, index: DatasetIndex,
-               split: str) -> tuple[DiskReader | CachedReader, str]:
+def reader_for(p: DataParams, index: DatasetIndex, split: str, *,
+               before_decoding: Callable[[], None] | None = None
+               ) -> tuple[DiskReader | CachedReader, str]:
     """A reader of the split at data.scale (else image_size; through the cache if enabled),
-    and its fingerprint."""
+    and its fingerprint; `before_decoding()` as the cache's `load_or_build` calls it."""
     samples = index.samples[split]
     args = {"layout": index.layout, "encoding": index.encoding, "size": p.frame_size}
     if p.cache:
-        decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.workers, **args)
+        decoded = load_or_build(samples, cache_dir=p.cache_dir, workers=p.workers,
+                                before_decoding=before_decoding, **args)
         return CachedReader(decoded), decoded.fingerprint
     return DiskReader(samples, **args), fingerprint(samples, **args)
 
@@ -197,44 +200,32 @@ def data_index(p: DataParams, splits: tuple[str, ...]) -> DatasetIndex:
 
 
 def split_dataset(p: DataParams, split: str, *, index: DatasetIndex | None = None,
-                  transform: v2.Transform | None = None, seed: int = 0
+                  transform: v2.Transform | None = None, seed: int = 0,
+                  before_decoding: Callable[[], None] | None = None
                   ) -> tuple[SegmentationDataset, str]:
     """One split as a dataset of the task (at data.scale, through the cache if enabled;
     without a transform: as validation, evaluate and the sweep's panel see it), and its
     fingerprint."""
-    reader, printed = reader_for(p, data_index(p, (split,)) if index is None else index, split)
+    reader, printed = reader_for(p, data_index(p, (split,)) if index is None else index, split,
+                                 before_decoding=before_decoding)
     return SegmentationDataset(reader, lut=task_lut(p), transform=transform, seed=seed), printed
 
 
-def decodes(p: DataParams) -> bool:
-    """Whether building a run's splits decodes their images into the cache (its first use, or
-    files changed since): data not written yet (synthetic) will be."""
-    if not p.cache:
-        return False
-    splits = (p.training_split, p.validation_split)
-    try:
-        index = data_index(p, splits)
-    except DataError:  # synthetic data is written, then decoded; missing data is refused
-        return isinstance(p, SyntheticParams)
-    return any(not (p.cache_dir / fingerprint(index.samples[s], layout=index.layout,
-                                               encoding=index.encoding, size=p.frame_size)
-                    ).is_dir() for s in splits)
-
-
 def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_split: str,
-                 train_transform: v2.Transform | None, seed: int) -> DataSplits:
+                 train_transform: v2.Transform | None, seed: int,
+                 before_decoding: Callable[[], None] | None = None) -> DataSplits:
     """The two splits a run trains and validates on (the batch checked first)."""
     check_batch(p, index, train_split)
     train, train_print = split_dataset(p, train_split, index=index, transform=train_transform,
-                                       seed=seed)
-    val, val_print = split_dataset(p, val_split, index=index)
+                                       seed=seed, before_decoding=before_decoding)
+    val, val_print = split_dataset(p, val_split, index=index, before_decoding=before_decoding)
     return DataSplits(train=train, val=val, index=index,
                       fingerprints={"train": train_print, "val": val_print})
 
 
 @DATASETS.register("cityscapes", params=CityscapesParams)
-def cityscapes(p: CityscapesParams, ctx: BuildContext, *,
-               train_transform: v2.Transform | None) -> DataSplits:
+def cityscapes(p: CityscapesParams, ctx: BuildContext, *, train_transform: v2.Transform | None,
+               before_decoding: Callable[[], None] | None = None) -> DataSplits:
     """Cityscapes: official, folders or pairs layout."""
     if not p.root.is_dir():
         raise DataError(
@@ -243,17 +234,24 @@ def cityscapes(p: CityscapesParams, ctx: BuildContext, *,
             f"https://www.cityscapes-dataset.com/downloads/ (free registration), unzip both into "
             f"{p.root} so that it holds leftImg8bit/ and gtFine/, or point data.root elsewhere: "
             f"--set data.root=/path/to/cityscapes (Kaggle folder and pix2pix pair copies work too)")
-    index = p.index((p.train_split, p.val_split))
-    return build_splits(p, index, train_split=p.train_split, val_split=p.val_split,
-                        train_transform=train_transform, seed=ctx.seed)
+    return _run_splits(p, ctx, train_transform=train_transform, before_decoding=before_decoding)
 
 
 @DATASETS.register("synthetic", params=SyntheticParams)
 def synthetic_streets(p: SyntheticParams, ctx: BuildContext, *,
-                      train_transform: v2.Transform | None) -> DataSplits:
+                      train_transform: v2.Transform | None,
+                      before_decoding: Callable[[], None] | None = None) -> DataSplits:
     """Synthetic streets, written to `root` on first use and then read like Cityscapes."""
     synthetic.ensure_dataset(p.root, num_train=p.num_train, num_val=p.num_val,
                              size=p.source_size, seed=p.seed)
-    index = p.index(("train", "val"))
-    return build_splits(p, index, train_split="train", val_split="val",
-                        train_transform=train_transform, seed=ctx.seed)
+    return _run_splits(p, ctx, train_transform=train_transform, before_decoding=before_decoding)
+
+
+def _run_splits(p: DataParams, ctx: BuildContext, *, train_transform: v2.Transform | None,
+                before_decoding: Callable[[], None] | None) -> DataSplits:
+    """A registered dataset's two splits, named by its params (training_split,
+    validation_split)."""
+    train, val = p.training_split, p.validation_split
+    return build_splits(p, p.index((train, val)), train_split=train, val_split=val,
+                        train_transform=train_transform, seed=ctx.seed,
+                        before_decoding=before_decoding)

@@ -7,6 +7,7 @@ beyond the display's one note about the decode cache.
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from cityseg import checkpoints
 from cityseg.config import Experiment
 from cityseg.data.cityscapes import foreground_stats
-from cityseg.data.datasets import DataSplits, decodes
+from cityseg.data.datasets import DataSplits
 from cityseg.data.device_augment import DeviceAugmenter
 from cityseg.data.loader import EpochSampler, ShardSampler
 from cityseg.data.transforms import build_augmentations, device_augmentations, device_problem
@@ -61,11 +62,13 @@ def build_run(exp: Experiment, point: ResumePoint | None, world: distributed.Wor
 
 def build_data(exp: Experiment, display) -> DataSplits:
     """The dataset's splits (generated, indexed and cached on first use)."""
-    if decodes(exp.data):  # said only when it happens: a first use takes a while
-        display.message(f"data: decoding every image once into the cache in "
-                        f"{exp.data.cache_dir} (later runs read the arrays)")
+    # said once, and only when a split is decoded (a first use takes a while)
+    decoding = functools.cache(lambda: display.message(
+        f"data: decoding every image once into the cache in {exp.data.cache_dir} (later runs "
+        f"read the arrays)"))
     ctx = exp.build_context()
-    return DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx))
+    return DATASETS.build(exp.data, ctx, train_transform=build_augmentations(exp.augment, ctx),
+                          before_decoding=decoding)
 
 
 def build(exp: Experiment, splits: DataSplits, point: ResumePoint | None,
