@@ -53,6 +53,14 @@ def lower_is_better(name: str) -> bool:
     return name.endswith("loss")
 
 
+def best_name(name: str) -> str:
+    """The name a metric's best-epoch value is logged under: 'val/dice' -> 'val/best/dice'.
+    MLflow orders its chart sections by name; in a section after the per-epoch curves, these
+    one-point charts never come first."""
+    split, sep, rest = name.partition("/")
+    return f"{split}/best/{rest}" if sep else f"best/{name}"
+
+
 def binary_predictions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """(B, 1, H, W) logits -> (B, H, W) {0, 1}: foreground where sigmoid(logit) > threshold."""
     return (torch.sigmoid(logits[:, 0].float()) > threshold).long()

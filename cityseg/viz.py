@@ -88,10 +88,12 @@ def sample_panel(images: np.ndarray, targets: np.ndarray, preds: np.ndarray, *,
 
 def sample_card(image: np.ndarray, target: np.ndarray, pred: np.ndarray, *,
                 task: Task) -> np.ndarray:
-    """One (3, H, W) image with its (H, W) target and prediction as a 2x2 card (Input, Ground
-    truth / Prediction, Error, each titled) above its legend: readable as a small thumbnail."""
+    """One (3, H, W) image with its (H, W) target and prediction as a 2x2 card (Prediction,
+    Error / Input, Ground truth, each titled) above its legend: readable as a small thumbnail.
+    The prediction comes first: MLflow's image card shows the upper half of a picture until
+    it is opened."""
     cells = _cells(image, target, pred, task)
-    return _sheet([cells[:2], cells[2:]], [COLUMNS[:2], COLUMNS[2:]],
+    return _sheet([cells[2:], cells[:2]], [COLUMNS[2:], COLUMNS[:2]],
                   legend(target, pred, task), max_side=CARD_MAX_SIDE)
 
 

@@ -204,4 +204,22 @@ def test_compare_fits_the_terminal_with_names_and_the_ranking_metric_whole(tmp_p
     # the params that differ, short ones first, as far as they fit; never the optimizer's groups
     assert header.split()[-2:] == ["seed", "loss.pos_weight"] and "trainer.knob" not in out
     assert "optimizer.group" not in out
-    assert "1 more differing param(s) left out to fit 100 columns: data.root" in out
+    assert "1 more differing setting(s) left out to fit 100 columns: data.root" in out
+
+
+def test_compare_shows_settings_that_differ_in_the_logged_configs(tmp_path, capsys):
+    """A run logs a few params; what else differs comes from each run's config.yaml."""
+    tracker = tracking.open(tmp_path, experiment="e")
+    for channels in (8, 16):
+        run_id = tracker.create_run(run_name=f"c{channels}", tags={})
+        client = tracker.store.client
+        client.log_batch(run_id, metrics=[Metric("val/dice", channels / 100, 0, 1)],
+                         params=[Param("seed", "1")])
+        client.log_text(run_id, f"model:\n  name: unet\n  base_channels: {channels}\n",
+                        "config.yaml")
+        client.set_terminated(run_id, "FINISHED")
+    assert main(["compare", "--runs", str(tmp_path), "--experiment", "e"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    assert header.split()[-1] == "model.base_channels" and "seed" not in header
+    assert [line.split()[-1] for line in lines if line.startswith("c")] == ["16", "8"]

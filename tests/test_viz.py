@@ -14,7 +14,8 @@ def photos(n, height, width):
 
 
 def first_cell(panel):
-    """(top, left, height, width) of the top-left cell, the Input photo, found by its colour."""
+    """(top, left, height, width) of the top-left cell (a panel's Input photo, a card's
+    Prediction over it), found by its colour."""
     green = np.all(panel == GREEN, axis=-1)
     ys, xs = np.nonzero(green)
     top, left = ys.min(), xs.min()
@@ -122,12 +123,16 @@ def test_a_card_is_one_sample_in_two_rows_of_two():
     card = viz.sample_card(photos(1, 16, 32)[0], target, target, task=BINARY)
     top, left, height, width = first_cell(card)
     assert card.shape[1] == 2 * (width + left) + left  # two columns
-    # below: the prediction (nothing drawn over the photo) under its own title, and the error
+    # above: the prediction (nothing drawn over the photo) and beside it the error (none at
+    # all); below, the input photo under its own title
     rows = np.nonzero(np.all(card[:, left:left + width] == GREEN, axis=(1, 2)))[0]
     second = rows[rows > top + height]
     assert rows.size == 2 * height and np.array_equal(second, np.arange(second[0], rows[-1] + 1))
-    assert ink_rows(card[top + height:second[0], left:left + width]).size  # "Prediction"
-    assert np.all(card[second, 2 * left + width:2 * (left + width)] == 0)  # no error at all
+    assert ink_rows(card[top + height:second[0], left:left + width]).size  # "Input"
+    assert np.all(card[top:top + height, 2 * left + width:2 * (left + width)] == 0)
+    # every pixel predicted foreground: the untouched photo (the Input) is in the lower row
+    wrong = viz.sample_card(photos(1, 16, 32)[0], target, np.ones_like(target), task=BINARY)
+    assert first_cell(wrong)[0] > wrong.shape[0] // 3
 
 
 def test_comparison_panel_has_a_column_per_child():

@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Iterable
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -28,11 +29,29 @@ NOISE = ("optimizer.group.",)
 PARAM_WIDTH = 22  # a param column's most characters: a value longer is cut with an ellipsis
 
 
-def compare_table(runs: list, metrics: list[str], *, width: int) -> Table:
+def settings_of(root, run) -> dict[str, str]:
+    """A run's whole config as flat keys ('model.depth': '4'): its logged config.yaml (its params
+    are a few of them), with its params (loss.pos_weight_used); a run without a config.yaml has
+    its params alone."""
+    from cityseg import tracking
+    from cityseg.config import flatten
+
+    try:
+        tree = yaml.safe_load(tracking.config_text(root, run.info.run_id))
+    except (CitysegError, yaml.YAMLError):
+        return dict(run.data.params)
+    return {**flatten(tree), **run.data.params}
+
+
+def compare_table(runs: list, metrics: list[str], *, width: int,
+                  settings: list[dict[str, str]] | None = None) -> Table:
     """Runs side by side in `width` columns: the run's name and the ranking metric first (never
     dropped), then the other headline metrics, the status, the run id's start (enough to name
-    it), then the params that differ between the runs as far as the width allows."""
+    it), then the settings (default: the params) that differ between the runs as far as the
+    width allows."""
     from cityseg import tracking
+
+    settings = settings if settings is not None else [dict(r.data.params) for r in runs]
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     names = [r.info.run_name or "-" for r in runs]
@@ -42,30 +61,28 @@ def compare_table(runs: list, metrics: list[str], *, width: int) -> Table:
         table.add_column(m, no_wrap=True, justify="right", min_width=6)
     table.add_column("status", no_wrap=True)
     table.add_column("run id", no_wrap=True)
-    # params that differ between the runs that have them (older runs may lack newer params)
-    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(NOISE)})
-    varying = [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1]
+    # settings that differ between the runs that have them (older runs may lack newer keys)
+    keys = sorted({k for s in settings for k in s if not k.startswith(NOISE)})
+    varying = [k for k in keys if len({s[k] for s in settings if k in s}) > 1]
     # the short ones first (a swept weight, a seed): more of them fit than of long paths
-    varying.sort(key=lambda k: max(len(r.data.params.get(k, "-")) for r in runs))
+    varying.sort(key=lambda k: max(len(s.get(k, "-")) for s in settings))
     used = (table.columns[0].min_width + 2 + sum(max(len(m), 6) + 2 for m in metrics)
             + max(map(len, statuses)) + 2 + 8)
     shown = []
     for key in varying:
-        column = min(PARAM_WIDTH, max(len(key), *(len(r.data.params.get(key, "-"))
-                                                  for r in runs))) + 2
+        column = min(PARAM_WIDTH, max(len(key), *(len(s.get(key, "-")) for s in settings))) + 2
         if used + column > width:
             break
         shown.append(key)
         used += column
     for key in shown:
         table.add_column(key, no_wrap=True, overflow="ellipsis", max_width=PARAM_WIDTH)
-    for r, name, status in zip(runs, names, statuses, strict=True):
+    for r, name, status, setting in zip(runs, names, statuses, settings, strict=True):
         table.add_row(name, *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-"
                               for m in metrics),
-                      status, r.info.run_id[:8],
-                      *(r.data.params.get(k, "-") for k in shown))
+                      status, r.info.run_id[:8], *(setting.get(k, "-") for k in shown))
     if len(shown) < len(varying):
-        table.caption = (f"{len(varying) - len(shown)} more differing param(s) left out to fit "
+        table.caption = (f"{len(varying) - len(shown)} more differing setting(s) left out to fit "
                          f"{width} columns: {', '.join(varying[len(shown):][:6])}")
     return table
 
@@ -135,7 +152,8 @@ def cmd_compare(args: argparse.Namespace, out: Console) -> int:
                     reverse=not lower_is_better(args.metric))
     runs = (scored + [r for r in runs if args.metric not in r.data.metrics])[: args.limit]
     metrics = shown_metrics(args.metric, (m for r in runs for m in r.data.metrics))
-    table = compare_table(runs, metrics, width=out.width)
+    table = compare_table(runs, metrics, width=out.width,
+                          settings=[settings_of(args.runs, r) for r in runs])
     table.title = f"sorted by {args.metric}"
     out.print(table)
     return 0

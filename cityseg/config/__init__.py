@@ -13,8 +13,10 @@ names the file and each bad field.
 from cityseg.config.errors import format_error, validation_error
 from cityseg.config.identity import (
     RESUMABLE_CHANGES,
+    RUN_PARAMS,
     config_hash,
     legacy_config_hash,
+    run_params,
     unresumable_changes,
 )
 from cityseg.config.loading import (
@@ -40,7 +42,8 @@ from cityseg.config.models import (
 )
 
 __all__ = [
-    "RESUMABLE_CHANGES", "config_hash", "legacy_config_hash", "unresumable_changes",
+    "RESUMABLE_CHANGES", "RUN_PARAMS", "config_hash", "legacy_config_hash", "run_params",
+    "unresumable_changes",
     "DEFAULT_COMPONENTS", "REGISTRY_FIELDS", "SAVED", "Experiment", "InferenceConfig", "Section",
     "TrackingConfig", "TrainerConfig", "apply_overrides", "deep_merge", "flatten", "format_error",
     "load_experiment", "load_raw", "parse_override", "read_yaml", "to_yaml", "validate",

@@ -16,6 +16,8 @@ from cityseg.config.models import REGISTRY_FIELDS, Experiment
 from cityseg.errors import ConfigError
 from cityseg.registry import suggest
 
+MAX_LINES = 20  # of a validation error's fields: one screen with the title and the advice
+
 
 def validation_error(err: ValidationError, raw: dict, *, source: str,
                      schema: type[BaseModel] = Experiment) -> ConfigError:
@@ -28,6 +30,8 @@ def validation_error(err: ValidationError, raw: dict, *, source: str,
     lines = [f"{path}: {'; or '.join(messages)}" if messages[0] else path
              for path, messages in by_path.items()]
     count = f"{len(lines)} error{'s' if len(lines) > 1 else ''}"
+    if len(lines) > MAX_LINES:  # one screen: the first ones, and how many more
+        lines = [*lines[:MAX_LINES - 1], f"and {len(lines) - MAX_LINES + 1:,} more"]
     return ConfigError(f"{source}: {count}\n  " + "\n  ".join(lines))
 
 

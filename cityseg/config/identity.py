@@ -63,3 +63,18 @@ def unresumable_changes(saved: dict, exp: Experiment) -> dict[str, tuple[str, st
     return {k: (was.get(k, "(absent)"), now.get(k, "(absent)"))
             for k in sorted(was.keys() | now.keys())
             if was.get(k) != now.get(k) and k not in RESUMABLE_CHANGES}
+
+
+# the params a run is logged with in MLflow: the knobs users tell runs apart by. MLflow heads
+# every sample-image card with all of a run's params, so the whole config (config.yaml, an
+# artifact) would push the picture out of its card; the epoch count is left out (a resumed run
+# may change it and params are immutable: the run's config.yaml and its tag say it)
+RUN_PARAMS = ("seed", "model.encoder", "model.depth", "loss.pos_weight", "optimizer.lr")
+
+
+def run_params(exp: Experiment, also: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """RUN_PARAMS and the keys in `also` (a sweep's swept keys) as `exp` sets them; a key
+    whose value is None (no encoder) is left out."""
+    full = flatten(exp.model_dump(mode="json"))
+    return {k: full[k] for k in dict.fromkeys((*RUN_PARAMS, *also))
+            if k in full and full[k] != "None"}

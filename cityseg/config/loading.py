@@ -27,8 +27,15 @@ YAML_MAX_VALUES = 100_000  # values with every alias written out: experiments ho
 # hundred, while a 400-byte alias bomb expands to billions that validation would walk
 
 
+BASE_MAX_DEPTH = 32  # files in one `base:` chain: experiments use one or two
+
+
 class YAMLOverBudget(yaml.MarkedYAMLError):
     """A document nested deeper, or expanding to more values, than an experiment can need."""
+
+
+class DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping that names one key twice (YAML itself would keep the last silently)."""
 
 
 class BoundedLoader(yaml.SafeLoader):
@@ -68,6 +75,20 @@ class BoundedLoader(yaml.SafeLoader):
             self.expanded[event.anchor] = self.values - before
         return node
 
+    def construct_mapping(self, node, deep=False):
+        """A mapping, refused when it names a key twice (a `<<` merge may override)."""
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKey(None, None, f"duplicate key {key!r} (first at line "
+                                   f"{seen[key].line + 1}); YAML would keep only the last",
+                                   key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
     def _count(self, values: int, mark, what: str) -> None:
         self.values += values
         if self.values > YAML_MAX_VALUES:
@@ -94,8 +115,11 @@ def read_yaml(path: Path, *, included_by: Path | None = None) -> dict:
     """The file's top-level mapping; a ConfigError if it is missing, broken, empty, a list, or
     over the nesting and alias budgets."""
     what = f"base file (included by {included_by})" if included_by else "experiment file"
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: {what} not found")
+    if not path.is_file():  # a folder, a FIFO, a device: never opened
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"{path}: {what} is {kind}; name a YAML file")
     if path.stat().st_size > YAML_MAX_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, over the {YAML_MAX_BYTES:,} "
                           f"an experiment or sweep file may have; is it the right file?")
@@ -104,7 +128,7 @@ def read_yaml(path: Path, *, included_by: Path | None = None) -> dict:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); is it the right "
                           f"file?") from None
-    except YAMLOverBudget as err:
+    except (YAMLOverBudget, DuplicateKey) as err:
         raise ConfigError(f"{path}: refused at {_where(err)}: {err.problem}") from None
     except yaml.MarkedYAMLError as err:
         raise ConfigError(f"{path}: YAML syntax error at {_where(err)}: {err.problem}") from None
@@ -136,6 +160,10 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     if resolved in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, resolved))
         raise ConfigError(f"{path}: `base` inheritance forms a cycle: {cycle}")
+    if len(_chain) == BASE_MAX_DEPTH:
+        raise ConfigError(f"{_chain[0]}: its `base` chain is longer than {BASE_MAX_DEPTH} files "
+                          f"(the {BASE_MAX_DEPTH + 1}th is {path}); an experiment needs one or "
+                          f"two")
     content = read_yaml(path, included_by=_chain[-1] if _chain else None)
     base = content.pop("base", None)
     if base is None:

@@ -28,6 +28,7 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 from cityseg.infer.loading import load_trained, predict_masks
+from cityseg.metrics import best_name
 
 if TYPE_CHECKING:
     from cityseg.tracking.session import Tracker
@@ -91,10 +92,10 @@ def log_model(tracker: Tracker, *, name: str, checkpoint: Path, example: np.ndar
     # log_model made the model the thread's active one: what is logged next is the run's
     mlflow.clear_active_model()
     # the model's own metrics (MLflow 3 logged models; they are the run's too, so named
-    # best/... and the per-epoch histories keep one value per epoch)
+    # val/best/... and the per-epoch histories keep one value per epoch)
     dataset_name, dataset_digest = dataset or (None, None)
     for key, value in metrics.items():
-        tracker.store.client.log_metric(tracker.run_id, f"best/{key}", value, step=step,
+        tracker.store.client.log_metric(tracker.run_id, best_name(key), value, step=step,
                                         model_id=info.model_id, dataset_name=dataset_name,
                                         dataset_digest=dataset_digest)
     tags = {"model_uri": info.model_uri}

@@ -38,6 +38,7 @@ from optuna.visualization import matplotlib as optuna_plots
 
 from cityseg import viz
 from cityseg.errors import ConfigError
+from cityseg.runtime.files import SQLITE, sqlite_path, sqlite_uri
 from cityseg.sweep.spec import Plan
 
 TrialPruned = optuna.TrialPruned  # raised by an objective: the trial ends PRUNED
@@ -52,8 +53,7 @@ _CREATE_RACE = ("already exists", "UNIQUE constraint", "duplicate key", "Integri
 
 def default_storage(plan: Plan) -> str:
     """A SQLite file next to the local MLflow store: one machine's sweeps."""
-    root = plan.base.tracking.dir.resolve()
-    return f"sqlite:///{root}/optuna.db"
+    return sqlite_uri(plan.base.tracking.dir.resolve() / "optuna.db")
 
 
 def _connect(plan: Plan, storage: str):
@@ -62,8 +62,8 @@ def _connect(plan: Plan, storage: str):
     if "://" not in storage:
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(storage))
-    if storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if storage.startswith(SQLITE):
+        sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
     heartbeat = plan.config.heartbeat_seconds
     return RDBStorage(
         storage, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,

@@ -19,7 +19,7 @@ from cityseg.data.datasets import split_dataset
 from cityseg.data.tasks import LOGGED_METRICS
 from cityseg.errors import CitysegError
 from cityseg.infer.loading import load_trained
-from cityseg.metrics import lower_is_better
+from cityseg.metrics import best_name, lower_is_better
 from cityseg.sweep.spec import Plan, yaml_value
 from cityseg.sweep.study import Study, plots
 
@@ -92,7 +92,7 @@ def log_summary(tracker: tracking.Tracker, plan: Plan, study: Study, rows: list[
     if best is not None:
         tracker.set_tags({"best_child_run_id": best["run_id"], "best_child": best["child"],
                           f"best_{sweep.metric.replace('/', '_')}": f"{best[sweep.metric]:.4f}"})
-        tracker.log_metrics({f"best/{sweep.metric}": best[sweep.metric]}, step=0)
+        tracker.log_metrics({best_name(sweep.metric): best[sweep.metric]}, step=0)
     panel = comparison_panel(plan, rows, report=report)
     if panel is not None:
         tracker.log_image(panel, "predictions_by_child.png")

@@ -70,8 +70,9 @@ class Worker:
         return self._search_has_work(trials)
 
     def _grid_has_work(self, trials: Ledger) -> bool:
-        """A grid's points whose trial failed (an interrupted or failed child) are queued
-        again: GridSampler hands out only points without a finished trial."""
+        """The grid's next free point in the file's order is queued for the next trial
+        (GridSampler alone draws them shuffled); a point whose trial failed (an interrupted or
+        failed child) is free again."""
         wanted = [self.plan.encoded(p.values) for p in self.plan.points]
         open_ = [p for p in wanted if p not in trials.done and p not in self.not_mine]
         if not open_:
@@ -80,10 +81,8 @@ class Worker:
         if not free and not trials.waiting:
             self.report(f"{len(open_)} point(s) left, all being trained by other workers")
             return False
-        for params in free:
-            failed = trials.failed_trial(params)
-            if failed is not None:
-                requeue(self.study, self.plan, params, like=failed)
+        if not trials.waiting:
+            requeue(self.study, self.plan, free[0], like=trials.failed_trial(free[0]))
         return True
 
     def _search_has_work(self, trials: Ledger) -> bool:
@@ -182,7 +181,7 @@ class Worker:
                 if plan.config.pruning is not None else None)
         try:
             result = runner.run(point.experiment, run_name=point.label, tags=tags,
-                                resume=resume, epoch_hook=hook,
+                                resume=resume, epoch_hook=hook, params=tuple(plan.keys),
                                 display=self.display() if self.display else None)
         except (Interrupted, KeyboardInterrupt):
             raise  # the person wants the whole sweep to stop

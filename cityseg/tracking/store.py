@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cityseg.errors import CitysegError, StorageError
-from cityseg.runtime.files import partial_path, written_whole
+from cityseg.runtime.files import partial_path, sqlite_path, sqlite_uri, written_whole
 from cityseg.tracking.outage import Outage, ServerSilent, unreachable
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -41,7 +41,7 @@ def tracking_uri(root: Path, configured: str | None = None) -> str:
     """Where runs are tracked: MLFLOW_TRACKING_URI (set by --tracking-uri too), else the
     experiment's tracking.uri, else the local store `sqlite:///<tracking.dir>/mlflow.db`."""
     return (os.environ.get("MLFLOW_TRACKING_URI") or configured
-            or f"sqlite:///{(root / 'mlflow.db').resolve()}")
+            or sqlite_uri((root / "mlflow.db").resolve()))
 
 
 def is_local(uri: str) -> bool:
@@ -129,7 +129,7 @@ def _refuse_trouble(err: Exception, store: str, what: str) -> None:
             f"  Its creation was probably interrupted (an older cityseg let Ctrl-C stop it "
             f"half-way). If it holds no runs you need, move it aside and run again, which "
             f"makes a new one:\n    mv {store} {store}.broken\n  Otherwise open it with the "
-            f"MLflow that made it (`mlflow db upgrade sqlite:///{store}`).") from None
+            f"MLflow that made it (`mlflow db upgrade {sqlite_uri(store)}`).") from None
 
 
 # ---------------------------------------------------------------- the store
@@ -152,7 +152,7 @@ class Store:
     @property
     def name(self) -> str:
         """How messages name the store: the database file, or the server's URI."""
-        return self.uri.removeprefix("sqlite:///")
+        return str(sqlite_path(self.uri)) if is_local(self.uri) else self.uri
 
     def run_exists(self, run_id: str) -> bool:
         try:
@@ -178,7 +178,7 @@ class Store:
 def _connect(root: Path, uri: str | None, outage_minutes: float = 10.0) -> Store:
     resolved = tracking_uri(root, uri)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
-    name = resolved.removeprefix("sqlite:///")
+    name = str(sqlite_path(resolved)) if is_local(resolved) else resolved
     if is_local(resolved):
         with _creating(Path(name)):
             if not Path(name).exists():
@@ -225,7 +225,7 @@ def _create(db: Path) -> None:
         path.unlink(missing_ok=True)
     try:
         with written_whole(db) as partial:
-            client = MlflowClient(tracking_uri=f"sqlite:///{partial}")
+            client = MlflowClient(tracking_uri=sqlite_uri(partial))
             client.search_experiments()  # creates and migrates the tables
             with contextlib.suppress(AttributeError):  # its connections, before the move
                 client._tracking_client.store.engine.dispose()
@@ -238,7 +238,7 @@ def new_local_store(root: Path, uri: str | None = None) -> Path | None:
     """The SQLite file that opening the store under `root` (or at `uri`) would create; None
     when it exists or the store is a server."""
     resolved = tracking_uri(root, uri)
-    path = Path(resolved.removeprefix("sqlite:///"))
+    path = sqlite_path(resolved)
     return path if is_local(resolved) and not path.exists() else None
 
 
@@ -246,8 +246,8 @@ def open_store(root: Path, uri: str | None = None, *, outage_minutes: float = 10
     """An existing store, for reads across experiments; NoStore if a local one is not there
     (reading must not create an empty one)."""
     resolved = tracking_uri(root, uri)
-    path = resolved.removeprefix("sqlite:///")
-    if is_local(resolved) and not Path(path).is_file():
+    path = sqlite_path(resolved)
+    if is_local(resolved) and not path.is_file():
         raise NoStore(f"no MLflow store at {path}; train something first (make run), point "
                       f"--runs at the folder holding mlflow.db, or give --tracking-uri")
     return _connect(root, uri, outage_minutes)

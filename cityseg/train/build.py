@@ -126,10 +126,15 @@ def wrap_for_training(model: torch.nn.Module, exp: Experiment, world: distribute
     return torch.compile(model) if exp.trainer.compile else model
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group: workers leave it to the main process, which
-    checkpoints and stops, instead of dying under it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a run
+
+
+def _leave_stops_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C, `timeout`, Slurm's scancel and a closing terminal signal the whole process
+    group: workers leave the stop to the main process, which checkpoints and stops, instead
+    of dying under it (PyTorch ends them when it goes)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def loaders(splits: DataSplits, exp: Experiment, world: distributed.World, *,
@@ -138,7 +143,7 @@ def loaders(splits: DataSplits, exp: Experiment, world: distributed.World, *,
     workers = exp.data.workers
     common = {"batch_size": exp.data.batch_size // world.size,
               "num_workers": workers, "pin_memory": pin_memory,
-              "persistent_workers": workers > 0, "worker_init_fn": _ignore_sigint,
+              "persistent_workers": workers > 0, "worker_init_fn": _leave_stops_to_the_main_process,
               # the loader's own generator: creating an iterator must not draw from the global
               # RNG (dropout uses it), or a resumed run would differ from an uninterrupted one
               "generator": torch.Generator().manual_seed(exp.seed)}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cityseg import checkpoints, tracking, viz
-from cityseg.config import Experiment, config_hash, flatten, to_yaml
+from cityseg.config import Experiment, config_hash, run_params, to_yaml
 from cityseg.data.cityscapes import class_frequencies, foreground_stats
 from cityseg.deploy import pyfunc
 from cityseg.errors import Interrupted, StorageError
@@ -69,13 +69,15 @@ class Recorder(NullRecorder):
 
     def __init__(self, exp: Experiment, *, tracker: tracking.Tracker | None, display,
                  run_name: str | None = None, tags: dict[str, str] | None = None,
-                 epoch_hook: EpochHook | None = None) -> None:
+                 epoch_hook: EpochHook | None = None, params: tuple[str, ...] = ()) -> None:
         self.exp, self.display, self.epoch_hook = exp, display, epoch_hook
+        self.params = params  # config keys logged as params beside RUN_PARAMS
         self.run_name, self.extra_tags = run_name or exp.name, tags or {}
         self.tracker = tracker  # opened with the run when resuming did not open it
         self.uploaded: dict[str, int] = {}  # checkpoint -> mtime already uploaded
         self.run_id: str | None = None
         self.samples: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.latest_cards: list[np.ndarray] = []  # the samples' images of the last epoch here
         self.point: ResumePoint | None = None  # what the run continues from
         self._session = contextlib.ExitStack()
 
@@ -125,8 +127,10 @@ class Recorder(NullRecorder):
             # where the checkpoint stood: the numbers the stop was told with
             at = (state.position if state.epoch <= exp.trainer.epochs and not state.stopped_early
                   else "the run's end (its epochs were done)")
-            tracker.set_tags({"resumed_at": at, "trainer.epochs_now": str(exp.trainer.epochs),
+            # the epochs it trains now (a resume may change them): its tag and config.yaml
+            tracker.set_tags({"resumed_at": at, "trainer.epochs": str(exp.trainer.epochs),
                               **crash})
+            tracker.log_text(to_yaml(exp), "config.yaml")
             failure = tracker.get_run(self.run_id).data.tags.get("failure")
             if failure is not None:  # this run goes on: the failure is history, not its state
                 tracker.set_tags({"recovered_from": failure})
@@ -136,18 +140,16 @@ class Recorder(NullRecorder):
                 if epoch not in logged:
                     tracker.log_metrics(metrics, step=epoch)
             return
-        tracker.log_params({**flatten(exp.model_dump(mode="json")), **parts.loss_logged})
+        # a few params (MLflow heads each image card with them all); the whole config is
+        # config.yaml, the optimizer's groups optimizer_groups.json
+        tracker.log_params({**run_params(exp, self.params), **parts.loss_logged})
         tracker.log_datasets(_datasets(exp, parts))
         tracker.log_text(to_yaml(exp), "config.yaml")
         groups = describe_groups(parts.optimizer)
-        tracker.log_params({f"optimizer.group.{name}": f"{g['parameters']} parameters, lr "
-                            f"{g['lr']:g}, weight decay {g['weight_decay']:g}"
-                            for name, g in groups.items()})
         tracker.log_text(json.dumps(groups, indent=2), "optimizer_groups.json")
         frequencies = {"split": "train", "resized_to": list(exp.data.frame_size),
                        **class_frequencies(parts.splits.train_class_counts())}
         tracker.log_text(json.dumps(frequencies, indent=2), "data/class_frequencies.json")
-        self._log_samples(parts.predictor, step=0)  # the untrained model: the slider's start
 
     def _new_run_tags(self, parts: Components, world, devices: list[str]) -> dict[str, str]:
         exp, predictor = self.exp, parts.predictor
@@ -161,7 +163,7 @@ class Recorder(NullRecorder):
                 "augment_on": augment_on(exp, predictor.device),
                 "inference": exp.trainer.inference.describe(),
                 "devices": "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)),
-                "config_hash": config_hash(exp),
+                "config_hash": config_hash(exp), "trainer.epochs": str(exp.trainer.epochs),
                 **({tracking.NOTE_TAG: exp.description} if exp.description else {}),
                 **self.extra_tags}
 
@@ -190,21 +192,20 @@ class Recorder(NullRecorder):
         return bool(stop_tags)
 
     def _log_samples(self, predictor: Predictor, *, step: int) -> None:
-        """The fixed validation samples as predicted at `step` (0: before training, then the
-        epoch): one step-indexed image per sample (`val/sample_<i>`, the same keys in every
-        run, so the Chart view compares a frame across runs), and after an epoch the full-size
-        panel of them all (samples/epoch_NNN.png)."""
+        """The fixed validation samples as predicted after epoch `step`: one step-indexed image
+        per sample (`val/sample_<i>`, the same keys in every run, so the Chart view compares a
+        frame across runs), and the full-size panel of them all (samples/epoch_NNN.png)."""
         if self.samples is None:
             return
         images, masks = (t.numpy() for t in self.samples)
         predicted = predictor.predict(self.samples[0]).cpu().numpy()
         task = self.exp.task
-        for i, (image, mask, pred) in enumerate(zip(images, masks, predicted, strict=True)):
-            self.tracker.log_step_image(viz.sample_card(image, mask, pred, task=task),
-                                        key=f"{SAMPLE_KEY}{i}", step=step)
-        if step > 0:
-            self.tracker.log_image(viz.sample_panel(images, masks, predicted, task=task),
-                                   f"samples/epoch_{step:03d}.png")
+        self.latest_cards = [viz.sample_card(image, mask, pred, task=task)
+                             for image, mask, pred in zip(images, masks, predicted, strict=True)]
+        for i, card in enumerate(self.latest_cards):
+            self.tracker.log_step_image(card, key=f"{SAMPLE_KEY}{i}", step=step)
+        self.tracker.log_image(viz.sample_panel(images, masks, predicted, task=task),
+                               f"samples/epoch_{step:03d}.png")
 
     def _upload_checkpoints(self, *, changed_only: bool = False) -> None:
         """The run's checkpoints as artifacts, so any machine with the store can use them."""
@@ -232,13 +233,18 @@ class Recorder(NullRecorder):
                               "stopped_early": str(result.stopped_early).lower()})
             tracker.log_image(viz.learning_curves(result.history, exp.monitor),
                               "learning_curves.png")
+            # the last epoch's sample images again at step 0, where MLflow's image cards open
+            # (it has no setting for that): a finished run shows its final prediction first
+            for i, card in enumerate(self.latest_cards):
+                tracker.log_step_image(card, key=f"{SAMPLE_KEY}{i}", step=0)
         if confusion is not None:
             with self._end_step(stop):
                 log_confusion(tracker, self.exp.task, confusion)
         if exp.tracking.log_model:
             with self._end_step(stop):
                 self._log_model(result.checkpoints["best"])
-        tracker.set_tags({tracking.STAGE_TAG: "done"})
+        with self._end_step(stop):  # a signal during the last step stops the run too
+            tracker.set_tags({tracking.STAGE_TAG: "done"})
 
     @contextlib.contextmanager
     def _end_step(self, stop) -> Iterator[None]:

@@ -26,7 +26,7 @@ from cityseg.runtime.device import (
     seed_everything,
     set_deterministic,
 )
-from cityseg.train.build import build_run
+from cityseg.train.build import STOP_SIGNALS, build_run
 from cityseg.train.display import NullDisplay
 from cityseg.train.recorder import EpochHook, NullRecorder, Recorder
 from cityseg.train.resume import agreed_resume_point
@@ -50,11 +50,13 @@ class RunResult(FitResult):
 
 def run(exp: Experiment, *, display=None, resume: str | None = None,
         fallback_best: bool = False, run_name: str | None = None,
-        tags: dict[str, str] | None = None, epoch_hook: EpochHook | None = None) -> RunResult:
+        tags: dict[str, str] | None = None, epoch_hook: EpochHook | None = None,
+        params: tuple[str, ...] = ()) -> RunResult:
     """Train the experiment (or continue it: resume = RUN_ID, checkpoint path or auto) in MLflow.
 
     fallback_best: resume from best.pt when last.pt is corrupt. run_name defaults to the
-    experiment's name; tags are added to the run's (sweeps use both). epoch_hook(epoch,
+    experiment's name; tags are added to the run's, and the config keys in params are logged
+    as params beside RUN_PARAMS (sweeps use all three). epoch_hook(epoch,
     metrics), called on rank 0 after each logged epoch, may return tags: the run gets them and
     stops there, FINISHED (a pruned sweep trial). Under torchrun, every process calls this
     (each step below agrees across ranks); rank 0 alone opens the MLflow run, prints and
@@ -69,8 +71,9 @@ def run(exp: Experiment, *, display=None, resume: str | None = None,
         tracker, point = agreed_resume_point(resume, exp, world, fallback_best=fallback_best,
                                              display=display)
         parts = build_run(exp, point, world, device, display)
-        recorder = (Recorder(exp, tracker=tracker, display=display, run_name=run_name,
-                             tags=tags, epoch_hook=epoch_hook) if world.is_main else NullRecorder())
+        recorder = (Recorder(exp, tracker=tracker, display=display, run_name=run_name, tags=tags,
+                             epoch_hook=epoch_hook, params=params)
+                    if world.is_main else NullRecorder())
         with recorder:  # rank 0: the MLflow run, ended whatever happens once it started
             run_id = recorder.open(point, parts, world=world, device=device)
             trainer = Trainer.for_run(exp, parts, run_id=run_id, recorder=recorder,
@@ -100,9 +103,9 @@ def check_world(exp: Experiment, world: distributed.World, device: torch.device)
 
 @contextmanager
 def stop_on_signals(flag: StopFlag):
-    """SIGINT and SIGTERM set the flag (the trainer checkpoints and stops) instead of killing,
-    and end a wait for a silent tracking server. A server silent past tracking.outage_minutes
-    sets it too (as SIGTERM would: a checkpoint at the next step; the tracker says why)."""
+    """SIGINT, SIGTERM and SIGHUP set the flag (the trainer checkpoints and stops) instead of
+    killing, and end a wait for a silent tracking server. A server silent past
+    tracking.outage_minutes sets it too (as SIGTERM would: a checkpoint at the next step; the tracker says why)."""
     def handler(signum, frame):
         flag.signum = signum
         tracking.interrupt_waits(signum)
@@ -110,7 +113,7 @@ def stop_on_signals(flag: StopFlag):
     def outage_over_limit() -> None:
         flag.signum = signal.SIGTERM
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         with tracking.on_outage_limit(outage_over_limit):
             yield flag

@@ -74,6 +74,20 @@ def browser(ui):
 
 
 LOAD_MS = 120_000  # the UI on a loaded 2-core machine
+# an element's pixels hidden above, shown, and its height, as the boxes that clip it leave it
+VISIBLE = """(e) => {
+    const r = e.getBoundingClientRect();
+    let top = r.top, bottom = r.bottom;
+    for (let p = e.parentElement; p; p = p.parentElement) {
+        const style = getComputedStyle(p);
+        if (style.overflowY !== "visible" || style.overflowX !== "visible") {
+            const b = p.getBoundingClientRect();
+            top = Math.max(top, b.top);
+            bottom = Math.min(bottom, b.bottom);
+        }
+    }
+    return [top - r.top, Math.max(0, bottom - top), r.height];
+}"""
 
 
 def _open(context, url: str, *, wait_for: str):
@@ -96,10 +110,20 @@ def _only_section(page, name: str) -> None:
             page.wait_for_timeout(300)
 
 
+def _sections(page) -> list[str]:
+    """The chart sections' names, top to bottom."""
+    titles = page.locator(".du-bois-light-collapse-header "
+                          "[data-testid=experiment-view-compare-runs-section-header] div")
+    return [t.split()[0] for t in titles.all_inner_texts() if t.strip()]
+
+
+def _card(page, key: str):
+    return page.get_by_text(key, exact=True).first.locator("xpath=ancestor::div[.//button][2]")
+
+
 def _full_screen(page, key: str):
-    """The image card of `key` opened full screen (its expand icon): a card lists every
-    parameter of each run above the image, which leaves the small card no room for it."""
-    card = page.get_by_text(key, exact=True).first.locator("xpath=ancestor::div[.//button][2]")
+    """The image card of `key` opened full screen (its expand icon): the frame large."""
+    card = _card(page, key)
     card.hover()
     card.locator("button").first.click()
     dialog = page.get_by_role("dialog")
@@ -122,14 +146,26 @@ def test_a_runs_sample_images_have_a_step_slider(ui, browser):
     eid, single, _, _ = _runs(client)
     page = _open(browser, f"{url}/#/experiments/{eid}/runs/{single.info.run_id}/model-metrics",
                  wait_for="Add section")
+    # per-epoch curves first; the best epoch's one-point charts after them
+    sections = _sections(page)
+    assert sections[0] in ("throughput", "train", "val"), sections
+    assert sections.index("val") < sections.index("val/best"), sections
     _only_section(page, "val")
     page.get_by_text("val/sample_1", exact=True).first.wait_for(timeout=LOAD_MS)
     page.wait_for_timeout(3000)
     page.screenshot(path=str(shots / "run_images.png"), full_page=True)
+    # the card opens on step 0, the last epoch's picture, inside the card's visible area: its
+    # header is the run's few params. MLflow centres a picture in a square box as wide as the
+    # card, whose middle is where the card cuts it: the upper half (the Prediction and Error
+    # row of the card) shows
+    image = _card(page, "val/sample_0").locator("img").first
+    image.wait_for(timeout=LOAD_MS)
+    top, shown, height = image.evaluate(VISIBLE)
+    assert height >= 150 and top == 0 and shown >= 0.45 * height, (top, shown, height)
     dialog = _full_screen(page, "val/sample_0")
     slider = dialog.get_by_role("slider")
     assert slider.count() == 1
-    # steps 0 (the untrained model), 1 and 2: the slider ends at the last epoch
+    # step 0 (the last epoch again, where the card opens), 1 and 2
     assert slider.get_attribute("aria-valuemin") == "0"
     assert slider.get_attribute("aria-valuemax") == "2"
     page.screenshot(path=str(shots / "run_image_full_screen.png"))
@@ -184,7 +220,7 @@ def test_the_models_tab_names_each_model_and_its_dataset(ui, browser):
     page = _open(browser, f"{url}/#/experiments/{eid}/models", wait_for="quickstart-unet")
     page.screenshot(path=str(shots / "models_tab.png"), full_page=True)
     page.get_by_text("quickstart-unet", exact=True).first.click()
-    page.get_by_text("best/val/dice", exact=True).first.wait_for(timeout=LOAD_MS)
+    page.get_by_text("val/best/dice", exact=True).first.wait_for(timeout=LOAD_MS)
     page.screenshot(path=str(shots / "model_page.png"), full_page=True)
     validation = {i.tags[0].value: i.dataset for i in single.inputs.dataset_inputs}["validation"]
     text = page.inner_text("body")

@@ -7,6 +7,7 @@ import getpass
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -66,8 +67,8 @@ def test_the_model_is_registered_with_its_metrics(finished):
     metrics = {m.key: m for m in model.metrics}
     best = [m for m in client.get_metric_history(run.info.run_id, "val/dice")
             if m.step == result.best_epoch]
-    assert metrics["best/val/dice"].value == pytest.approx(best[0].value)
-    assert metrics["best/val/dice"].step == result.best_epoch and "best/val/iou" in metrics
+    assert metrics["val/best/dice"].value == pytest.approx(best[0].value)
+    assert metrics["val/best/dice"].step == result.best_epoch and "val/best/iou" in metrics
     assert len(client.get_metric_history(run.info.run_id, "val/dice")) == 2  # one per epoch
     # named after the run and the network; only its own metrics, each linked to the dataset
     # it was scored on (the run's validation input); the run's output at the best epoch
@@ -99,16 +100,28 @@ def step_images(client: MlflowClient, run_id: str) -> dict[tuple[str, int], list
     return found
 
 
+def logged_image(client: MlflowClient, run_id: str, key: str, step: int) -> bytes:
+    """The newest full-size image of `key` at `step` (the one the UI shows), as bytes."""
+    prefix = f"images/{key.replace('/', '~')}+step+{step}+timestamp+"
+    newest = max(i.path for i in client.list_artifacts(run_id, "images")
+                 if i.path.startswith(prefix) and i.path.endswith(".png"))
+    return Path(client.download_artifacts(run_id, newest)).read_bytes()
+
+
 def every_key_once(steps) -> dict[tuple[str, int], list[str]]:
     return {(key, step): ["image", "thumbnail"] for key in KEYS for step in steps}
 
 
-def test_each_sample_is_an_image_at_step_zero_and_every_epoch_and_resuming_goes_on(tmp_path):
+def test_each_sample_is_an_image_at_every_epoch_and_resuming_goes_on(tmp_path):
     overrides = [*tiny_overrides(tmp_path, epochs=2), NO_MODEL]
     result = runner.run(load_experiment(QUICKSTART, overrides))
     client = MlflowClient(tracking_uri=tracking_uri(tmp_path / "runs"))
     found = step_images(client, result.run_id)
+    # each epoch's, and at step 0 (where MLflow's cards open) the last epoch's again
     assert {k: sorted(v) for k, v in found.items()} == every_key_once((0, 1, 2))
+    for key in KEYS:
+        assert logged_image(client, result.run_id, key, 0) == logged_image(client, result.run_id,
+                                                                           key, 2)
     assert client.get_run(result.run_id).data.tags["mlflow.loggedImages"] == "True"
     images = {i.path for i in client.list_artifacts(result.run_id, "images")}
     card = next(p for p in sorted(images) if p.endswith(".png"))
@@ -120,12 +133,21 @@ def test_each_sample_is_an_image_at_step_zero_and_every_epoch_and_resuming_goes_
     panels = [a.path for a in client.list_artifacts(result.run_id, "samples")]
     assert panels == ["samples/epoch_001.png", "samples/epoch_002.png"]  # full size, as before
 
-    # the same run, trained on: its untrained picture is not taken again
+    # the same run, trained on: each epoch's picture once; its epochs now say 3
     more = runner.run(load_experiment(QUICKSTART, [*overrides, "trainer.epochs=3"]),
                       resume=result.run_id)
     assert more.run_id == result.run_id and more.resumed_from == 2
     found = step_images(client, result.run_id)
-    assert {k: sorted(v) for k, v in found.items()} == every_key_once((0, 1, 2, 3))
+    assert {(k, step) for k, step in found} == set(every_key_once((0, 1, 2, 3)))
+    # step 0 once more, the newest (which the UI shows) being epoch 3's
+    for key in KEYS:
+        assert sorted(found[(key, 0)]) == ["image", "image", "thumbnail", "thumbnail"]
+        assert logged_image(client, result.run_id, key, 0) == logged_image(client, result.run_id,
+                                                                           key, 3)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["trainer.epochs"] == "3" and "trainer.epochs" not in run.data.params
+    logged = client.download_artifacts(result.run_id, "config.yaml", str(tmp_path / "again"))
+    assert load_experiment(logged).trainer.epochs == 3
 
 
 @pytest.mark.slow  # a two-child sweep: about 40 s on two cores

@@ -1,0 +1,115 @@
+"""Edges found under attack (issue 32): each is refused with exit 2 and a message naming the
+file or field, with no traceback, or behaves as documented; nothing half-written is left."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from cityseg.config.errors import MAX_LINES
+from cityseg.config.loading import BASE_MAX_DEPTH
+from cityseg.runtime.files import sqlite_path, sqlite_uri
+from tests.conftest import NO_MODEL, QUICKSTART, cityseg_here, runs_of, tiny_overrides, wait_for
+
+
+def refused(args: list[str], *messages: str) -> str:
+    code, _, err = cityseg_here(*args)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    for message in messages:
+        assert message in err, err
+    return err
+
+
+# ---------------------------------------------------------------- experiment files
+
+
+@pytest.mark.parametrize("files", [BASE_MAX_DEPTH + 1, 1000])
+def test_a_long_base_chain_is_refused_at_its_limit(tmp_path, files):
+    (tmp_path / "f0.yaml").write_text(f"base: {QUICKSTART}\n")
+    for i in range(1, files):
+        (tmp_path / f"f{i}.yaml").write_text(f"base: f{i - 1}.yaml\n")
+    last = tmp_path / f"f{files - 1}.yaml"
+    refused(["validate", str(last)], f"{last}: its `base` chain is longer than {BASE_MAX_DEPTH}")
+    # a chain of the limit's length loads (f0 ... f30 and the quickstart: 32 files)
+    assert cityseg_here("validate", str(tmp_path / f"f{BASE_MAX_DEPTH - 2}.yaml"))[0] == 0
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_a_base_that_is_not_a_regular_file_says_so(tmp_path, kind):
+    target = {"device": "/dev/zero", "fifo": str(tmp_path / "pipe"), "folder": str(tmp_path)}[kind]
+    if kind == "fifo":
+        os.mkfifo(target)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: {target}\nname: x\n")
+    err = refused(["validate", str(exp)], f"base file (included by {exp.resolve()}) is ")
+    assert ("a folder" if kind == "folder" else "not a regular file") in err
+    assert "not found" not in err
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: {QUICKSTART}\nseed: 1\nmodel:\n  depth: 2\nseed: 2\n")
+    refused(["validate", str(exp)], f"{exp}: refused at line 5, column 1: duplicate key 'seed' "
+                                    f"(first at line 2)")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(f"base: {QUICKSTART}\nmodel:\n  depth: 2\n  depth: 3\n")
+    refused(["validate", str(nested)], "line 4, column 3: duplicate key 'depth' (first at line 3)")
+    # a YAML merge key may still override what it merges
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(f"base: {QUICKSTART}\nshared: &s {{depth: 2}}\nmodel:\n  <<: *s\n"
+                      f"  depth: 3\n")
+    code, _, err = cityseg_here("validate", str(merged))
+    assert "duplicate" not in err
+
+
+def test_thousands_of_unknown_keys_fit_one_screen(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: {QUICKSTART}\n" + "".join(f"knob_{i}: 1\n" for i in range(2000)))
+    err = refused(["validate", str(exp)], f"{exp}: 2000 errors", "knob_0: unknown key",
+                  f"and {2000 - MAX_LINES + 1:,} more")
+    assert len(err.splitlines()) <= MAX_LINES + 6
+
+
+# ---------------------------------------------------------------- store addresses
+
+
+def test_a_tracking_dir_with_url_characters_holds_its_own_store(tmp_path):
+    # `?`, `#` and `%` in a folder's name are the folder's, not a query on another file
+    runs = tmp_path / "runs#1?mode=ro%41"
+    (tmp_path / "runs#1").write_text("an existing file the unescaped address would open")
+    code, _, err = cityseg_here("run", str(QUICKSTART), *sum(
+        (["--set", o] for o in tiny_overrides(tmp_path, epochs=1)), []),
+        "--set", f"tracking.dir={runs}", "--set", "tracking.log_model=false")
+    assert code == 0, err
+    assert (runs / "mlflow.db").is_file() and (runs / "artifacts").is_dir()
+    assert (tmp_path / "runs#1").read_text().startswith("an existing file")
+    code, out, err = cityseg_here("compare", "--runs", str(runs))
+    assert code == 0 and "quickstart" in out, err
+    # Optuna's study beside it: the same address rules
+    assert sqlite_path(sqlite_uri(runs / "optuna.db")) == runs / "optuna.db"
+
+
+# ---------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_whole_process_group_stops_the_run_at_a_checkpoint(tmp_path, sig):
+    # what `timeout`, Slurm's scancel and a closing terminal send: the DataLoader workers get
+    # it too, and leave the stop to the main process
+    overrides = [*tiny_overrides(tmp_path, epochs=40), NO_MODEL, "data.num_workers=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cityseg.cli", "run", str(QUICKSTART),
+         *sum((["--set", o] for o in overrides), [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoints = tmp_path / "runs" / "checkpoints"
+    wait_for(proc, lambda: list(checkpoints.glob("*/last.pt")))
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"{signal.Signals(sig).name}: stopped at " in err and "Traceback" not in err
+    assert "resume with: cityseg run" in err
+    _, (run,) = runs_of(tmp_path / "runs")
+    assert run.info.status == "KILLED"
