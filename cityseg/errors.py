@@ -26,6 +26,15 @@ class TrainingDiverged(Exception):
     """The training loss became NaN or infinite; the message names the epoch and step."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is (as Ctrl-C raises KeyboardInterrupt), so
+    that what it was writing is removed on the way out; exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM stopped training after a checkpoint was saved."""
 

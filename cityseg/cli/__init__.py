@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -66,7 +67,10 @@ def _main(args: argparse.Namespace) -> int:
         elif not isinstance(err, RankFailed):  # RankFailed: rank 0 names the failing rank
             print(f"error: rank {rank}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)  # Stopped: SIGTERM or SIGHUP
         if not rank:
-            print("interrupted", file=sys.stderr)
-        return 130
+            print(f"{signal.Signals(signum).name}: stopped; files being written were removed, "
+                  f"those finished are kept" if signum != signal.SIGINT else "interrupted",
+                  file=sys.stderr)
+        return 128 + signum

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from cityseg.cli.parser import EXIT_USAGE
 from cityseg.errors import CitysegError
+from cityseg.runtime.process import stops_raise
 
 if TYPE_CHECKING:
     from cityseg.infer.loading import Trained
@@ -122,7 +123,8 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
         from cityseg.deploy.onnx_engine import engine_for
 
         trained = dataclasses.replace(trained, predictor=engine_for(trained, args.onnx))
-    with files.progress_bar(out) if out.is_terminal else contextlib.nullcontext() as progress:
+    with (files.progress_bar(out) if out.is_terminal else contextlib.nullcontext() as progress,
+          stops_raise()):
         if args.format == "cityscapes":
             written, skipped = submission.benchmark_files(trained, args.inputs, args.out,
                                                           zip_to=args.zip, progress=progress)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cityseg.data.cityscapes import FAR_FROM_PALETTE, nearest_palette, train_ids_lut, valid_values
 from cityseg.errors import DataError
@@ -189,9 +189,12 @@ def photo_rgb(image: Image.Image, path: Path) -> np.ndarray:
                         f"save it as RGB") from None
 
 
-def read_photo(path: Path) -> np.ndarray:
-    """The photo in a file as (H, W, 3) uint8 RGB; DataError naming the file if it cannot be."""
-    return photo_rgb(open_image(path), path)
+def read_photo(path: Path, *, upright: bool = False) -> np.ndarray:
+    """The photo in a file as (H, W, 3) uint8 RGB; DataError naming the file if it cannot be.
+    upright: turned as its EXIF orientation says, as every viewer shows it (predict); training
+    reads the stored pixels, which its masks were drawn on."""
+    image = open_image(path)
+    return photo_rgb(ImageOps.exif_transpose(image) if upright else image, path)
 
 
 def _mask_pixels(sample: Sample, layout: str) -> np.ndarray:

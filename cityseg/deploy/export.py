@@ -21,6 +21,7 @@ The file carries what it was made from (`metadata`): a reader needs nothing else
 from __future__ import annotations
 
 import copy
+import io
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,6 +34,7 @@ import cityseg
 from cityseg.data.tasks import Task
 from cityseg.errors import CitysegError, StorageError
 from cityseg.infer.predictor import at_size, flip_averaged, normalised, statistics
+from cityseg.runtime.files import written_whole
 
 if TYPE_CHECKING:
     from cityseg.infer.loading import Trained
@@ -165,14 +167,21 @@ def export(trained: Trained, *, fmt: Format, out: Path) -> Path:
     """Write the model's FrameGraph to `out` as ONNX (checked with onnx.checker) or as a
     torch.export program, with its metadata; returns `out`."""
     check_out_file(out)
+    # made in memory, then written whole: a full disk or a read-only folder is an OSError here
+    # (torch's own writer aborts the process on one), and never leaves half a file
+    if fmt == "onnx":
+        data = onnx_model(trained).SerializeToString()
+    else:
+        buffer = io.BytesIO()
+        torch.export.save(_program(graph_of(trained)), buffer,
+                          extra_files={PT2_METADATA: json.dumps(metadata(trained))})
+        data = buffer.getvalue()
     try:
-        if fmt == "onnx":
-            onnx_modules()[0].save(onnx_model(trained), out)
-        else:
-            torch.export.save(_program(graph_of(trained)), out,
-                              extra_files={PT2_METADATA: json.dumps(metadata(trained))})
+        with written_whole(out) as partial:
+            partial.write_bytes(data)
     except OSError as err:
-        raise StorageError(f"--out {out}: cannot write ({err.strerror or err})") from None
+        raise StorageError(f"--out {out}: cannot write ({err.strerror or err}); nothing was "
+                           f"left there") from None
     return out
 
 

@@ -75,6 +75,11 @@ def log_model(tracker: Tracker, *, name: str, checkpoint: Path, example: np.ndar
     package = Path(__file__).parents[1]  # cityseg/
     logging.getLogger("mlflow.models").setLevel(logging.ERROR)  # no pip resolution notes
     client = tracker.store.client
+    # a model this run began to log before (a process killed meanwhile) is deleted: the run
+    # keeps the one logged now, once
+    for earlier in client.search_logged_models(
+            [tracker.experiment_id], filter_string=f"source_run_id = '{tracker.run_id}'"):
+        client.delete_logged_model(earlier.model_id)
     # created here and logged outside the run: logged inside it, MLflow would copy every run
     # metric of one step into the model's (the system metrics too); the model's metrics are
     # only those scored on the validation set, and it is the run's output at the best epoch

@@ -25,6 +25,7 @@ from cityseg.data.layouts import IMAGE_EXTS, read_photo
 from cityseg.errors import CitysegError, DataError, StorageError
 from cityseg.infer import video
 from cityseg.infer.loading import Trained
+from cityseg.runtime.files import written_whole
 
 
 class _PerSecond(ProgressColumn):
@@ -75,8 +76,9 @@ def make_out(out: Path) -> None:
 
 def save_png(image: np.ndarray, path: Path, *, written: int) -> None:
     """One PNG; StorageError naming it (and how many inputs were done before it) on failure."""
-    try:
-        Image.fromarray(image).save(path)
+    try:  # beside its name, then renamed: a link already there is replaced, never followed
+        with written_whole(path) as partial:
+            Image.fromarray(image).save(partial, format="PNG")
     except OSError as err:
         raise StorageError(f"{path}: cannot write ({err.strerror or err}); {written} input(s) "
                            f"written before it") from None
@@ -90,7 +92,7 @@ def tracked(progress: Progress | None, files: list[Path], description: str):
 def _predict_photo(trained: Trained, path: Path, out: Path, stem: str, *, probabilities: bool,
                    written: int) -> Path:
     """<stem>_mask.png, <stem>_overlay.png (and <stem>_prob.png) of one image; its mask's path."""
-    photo = read_photo(path)
+    photo = read_photo(path, upright=True)  # as viewers show it (EXIF orientation)
     labels, prob = trained.predictor.predict_photo(photo)
     images = {"mask": trained.task.mask_values[labels],
               "overlay": viz.overlay(photo, labels, trained.task)}

@@ -3,7 +3,13 @@ host only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
+
+from cityseg.errors import Stopped
 
 
 def pid_alive(pid: int) -> bool:
@@ -15,3 +21,23 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+@contextlib.contextmanager
+def stops_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Stopped in the block (the main thread's), as Ctrl-C raises
+    KeyboardInterrupt: a command without checkpoints (predict) unwinds through the code that
+    removes its unfinished files instead of ending at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

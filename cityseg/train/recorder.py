@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from cityseg.infer.predictor import Predictor
 from cityseg.optim import describe_groups
 from cityseg.runtime import distributed
 from cityseg.runtime.device import device_name
+from cityseg.runtime.process import pid_alive
 from cityseg.train.build import Components, augment_on
 from cityseg.train.provenance import run_tags
 from cityseg.train.resume import ResumePoint
@@ -265,7 +268,8 @@ class Recorder(NullRecorder):
         if "model_uri" in self.tracker.get_run(self.run_id).data.tags:
             return
         best = checkpoints.load(best_path)
-        with tempfile.TemporaryDirectory(prefix="cityseg-model-") as folder:
+        _remove_dead_folders(MODEL_FOLDER)
+        with tempfile.TemporaryDirectory(prefix=f"{MODEL_FOLDER}{os.getpid()}-") as folder:
             slim = Path(folder) / "checkpoint.pt"  # weights and config: what inference needs
             checkpoints.save_atomic({k: best[k] for k in ("format", "epoch", "metrics", "config",
                                                           "run_id", "state", "model")}, slim)
@@ -276,6 +280,17 @@ class Recorder(NullRecorder):
                                    checkpoint=slim, example=example, metrics=validation,
                                    step=best["epoch"], dataset=self.scored_on,
                                    register=self.exp.tracking.register_model)
+
+
+MODEL_FOLDER = "cityseg-model-"  # + pid: the temporary folder of a model being logged
+
+
+def _remove_dead_folders(prefix: str) -> None:
+    """Temporary folders `<prefix><pid>-...` whose process is gone (a kill -9 left them)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = folder.name.removeprefix(prefix).partition("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def model_name(run_name: str, exp: Experiment) -> str:

@@ -105,7 +105,8 @@ def check_world(exp: Experiment, world: distributed.World, device: torch.device)
 def stop_on_signals(flag: StopFlag):
     """SIGINT, SIGTERM and SIGHUP set the flag (the trainer checkpoints and stops) instead of
     killing, and end a wait for a silent tracking server. A server silent past
-    tracking.outage_minutes sets it too (as SIGTERM would: a checkpoint at the next step; the tracker says why)."""
+    tracking.outage_minutes sets it too (as SIGTERM would: a checkpoint at the next step; the
+    tracker says why)."""
     def handler(signum, frame):
         flag.signum = signum
         tracking.interrupt_waits(signum)

@@ -1,16 +1,23 @@
 """Edges found under attack (issue 32): each is refused with exit 2 and a message naming the
 file or field, with no traceback, or behaves as documented; nothing half-written is left."""
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from cityseg.config import load_experiment
 from cityseg.config.errors import MAX_LINES
 from cityseg.config.loading import BASE_MAX_DEPTH
-from cityseg.runtime.files import sqlite_path, sqlite_uri
+from cityseg.data.synthetic import render_scene
+from cityseg.runtime.files import partial_path, sqlite_path, sqlite_uri
+from cityseg.train import runner
 from tests.conftest import NO_MODEL, QUICKSTART, cityseg_here, runs_of, tiny_overrides, wait_for
 
 
@@ -113,3 +120,104 @@ def test_a_signal_to_the_whole_process_group_stops_the_run_at_a_checkpoint(tmp_p
     assert "resume with: cityseg run" in err
     _, (run,) = runs_of(tmp_path / "runs")
     assert run.info.status == "KILLED"
+
+
+# ---------------------------------------------------------------- what predict and export write
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A one-epoch quickstart run to predict and export with."""
+    tmp = tmp_path_factory.mktemp("trained")
+    result = runner.run(load_experiment(QUICKSTART, [*tiny_overrides(tmp, epochs=1), NO_MODEL]))
+    return tmp / "runs", result.run_id
+
+
+def test_predict_turns_a_photo_as_its_exif_orientation_says(trained_run, tmp_path):
+    runs, run_id = trained_run
+    photo = render_scene(np.random.default_rng(0), 64, 128)[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(photo).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    Image.fromarray(photo).rotate(-90, expand=True).save(tmp_path / "upright.jpg", quality=95)
+    code, _, err = cityseg_here("predict", "--run", run_id, "--runs", str(runs),
+                                str(tmp_path / "turned.jpg"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    with Image.open(tmp_path / "o" / "turned_mask.png") as mask:
+        assert mask.size == (64, 128)  # (width, height): upright, as viewers show it
+
+
+def test_predict_never_writes_through_a_link_in_out(trained_run, tmp_path):
+    runs, run_id = trained_run
+    photo = render_scene(np.random.default_rng(1), 64, 128)[0]
+    Image.fromarray(photo).save(tmp_path / "frame.png")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"not to be touched")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "frame_mask.png").symlink_to(outside)
+    code, _, err = cityseg_here("predict", "--run", run_id, "--runs", str(runs),
+                                str(tmp_path / "frame.png"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert outside.read_bytes() == b"not to be touched"
+    written = tmp_path / "o" / "frame_mask.png"
+    assert not written.is_symlink() and Image.open(written).size == (128, 64)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_to_a_folder_it_cannot_write_is_refused_and_leaves_nothing(trained_run, tmp_path,
+                                                                         fmt):
+    runs, run_id = trained_run
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes anywhere but in /proc
+        folder = Path("/proc")
+    out = folder / f"m.{fmt}"
+    try:
+        refused(["export", "--run", run_id, "--runs", str(runs), "--format", fmt,
+                 "--out", str(out)], f"--out {out}: cannot write")
+        assert not out.exists() and not partial_path(out).exists()
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_to_a_full_disk_is_refused_and_leaves_nothing(trained_run, tmp_path, fmt,
+                                                             monkeypatch):
+    # a full disk, as the write meets it (ENOSPC from the OS): no abort, no half file
+    runs, run_id = trained_run
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / f"m.{fmt}"
+    refused(["export", "--run", run_id, "--runs", str(runs), "--format", fmt, "--out", str(out)],
+            f"--out {out}: cannot write (No space left on device)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_predict_and_leaves_no_unfinished_file(trained_run, tmp_path):
+    runs, run_id = trained_run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(300):
+        Image.fromarray(render_scene(np.random.default_rng(i), 64, 128)[0]).save(
+            photos / f"f{i:03d}.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    leftover = out / ".f000_overlay.png.part"  # what a kill -9 left: the next predict removes it
+    leftover.write_bytes(b"half")
+    proc = subprocess.Popen([sys.executable, "-m", "cityseg.cli", "predict", "--run", run_id,
+                             "--runs", str(runs), str(photos), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, lambda: len(list(out.glob("*_mask.png"))) >= 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: stopped" in err and "Traceback" not in err
+    assert not list(out.glob(".*.part")) and not leftover.exists()
+    for mask in out.glob("*_mask.png"):  # every file there is whole
+        Image.open(mask).load()

@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -41,6 +43,9 @@ if hook == "enospc-in-model":
 if hook == "stall-in-end":
     from cityseg.train.recorder import Recorder
     Recorder._upload_checkpoints = stall(Recorder._upload_checkpoints)
+if hook == "stall-in-model":  # inside MLflow's logging, the logged model PENDING
+    import mlflow.pyfunc
+    mlflow.pyfunc.log_model = stall(mlflow.pyfunc.log_model)
 if hook == "stall-in-first-epoch":
     from cityseg.train.trainer import Trainer
     Trainer.train_epoch = stall(Trainer.train_epoch)
@@ -117,9 +122,10 @@ def test_a_full_disk_in_the_end_fails_truthfully_and_resume_auto_redoes_only_the
 
 
 @pytest.mark.slow  # about 23 s on two quiet cores: `make test-slow`
+@pytest.mark.parametrize("hook", ["stall-in-end", "stall-in-model"])
 def test_sigterm_in_the_end_ends_killed_with_a_message_and_resume_finishes_it(
-        tmp_path, settings):
-    proc = cityseg_run(tmp_path, settings, hook="stall-in-end", wait=False)
+        tmp_path, settings, hook):
+    proc = cityseg_run(tmp_path, settings, hook=hook, wait=False)
     wait_for_marker(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     (tmp_path / "marker.go").write_text("go")
@@ -132,22 +138,37 @@ def test_sigterm_in_the_end_ends_killed_with_a_message_and_resume_finishes_it(
     code, _, err = cityseg_run(tmp_path, settings, "--resume", run.info.run_id)
     assert code == 0, err
     assert_finished_with_its_end(client, run.info.run_id)
+    assert_one_model(client, run)
 
 
 @pytest.mark.slow  # two training processes: `make test-slow`
-def test_kill_9_in_the_end_leaves_a_run_that_resume_auto_finishes(tmp_path, settings):
-    proc = cityseg_run(tmp_path, settings, hook="stall-in-end", wait=False)
+@pytest.mark.parametrize("hook", ["stall-in-end", "stall-in-model"])
+def test_kill_9_in_the_end_leaves_a_run_that_resume_auto_finishes(tmp_path, settings, hook):
+    proc = cityseg_run(tmp_path, settings, hook=hook, wait=False)
     wait_for_marker(tmp_path, proc)
     proc.kill()
     proc.communicate(timeout=60)
     client, (run,) = the_run(tmp_path)
     assert run.info.status == "RUNNING" and tracking.shown_status(run) == "CRASHED"
+    dead = list(Path(tempfile.gettempdir()).glob(f"cityseg-model-{proc.pid}-*"))
+    assert len(dead) == (hook == "stall-in-model")  # the killed process's model folder
 
     code, _, err = cityseg_run(tmp_path, settings, "--resume", "auto")
     assert code == 0, err
     client, (resumed,) = the_run(tmp_path)
     assert_finished_with_its_end(client, run.info.run_id)
     assert "is gone" in resumed.data.tags["resumed_after_crash"]
+    assert_one_model(client, run)
+    assert not any(folder.exists() for folder in dead)  # removed by the next model's logging
+
+
+def assert_one_model(client, run):
+    """The run's model, logged once: a model begun by a stopped process is gone (deleted)."""
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.status.to_str() if hasattr(m.status, "to_str") else str(m.status)
+            for m in models] in (["READY"], ["LoggedModelStatus.READY"]), models
+    assert client.get_run(run.info.run_id).data.tags["model_uri"] == f"models:/{models[0].model_id}"
 
 
 @pytest.mark.slow  # two training processes: `make test-slow`
