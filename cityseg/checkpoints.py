@@ -141,7 +141,10 @@ def _torch_load(path: Path, refuse: Callable[[str], Unreadable]):
         # torch's own advice (load with weights_only=False) would run the file's code: not given
         detail = text.partition("WeightsUnpickler error:")[2] or text
         refused = re.search(r"GLOBAL (\S+)", detail)
-        if "Weights only load failed" in text and (refused or "allowlisted" in detail):
+        # the weights-only unpickler refused what it read (a GLOBAL, an opcode it does not
+        # run: a raw pickle, a foreign data.pkl), unless what it met was the file's end
+        cut = re.search(r"EOF|ran out of input|truncated", detail, re.IGNORECASE)
+        if "Weights only load failed" in text and not cut:
             what = f" ({refused.group(1)})" if refused else ""
             raise refuse(f"holds Python objects{what} that weights-only loading refuses (it may "
                          f"run code when loaded): cityseg does not load it; use a checkpoint "

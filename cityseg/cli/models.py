@@ -134,9 +134,10 @@ def cmd_predict(args: argparse.Namespace, out: Console) -> int:
                                                    masks=args.masks, progress=progress)
     out.print(_predicted(args, trained, written, skipped), markup=False)
     for line in skipped:
-        print(f"skipped: {line}", file=sys.stderr)
-    if skipped:  # exit 2, as for any bad input, once the readable images are written
-        print(f"{len(skipped)} input(s) skipped", file=sys.stderr)
+        print(line if line.startswith(files.INCOMPLETE) else f"skipped: {line}", file=sys.stderr)
+    left = sum(not line.startswith(files.INCOMPLETE) for line in skipped)
+    if left:  # exit 2, as for any bad input, once the readable images are written
+        print(f"{left} input(s) skipped", file=sys.stderr)
     return EXIT_USAGE if skipped else 0
 
 

@@ -56,6 +56,9 @@ def input_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+INCOMPLETE = "incomplete: "  # a skipped line of an input written in part (a video cut short)
+
+
 def check_out(out: Path) -> None:
     """--out must be a folder or creatable as one: refused before any model is loaded."""
     for folder in (out, *out.parents):
@@ -128,6 +131,9 @@ def predict_files(trained: Trained, inputs: list[Path], out: Path, *, probabilit
             else:
                 written.append(_predict_photo(trained, path, out, stem,
                                               probabilities=probabilities, written=len(written)))
+        except video.CutShort as err:  # written, but not the whole input
+            written.append(err.written)
+            skipped.append(f"{INCOMPLETE}{err}")
         except DataError as err:
             skipped.append(str(err))
             continue

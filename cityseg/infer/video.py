@@ -119,12 +119,23 @@ def _frames(source: av.container.InputContainer, stream: av.VideoStream,
         yield frame.to_ndarray(format="rgb24")
 
 
+class CutShort(DataError):
+    """A video whose frames ran out before its header's count (cut short): what decoded was
+    written to `written`, the overlay."""
+
+    def __init__(self, message: str, written: Path) -> None:
+        super().__init__(message)
+        self.written = written
+
+
 def predict_video(trained: Trained, path: Path, out: Path, stem: str, *, masks: bool,
                   progress: Progress | None = None) -> Path:
     """Write <stem>_overlay.mp4 (and with masks <stem>_mask.mp4) into `out`; returns the
-    overlay's path. DataError naming the file when it is not a video FFmpeg can read."""
+    overlay's path. DataError naming the file when it is not a video FFmpeg can read;
+    CutShort, after writing what decoded, when fewer frames decode than its header declares."""
     task = trained.task
     source, stream, rate = _open(path)
+    declared = stream.frames  # read while the container is open (0: the header says none)
     kinds = ("overlay", "mask") if masks else ("overlay",)
     encoders: dict[str, _Encoder] = {}
     bar = (progress.add_task(f"{path.name} frames", total=_frame_count(source, stream, rate))
@@ -156,4 +167,9 @@ def predict_video(trained: Trained, path: Path, out: Path, stem: str, *, masks: 
             for encoder in encoders.values():
                 encoder.discard()
             raise
-    return encoders["overlay"].path
+    overlay_path = encoders["overlay"].path
+    if declared and done < declared:
+        raise CutShort(f"{path}: {done} of the {declared} frames its header declares "
+                       f"decode (the file is cut short?); {overlay_path.name} holds those "
+                       f"{done}", overlay_path)
+    return overlay_path

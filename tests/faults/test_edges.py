@@ -3,9 +3,11 @@ file or field, with no traceback, or behaves as documented; nothing half-written
 
 import errno
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +223,38 @@ def test_sigterm_stops_predict_and_leaves_no_unfinished_file(trained_run, tmp_pa
     assert not list(out.glob(".*.part")) and not leftover.exists()
     for mask in out.glob("*_mask.png"):  # every file there is whole
         Image.open(mask).load()
+
+
+# ---------------------------------------------------------------- files that hold code
+
+
+class Payload:
+    """Unpickled, it would create a folder: proof that it ran."""
+
+    def __init__(self, proof: Path) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.proof),))
+
+
+def test_a_raw_pickle_and_a_pt2_with_a_pickle_added_are_refused_as_such(trained_run, tmp_path):
+    runs, run_id = trained_run
+    proof = tmp_path / "it-ran"
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"config": Payload(proof), "state": {}}, protocol=4))
+    pt2 = tmp_path / "model.pt2"
+    assert cityseg_here("export", "--run", run_id, "--runs", str(runs), "--format", "pt2",
+                        "--out", str(pt2))[0] == 0
+    with zipfile.ZipFile(pt2, "a") as archive:
+        prefix = archive.namelist()[0].split("/")[0]
+        archive.writestr(f"{prefix}/data.pkl", pickle.dumps(Payload(proof), protocol=4))
+    for path in (raw, pt2):
+        err = refused(["evaluate", "--checkpoint", str(path), "--no-log"],
+                      f"{path}: holds Python objects", "cityseg does not load it")
+        assert "corrupt" not in err and not proof.exists()
+    # a checkpoint cut short is still said to be cut short
+    whole = next((runs / "checkpoints").glob("*/best.pt")).read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[: len(whole) // 2])
+    refused(["evaluate", "--checkpoint", str(cut), "--no-log"], "truncated or corrupt")

@@ -137,3 +137,29 @@ def test_an_unreadable_video_is_named_skipped_and_leaves_no_partial_file(tmp_pat
     for name in ("noise.mkv", "truncated.mp4"):
         assert f"skipped: {inputs / name}: not a readable video (" in err
     assert sorted(p.name for p in out.iterdir()) == ["good_overlay.mp4"]
+
+
+def test_a_video_cut_short_is_written_as_far_as_it_decodes_and_said_to_be_incomplete(
+        tmp_path, capsys):
+    # faststart: the frame count sits before the frames, so cutting the file leaves a header
+    # that promises more frames than remain
+    model = random_model(tmp_path, "binary")
+    whole = tmp_path / "whole.mp4"
+    height, width = 32, 48
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=RATE)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in scenes(height, width) * 3:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    cut = tmp_path / "in" / "drive.mp4"
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(model), str(cut), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    decoded = len(read_video(out / "drive_overlay.mp4")[0])
+    assert 0 < decoded < 3 * FRAMES
+    assert (f"incomplete: {cut}: {decoded} of the {3 * FRAMES} frames its header declares "
+            f"decode (the file is cut short?); drive_overlay.mp4 holds those {decoded}") in err
+    assert "skipped" not in err and "Traceback" not in err
