@@ -118,24 +118,6 @@ def assert_refused_before_the_run(tmp_path, code, err, *words):
     assert runs_of(tmp_path / "runs")[1] == []  # the run had not opened: none is left RUNNING
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A folder on a 32 KiB tmpfs (root that may mount), else an ordinary one (the hooks then
-    inject what the small disk would do; CITYSEG_TEST_NO_TMPFS=1 asks for that). Yields
-    (folder, real)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    may_mount = os.geteuid() == 0 and not os.environ.get("CITYSEG_TEST_NO_TMPFS")
-    mounted = may_mount and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(folder)],
-        capture_output=True).returncode == 0
-    try:
-        yield folder, mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(folder)], check=True)
-
-
 def test_a_disk_too_small_for_the_cache_is_refused_with_the_numbers(tmp_path, small_disk):
     folder, real = small_disk
     settings = [*tiny_overrides(tmp_path), f"data.cache_dir={folder / 'cache'}"]
