@@ -15,8 +15,10 @@ import contextlib
 import io
 import os
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -141,10 +143,9 @@ def _torch_load(path: Path, refuse: Callable[[str], Unreadable]):
         # torch's own advice (load with weights_only=False) would run the file's code: not given
         detail = text.partition("WeightsUnpickler error:")[2] or text
         refused = re.search(r"GLOBAL (\S+)", detail)
-        # the weights-only unpickler refused what it read (a GLOBAL, an opcode it does not
-        # run: a raw pickle, a foreign data.pkl), unless what it met was the file's end
-        cut = re.search(r"EOF|ran out of input|truncated", detail, re.IGNORECASE)
-        if "Weights only load failed" in text and not cut:
+        # the weights-only unpickler refused a well-formed pickle (a GLOBAL, an opcode it does
+        # not run: a raw pickle, a foreign data.pkl); bytes that are no pickle are corrupt
+        if "Weights only load failed" in text and (refused or _holds_a_pickle(path)):
             what = f" ({refused.group(1)})" if refused else ""
             raise refuse(f"holds Python objects{what} that weights-only loading refuses (it may "
                          f"run code when loaded): cityseg does not load it; use a checkpoint "
@@ -152,6 +153,22 @@ def _torch_load(path: Path, refuse: Callable[[str], Unreadable]):
         line = next((s.strip() for s in detail.splitlines() if s.strip()), type(err).__name__)
         raise refuse(f"cannot load checkpoint ({line.split('. ')[0][:200]}); the file is "
                      f"truncated or corrupt ({CUT_SHORT})") from None
+
+
+def _holds_a_pickle(path: Path) -> bool:
+    """Whether the file is (or its zip's data.pkl is) a whole, well-formed pickle stream, read
+    by pickletools without running anything."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                data = archive.read(names[-1]) if names else b""
+        else:
+            data = path.read_bytes()
+        ops = list(pickletools.genops(data))
+    except Exception:  # noqa: BLE001  (a broken zip or stream: not a pickle)
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
 
 
 def problem(path: Path) -> str | None:

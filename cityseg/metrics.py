@@ -5,36 +5,52 @@ caller copies them to the host once per epoch (all-reduced as sums under torchru
 them into scores here. Region scores are dataset-level: pixel counts are summed over every
 validation image first, then turned into ratios (not a mean of per-batch or per-image scores).
 Boundary scores follow their papers: the BF score is a mean over images, Boundary IoU is
-dataset-level per class.
+dataset-level per class. Each validation frame's own counts are kept too (`PER_FRAME`): what
+pairs two runs frame by frame (`cityseg compare A B`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    import numpy as np
+from cityseg.runtime.files import written_whole
+
+
+def frame_confusions(pred: torch.Tensor, target: torch.Tensor, *, num_classes: int,
+                     ignore_index: int) -> torch.Tensor:
+    """counts[i, t, p] = valid pixels of frame i (the batch's first axis) with ground truth t
+    and prediction p."""
+    frames, n = target.shape[0], num_classes
+    valid = target != ignore_index
+    frame = torch.arange(frames, device=target.device).view(-1, *[1] * (target.dim() - 1))
+    index = ((frame.expand_as(target)[valid] * n + target[valid].long()) * n
+             + pred[valid].long())
+    return torch.bincount(index, minlength=frames * n * n).view(frames, n, n)
 
 
 class ConfusionMatrix:
-    """counts[t, p] = number of valid pixels with ground truth t and prediction p."""
+    """counts[t, p] = number of valid pixels with ground truth t and prediction p; with
+    keep_frames, each frame's own counts too (`frames`, in the order they came)."""
 
     def __init__(self, num_classes: int, *, ignore_index: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", keep_frames: bool = False) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.frames: list[torch.Tensor] | None = [] if keep_frames else None
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of predicted and true labels (same shape; target may hold ignore_index)."""
-        valid = target != self.ignore_index
-        index = target[valid].long() * self.num_classes + pred[valid].long()
-        self.counts += torch.bincount(index,
-                                      minlength=self.num_classes**2).view(self.num_classes, -1)
+        per_frame = frame_confusions(pred, target, num_classes=self.num_classes,
+                                     ignore_index=self.ignore_index)
+        self.counts += per_frame.sum(0)
+        if self.frames is not None:
+            self.frames.append(per_frame)
 
 
 def confusion_record(counts: torch.Tensor | np.ndarray, class_names: tuple[str, ...] | list[str]
@@ -45,6 +61,26 @@ def confusion_record(counts: torch.Tensor | np.ndarray, class_names: tuple[str, 
                          f"{len(class_names)} x {len(class_names)}, got {tuple(counts.shape)}")
     return {"rows": "ground truth", "columns": "prediction", "classes": list(class_names),
             "counts": counts.tolist()}
+
+
+PER_FRAME = "eval/per_frame.npz"  # a run's artifact: each validation frame's confusion counts
+
+
+def write_frame_counts(path: Path, *, frames: list[str], counts: np.ndarray,
+                       class_names: tuple[str, ...] | list[str], epoch: int) -> None:
+    """The per-frame record (written whole): frame names (their image's path under the data
+    root), counts[i, t, p] of frame i, the class names and the epoch scored. Two runs scored
+    on the same frames are paired through it, without their models."""
+    with written_whole(path) as partial, open(partial, "wb") as f:
+        np.savez_compressed(f, frames=np.array(frames, dtype=str), counts=counts.astype(np.int64),
+                            classes=np.array(list(class_names), dtype=str), epoch=epoch)
+
+
+def read_frame_counts(path: Path) -> tuple[list[str], np.ndarray, list[str], int]:
+    """(frames, counts, class names, epoch) of a per-frame record."""
+    with np.load(path, allow_pickle=False) as record:
+        return (record["frames"].tolist(), record["counts"], record["classes"].tolist(),
+                int(record["epoch"]))
 
 
 def lower_is_better(name: str) -> bool:
@@ -106,6 +142,36 @@ def multiclass_scores(counts: torch.Tensor, class_names: tuple[str, ...]) -> dic
     for name, value, here in zip(class_names, iou.tolist(), present.tolist(), strict=True):
         if here:
             scores[f"iou/{name.replace(' ', '_')}"] = value
+    return scores
+
+
+def region_scores(counts: np.ndarray, class_names: tuple[str, ...] | list[str]
+                  ) -> dict[str, np.ndarray]:
+    """The region scores of `binary_scores` (two classes) or `multiclass_scores` for a batch of
+    confusion matrices (..., C, C) at once (what a bootstrap recomputes from each resample's
+    summed counts), as float64 arrays of the batch's shape; a class's IoU is NaN where it is
+    absent (the scalar functions leave it out)."""
+    m = np.asarray(counts, dtype=np.float64)
+
+    def ratio(num, den, empty):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), empty)
+
+    if len(class_names) == 2:
+        tn, fp, fn, tp = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
+        empty = np.where(tp + fp + fn == 0, 1.0, 0.0)
+        return {"dice": ratio(2 * tp, 2 * tp + fp + fn, empty),
+                "iou": ratio(tp, tp + fp + fn, empty),
+                "precision": ratio(tp, tp + fp, empty), "recall": ratio(tp, tp + fn, empty),
+                "accuracy": ratio(tp + tn, tp + tn + fp + fn, 1.0)}
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-2) + m.sum(-1) - tp
+    iou = ratio(tp, union, np.nan)
+    present = (union > 0).sum(-1)
+    total = m.sum((-2, -1))
+    scores = {"miou": ratio(np.nansum(iou, -1), present, 1.0),
+              "pixel_accuracy": ratio(tp.sum(-1), total, 1.0)}
+    for i, name in enumerate(class_names):
+        scores[f"iou/{name.replace(' ', '_')}"] = iou[..., i]
     return scores
 
 

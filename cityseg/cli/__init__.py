@@ -3,7 +3,8 @@
 The only place that prints user errors and chooses exit codes: 0 success, 2 bad input
 (config, data, command line), 1 a run that failed while training. `parser.py` holds the
 grammar; the commands live by subject: train.py (run, validate, show, schema, list), data.py,
-sweeps.py (sweep, compare) and models.py (evaluate, predict, export, promote, runs);
+sweeps.py (sweep, compare), paired.py (compare A B) and models.py (evaluate, predict,
+export, promote, runs);
 __main__.py makes `python -m cityseg.cli` work.
 """
 

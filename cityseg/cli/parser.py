@@ -114,12 +114,19 @@ def _add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                         "mysql://..., or a journal file path on a shared filesystem "
                         "(default: sqlite next to the local MLflow store)")
     _add_overrides(p)
-    p = sub.add_parser("compare", help="table of runs from the MLflow store, sorted by a metric")
+    p = sub.add_parser("compare", help="table of runs from the MLflow store, sorted by a metric; "
+                                       "with two run ids, is B really better than A?")
+    p.add_argument("pair", nargs="*", metavar="RUN",
+                   help="two run ids (or their starts): A and B, paired frame by frame on their "
+                        "validation frames, with 95%% intervals")
     p.add_argument("--experiment", help="MLflow experiment name (default: all)")
     p.add_argument("--sweep", help="only the children of this sweep id")
-    p.add_argument("--metric", default="val/dice", help="sort key (default val/dice)")
+    p.add_argument("--metric", help="sort key, or the score two runs are compared by (default "
+                                    "val/dice; val/miou for multiclass pairs)")
     _add_runs(p)
     p.add_argument("--limit", type=int, default=30, help="rows shown")
+    p.add_argument("--json", action="store_true",
+                   help="with two runs: the comparison as one JSON object, for scripts")
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:

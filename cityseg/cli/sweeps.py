@@ -7,7 +7,6 @@ import signal
 import sys
 from collections.abc import Iterable
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -27,20 +26,6 @@ def shown_metrics(first: str, present: Iterable[str]) -> list[str]:
 # first learning rate): never a reason two runs differ
 NOISE = ("optimizer.group.",)
 PARAM_WIDTH = 22  # a param column's most characters: a value longer is cut with an ellipsis
-
-
-def settings_of(root, run) -> dict[str, str]:
-    """A run's whole config as flat keys ('model.depth': '4'): its logged config.yaml (its params
-    are a few of them), with its params (loss.pos_weight_used); a run without a config.yaml has
-    its params alone."""
-    from cityseg import tracking
-    from cityseg.config import flatten
-
-    try:
-        tree = yaml.safe_load(tracking.config_text(root, run.info.run_id))
-    except (CitysegError, yaml.YAMLError):
-        return dict(run.data.params)
-    return {**flatten(tree), **run.data.params}
 
 
 def compare_table(runs: list, metrics: list[str], *, width: int,
@@ -141,7 +126,14 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_compare(args: argparse.Namespace, out: Console) -> int:
     from cityseg import tracking
+    from cityseg.cli.paired import cmd_compare_pair, settings_of
 
+    if args.pair:
+        if len(args.pair) != 2:
+            raise CitysegError(f"compare takes two runs to pair (A and B), got {len(args.pair)}: "
+                               f"{' '.join(args.pair)}")
+        return cmd_compare_pair(args, out)
+    args.metric = args.metric or "val/dice"
     runs = tracking.search_runs(args.runs, experiment=args.experiment, sweep_id=args.sweep)
     runs = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
     if not runs:

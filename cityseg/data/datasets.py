@@ -160,6 +160,7 @@ class DataSplits:
     val: SegmentationDataset
     index: DatasetIndex
     fingerprints: dict[str, str] = field(default_factory=dict)  # per split
+    frames: dict[str, list[str]] = field(default_factory=dict)  # "train"/"val": frame_names
 
     def train_class_counts(self) -> np.ndarray:
         """Pixels per train id in the (resized) training split."""
@@ -194,6 +195,15 @@ def check_batch(p: DataParams, index: DatasetIndex, train_split: str) -> None:
             f"Set data.batch_size to at most {count}, or use more training images")
 
 
+def frame_names(index: DatasetIndex, split: str) -> list[str]:
+    """Each frame of a split, in the dataset's order, by its image's path under the data root:
+    the names that pair the frames two runs were scored on."""
+    root = index.root.resolve()
+    return [(s.image.resolve().relative_to(root).as_posix()
+             if s.image.resolve().is_relative_to(root) else s.image.name)
+            for s in index.samples[split]]
+
+
 def data_index(p: DataParams, splits: tuple[str, ...]) -> DatasetIndex:
     """The samples of any splits of the configured dataset (evaluation on train, val or test)."""
     return p.index(splits)
@@ -220,7 +230,9 @@ def build_splits(p: DataParams, index: DatasetIndex, *, train_split: str, val_sp
                                        seed=seed, before_decoding=before_decoding)
     val, val_print = split_dataset(p, val_split, index=index, before_decoding=before_decoding)
     return DataSplits(train=train, val=val, index=index,
-                      fingerprints={"train": train_print, "val": val_print})
+                      fingerprints={"train": train_print, "val": val_print},
+                      frames={"train": frame_names(index, train_split),
+                              "val": frame_names(index, val_split)})
 
 
 @DATASETS.register("cityscapes", params=CityscapesParams)

@@ -206,28 +206,32 @@ class Predictor:
 
     @torch.inference_mode()
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                 tolerance: float, loss_fn: nn.Module | None = None
-                 ) -> tuple[dict[str, float], torch.Tensor]:
+                 tolerance: float, loss_fn: nn.Module | None = None,
+                 frames: list[np.ndarray] | None = None) -> tuple[dict[str, float], torch.Tensor]:
         """Scores (with `loss` if loss_fn is given) and confusion counts over batches of
-        (uint8 frames, masks)."""
+        (uint8 frames, masks); each frame's own counts appended to `frames` if given."""
         self.model.eval()
-        tally = _ScoreTally(self.task, tolerance=tolerance, device=self.device)
+        tally = _ScoreTally(self.task, tolerance=tolerance, device=self.device,
+                            keep_frames=frames is not None)
         for images, masks in batches:
             logits, y = self.frame_logits(self.inputs(images)), self.targets(masks)
             loss = loss_fn(logits, y) if loss_fn is not None else None
             tally.add(self.labels(logits), y, loss=loss)
-        return tally.result(with_loss=loss_fn is not None)
+        return tally.result(with_loss=loss_fn is not None, frames=frames)
 
     @torch.inference_mode()
     def evaluate_photos(self, samples: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                        tolerance: float) -> tuple[dict[str, float], torch.Tensor]:
+                        tolerance: float, frames: list[np.ndarray] | None = None
+                        ) -> tuple[dict[str, float], torch.Tensor]:
         """Scores and confusion counts over (photo, labels) pairs of any size, predicted exactly
-        as predict_photo predicts them (full-resolution evaluation)."""
-        tally = _ScoreTally(self.task, tolerance=tolerance, device=self.device)
+        as predict_photo predicts them (full-resolution evaluation); each frame's own counts
+        appended to `frames` if given."""
+        tally = _ScoreTally(self.task, tolerance=tolerance, device=self.device,
+                            keep_frames=frames is not None)
         for photo, labels in samples:
             pred = self.labels(self.photo_logits(photo))
             tally.add(pred, self.targets(torch.from_numpy(labels)[None]))
-        return tally.result(with_loss=False)
+        return tally.result(with_loss=False, frames=frames)
 
 
 def _starts(length: int, window: int, overlap: float) -> list[int]:
@@ -243,9 +247,11 @@ def _starts(length: int, window: int, overlap: float) -> list[int]:
 class _ScoreTally:
     """Confusion, boundary and loss counts of a dataset, kept on the device; one host copy."""
 
-    def __init__(self, task: Task, *, tolerance: float, device: torch.device) -> None:
+    def __init__(self, task: Task, *, tolerance: float, device: torch.device,
+                 keep_frames: bool = False) -> None:
         self.task = task
-        self.confusion = ConfusionMatrix(task.num_classes, ignore_index=IGNORE_INDEX, device=device)
+        self.confusion = ConfusionMatrix(task.num_classes, ignore_index=IGNORE_INDEX, device=device,
+                                         keep_frames=keep_frames)
         # tolerance: the BF score's, a fraction of the image diagonal
         self.boundary = BoundaryScores(task.num_classes, tolerance=tolerance,
                                        ignore_index=IGNORE_INDEX, device=device)
@@ -260,7 +266,12 @@ class _ScoreTally:
             self.loss_sum += loss.double() * len(target)
         self.seen += len(target)
 
-    def result(self, *, with_loss: bool) -> tuple[dict[str, float], torch.Tensor]:
+    def result(self, *, with_loss: bool, frames: list[np.ndarray] | None = None
+               ) -> tuple[dict[str, float], torch.Tensor]:
+        """The scores and counts of every rank together; this rank's frames' counts appended
+        to `frames` (host arrays)."""
+        if frames is not None and self.confusion.frames:
+            frames.extend(torch.cat(self.confusion.frames).cpu().numpy())
         n = self.task.num_classes
         seen = torch.full((1,), float(self.seen), dtype=torch.float64, device=self.loss_sum.device)
         packed = torch.cat([seen, self.loss_sum.view(1), self.confusion.counts.double().flatten(),

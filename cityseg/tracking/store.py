@@ -178,6 +178,7 @@ class Store:
 def _connect(root: Path, uri: str | None, outage_minutes: float = 10.0) -> Store:
     resolved = tracking_uri(root, uri)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # nor download bars
     name = str(sqlite_path(resolved)) if is_local(resolved) else resolved
     if is_local(resolved):
         with _creating(Path(name)):

@@ -29,6 +29,7 @@ from cityseg.deploy import pyfunc
 from cityseg.errors import Interrupted, StorageError
 from cityseg.infer.evaluation import log_confusion
 from cityseg.infer.predictor import Predictor
+from cityseg.metrics import PER_FRAME, write_frame_counts
 from cityseg.optim import describe_groups
 from cityseg.runtime import distributed
 from cityseg.runtime.device import device_name
@@ -62,7 +63,8 @@ class NullRecorder:
     def _open(self, point, parts, *, devices: list[str], world) -> str | None: ...
     def start(self, state, parts) -> None: ...
     def save(self, checkpoint: dict, path: Path) -> None: ...
-    def epoch_end(self, epoch: int, metrics: dict[str, float], predictor) -> bool:
+    def epoch_end(self, epoch: int, metrics: dict[str, float], predictor, *,
+                  frames: tuple[list[str], np.ndarray] | None = None) -> bool:
         return False
     def finish(self, result, confusion, stop) -> None: ...
 
@@ -177,14 +179,18 @@ class Recorder(NullRecorder):
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoints.save_atomic(checkpoint, path)
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float], predictor: Predictor) -> bool:
-        """Log the epoch (metrics, the fixed samples' images and panel, new checkpoints); True
-        when the epoch hook stops the run here (a pruned sweep trial)."""
+    def epoch_end(self, epoch: int, metrics: dict[str, float], predictor: Predictor, *,
+                  frames: tuple[list[str], np.ndarray] | None = None) -> bool:
+        """Log the epoch (metrics, the fixed samples' images and panel, new checkpoints, and
+        for a new best epoch each validation frame's counts); True when the epoch hook stops
+        the run here (a pruned sweep trial)."""
         tracker = self.tracker
         tracker.beat()
         with tracker.together():  # a resume after this epoch finds all of its records
             tracker.log_metrics(metrics, step=epoch)
             self._log_samples(predictor, step=epoch)
+            if frames is not None:
+                self._log_frames(epoch, *frames)
             if self.upload:  # another machine can go on from here
                 self._upload_checkpoints(changed_only=True)
         stop_tags = self.epoch_hook(epoch, metrics) if self.epoch_hook is not None else None
@@ -209,6 +215,15 @@ class Recorder(NullRecorder):
             self.tracker.log_step_image(card, key=f"{SAMPLE_KEY}{i}", step=step)
         self.tracker.log_image(viz.sample_panel(images, masks, predicted, task=task),
                                f"samples/epoch_{step:03d}.png")
+
+    def _log_frames(self, epoch: int, names: list[str], counts: np.ndarray) -> None:
+        """The best epoch's per-frame counts: kept beside the checkpoints, logged as
+        eval/per_frame.npz (replaced when a later epoch is better)."""
+        path = checkpoints.run_dir(self.exp.tracking.dir, self.run_id) / Path(PER_FRAME).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_frame_counts(path, frames=names, counts=counts,
+                           class_names=self.exp.task.class_names, epoch=epoch)
+        self.tracker.log_file(path, str(Path(PER_FRAME).parent))
 
     def _upload_checkpoints(self, *, changed_only: bool = False) -> None:
         """The run's checkpoints as artifacts, so any machine with the store can use them."""

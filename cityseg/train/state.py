@@ -1,4 +1,5 @@
-"""The training loop's state: its position and memory (TrainState), packed into a checkpoint
+"""The training loop's state: its position and memory (TrainState), the flag a signal sets
+(StopFlag) and what training made (FitResult); the state packed into a checkpoint
 with the weights, optimizer, scheduler, gradient scaler and RNG states, and unpacked to
 continue exactly where it stopped."""
 
@@ -6,12 +7,32 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from cityseg import checkpoints
+
+
+@dataclass
+class FitResult:
+    """What training made: every epoch's metrics, the best epoch and its score, the
+    checkpoints (last, best), whether it stopped before its last epoch."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_score: float
+    checkpoints: dict[str, Path]
+    stopped_early: bool
+
+
+class StopFlag:
+    """Set by a signal handler; the trainer stops at the next optimizer-step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -32,7 +33,7 @@ from cityseg.train import state as state_io
 from cityseg.train.display import NullDisplay
 from cityseg.train.health import EpochTally, diverged
 from cityseg.train.recorder import NullRecorder
-from cityseg.train.state import TrainState
+from cityseg.train.state import FitResult, StopFlag, TrainState
 
 if TYPE_CHECKING:
     from cityseg.config import Experiment
@@ -57,25 +58,6 @@ class TrainerSettings:
     freeze_encoder_epochs: int = 0  # the model's encoder is fixed (batch norm in eval) this long
 
 
-@dataclass
-class FitResult:
-    """What training made: every epoch's metrics, the best epoch and its score, the
-    checkpoints (last, best), whether it stopped before its last epoch."""
-
-    history: list[dict[str, float]]
-    best_epoch: int
-    best_score: float
-    checkpoints: dict[str, Path]
-    stopped_early: bool
-
-
-class StopFlag:
-    """Set by a signal handler; the trainer stops at the next optimizer-step boundary."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-
-
 class Trainer:
     """Trains a segmentation model and keeps best and last checkpoints (rank 0 writes them)."""
 
@@ -85,7 +67,8 @@ class Trainer:
                  config: dict, run_id: str, raw_model: nn.Module | None = None,
                  train_model: nn.Module | None = None, recorder: NullRecorder | None = None,
                  display=None, stop: StopFlag | None = None,
-                 device_augment: DeviceAugmenter | None = None) -> None:
+                 device_augment: DeviceAugmenter | None = None,
+                 val_frames: list[str] | None = None) -> None:
         self.s = settings
         self.world = distributed.world()
         self.predictor = predictor  # validation and panels: never wrapped in DDP
@@ -107,6 +90,8 @@ class Trainer:
         self.display = display or NullDisplay()
         self.stop = stop or StopFlag()
         self.confusion: torch.Tensor | None = None  # of the last validation
+        self.val_frames = val_frames  # the validation frames' names, in the dataset's order
+        self.frames: tuple[list[str], np.ndarray] | None = None  # the last validation's counts
         self.paths = {which: checkpoints.path_of(settings.tracking_dir, run_id, which)
                       for which in ("last", "best")}
 
@@ -127,7 +112,8 @@ class Trainer:
                    train_loader=parts.train_loader, sampler=parts.sampler,
                    val_loader=parts.val_loader, settings=settings,
                    config=exp.model_dump(mode="json"), run_id=run_id, recorder=recorder,
-                   display=display, device_augment=parts.device_augment)
+                   display=display, device_augment=parts.device_augment,
+                   val_frames=parts.splits.frames.get("val"))
 
     def initial_state(self, point: ResumePoint | None) -> TrainState:
         """Every rank at once: a fresh state, or the resume point's weights, optimizer,
@@ -280,9 +266,15 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def validate(self) -> dict[str, float]:
+        counts: list[np.ndarray] = []
         found, self.confusion = self.predictor.evaluate(
             self.val_loader, tolerance=self.s.boundary_tolerance_diagonal,
-            loss_fn=self.loss_fn)
+            loss_fn=self.loss_fn, frames=counts if self.val_frames is not None else None)
+        if self.val_frames is not None:  # each rank scored its shard: its frames, gathered
+            mine = [self.val_frames[i] for i in self.val_loader.sampler]
+            shards = distributed.gather((mine, counts))
+            names = [name for shard, _ in shards for name in shard]
+            self.frames = names, np.stack([c for _, shard in shards for c in shard])
         return {f"val/{k}": v for k, v in found.items()}
 
     def _improved(self, score: float, best: float | None) -> bool:
@@ -332,7 +324,8 @@ class Trainer:
         if is_best:
             self._save(checkpoint, "best")
         self.display.epoch_end(epoch, metrics, is_best)
-        halt = self.recorder.epoch_end(epoch, metrics, self.predictor)
+        halt = self.recorder.epoch_end(epoch, metrics, self.predictor,
+                                       frames=self.frames if is_best else None)
         if patience_over:
             self.display.message(f"early stop: {self.s.monitor} has not improved for "
                                  f"{state.bad_epochs} epochs (best {state.best_score:.4f} "

@@ -153,7 +153,8 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_keeps_the_earlier_che
     client, (run,) = runs_of(tmp_path / "runs")
     assert run.info.status == "FAILED" and "No space left" in run.data.tags["failure"]
     folder = checkpoints.run_dir(tmp_path / "runs", run.info.run_id)
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]  # no temporary
+    # no temporary file (per_frame.npz: the best epoch's per-frame counts)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "per_frame.npz"]
     assert checkpoints.load(folder / "last.pt")["epoch"] == 1
 
 

@@ -1,0 +1,114 @@
+"""`cityseg compare RUN_A RUN_B`: is B really better than A? (cityseg/sweep/paired.py)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import PurePosixPath
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from cityseg.errors import CitysegError
+from cityseg.metrics import best_name
+
+
+def settings_of(root, run) -> dict[str, str]:
+    """A run's whole config as flat keys ('model.depth': '4'): its logged config.yaml (its params
+    are a few of them), with its params (loss.pos_weight_used); a run without a config.yaml has
+    its params alone."""
+    from cityseg import tracking
+    from cityseg.config import flatten
+
+    try:
+        tree = yaml.safe_load(tracking.config_text(root, run.info.run_id))
+    except (CitysegError, yaml.YAMLError):
+        return dict(run.data.params)
+    return {**flatten(tree), **run.data.params}
+
+
+def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
+    from cityseg import tracking
+    from cityseg.sweep.paired import pair, scored
+
+    store = tracking.open_store(args.runs)
+    runs = [store.client.get_run(tracking.full_run_id(store, given)) for given in args.pair]
+    records = [scored(args.runs, run) for run in runs]
+    settings = [settings_of(args.runs, run) for run in runs]
+    config = {k: [s.get(k, "-") for s in settings] for k in sorted(settings[0].keys()
+              | settings[1].keys()) if settings[0].get(k) != settings[1].get(k)}
+    missing = [run for run, record in zip(runs, records, strict=True) if record is None]
+    if missing:  # older runs: the dataset-level numbers MLflow has, no pairing
+        return _unpaired(args, out, runs, missing, config)
+    a, b = records
+    binary = len(a.classes) == 2
+    found = pair(a, b, metric=args.metric or ("val/dice" if binary else "val/miou"))
+    if args.json:
+        print(json.dumps(_as_json(found, config), indent=2))
+        return 0
+    out.print(f"A: {a.name} ({a.run_id[:8]}, epoch {a.epoch})   B: {b.name} ({b.run_id[:8]}, "
+              f"epoch {b.epoch})   on the {found.frames} validation frames both were scored on",
+              markup=False)
+    table = Table("score", "A", "B", "B - A", "95% interval", box=None, header_style="bold")
+    for d in [*found.scores, *found.classes]:
+        table.add_row(d.name, f"{d.a:.4f}", f"{d.b:.4f}", f"{d.difference:+.4f}",
+                      f"{d.ci[0]:+.4f}..{d.ci[1]:+.4f}" + (" *" if d.separable else ""))
+    out.print(table)
+    out.print("* the interval leaves out 0: more than the frames' noise", markup=False)
+    for title, listed in (("B loses most", found.losses), ("B wins most", found.wins)):
+        if listed:
+            out.print(f"{title} ({found.metric} per frame, B - A): " + ", ".join(
+                f"{PurePosixPath(name).stem} {change:+.3f}" for name, change in listed),
+                markup=False)
+    for key, (value_a, value_b) in config.items():
+        out.print(f"config {key}: A {value_a}, B {value_b}", markup=False)
+    out.print(found.verdict(), markup=False)
+    return 0
+
+
+def _as_json(found, config: dict[str, list[str]]) -> dict:
+    d = found.headline
+    return {"metric": found.metric, "a": {"run_id": found.a.run_id, "name": found.a.name,
+                                          "value": d.a, "epoch": found.a.epoch},
+            "b": {"run_id": found.b.run_id, "name": found.b.name, "value": d.b,
+                  "epoch": found.b.epoch},
+            "difference": d.difference, "ci": list(d.ci), "confidence": 0.95,
+            "frames": found.frames, "separable": d.separable, "verdict": found.verdict(),
+            "scores": {s.name: {"a": s.a, "b": s.b, "difference": s.difference,
+                                "ci": list(s.ci)} for s in found.scores},
+            "per_class": {s.name.removeprefix("val/iou/"): {
+                "a": s.a, "b": s.b, "difference": s.difference, "ci": list(s.ci)}
+                for s in found.classes},
+            "losses": [{"frame": f, "difference": v} for f, v in found.losses],
+            "wins": [{"frame": f, "difference": v} for f, v in found.wins],
+            "config": {k: {"a": v[0], "b": v[1]} for k, v in config.items()}}
+
+
+def _unpaired(args: argparse.Namespace, out: Console, runs: list, missing: list,
+              config: dict[str, list[str]]) -> int:
+    metric = args.metric or "val/dice"
+    # the best epoch's value where the run logged it (what a per-frame record holds)
+    values = [run.data.metrics.get(best_name(metric), run.data.metrics.get(metric))
+              for run in runs]
+    if None in values:
+        raise CitysegError(f"--metric {metric}: run {runs[values.index(None)].info.run_id[:8]} "
+                           f"logged no such metric")
+    note = (f"{', '.join(r.info.run_id[:8] for r in missing)} kept no per-frame counts "
+            f"(trained before cityseg kept them): compared at the dataset level only, with no "
+            f"interval")
+    difference = values[1] - values[0]
+    if args.json:
+        print(json.dumps({"metric": metric, "a": {"run_id": runs[0].info.run_id,
+                                                   "value": values[0]},
+                          "b": {"run_id": runs[1].info.run_id, "value": values[1]},
+                          "difference": difference, "ci": None, "frames": None, "note": note,
+                          "config": {k: {"a": v[0], "b": v[1]} for k, v in config.items()}},
+                         indent=2))
+        return 0
+    out.print(f"note: {note}", markup=False)
+    out.print(f"{metric}: A {values[0]:.4f}, B {values[1]:.4f}, B - A {difference:+.4f}",
+              markup=False)
+    for key, (value_a, value_b) in config.items():
+        out.print(f"config {key}: A {value_a}, B {value_b}", markup=False)
+    return 0
