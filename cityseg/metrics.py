@@ -83,6 +83,23 @@ def read_frame_counts(path: Path) -> tuple[list[str], np.ndarray, list[str], int
                 int(record["epoch"]))
 
 
+CONFIDENCE = 0.95  # of every interval cityseg reports
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """The 95% Student's t interval of the mean of `values` (seeds' scores: training noise);
+    NaN for fewer than two."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+    if sem == 0:
+        return mean, mean
+    from scipy import stats  # imported when asked: it takes a second
+
+    low, high = stats.t.interval(CONFIDENCE, len(values) - 1, loc=mean, scale=sem)
+    return float(low), float(high)
+
+
 def lower_is_better(name: str) -> bool:
     """How a metric ranks runs: losses fall, scores rise (the one rule for monitor, sweeps and
     `cityseg compare`)."""

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cityseg.data.cityscapes import IGNORE_INDEX
 from cityseg.data.tasks import Task
+from cityseg.metrics import t_interval
 
 COLUMNS = ("Input", "Ground truth", "Prediction", "Error")
 IGNORED = (110, 110, 110)
@@ -244,8 +245,9 @@ def learning_curves(history: list[dict[str, float]], monitor: str) -> np.ndarray
 def metrics_against(rows: list[dict], *, key: str, metrics: list[str],
                     scatter: bool = False, ranked_by: str | None = None,
                     lower_better: bool = False) -> np.ndarray:
-    """Each metric against the values of one swept key: mean over the children sharing a value
-    (e.g. several seeds), with the min-max spread as a band. `scatter`: one point per child (a
+    """Each metric against the values of one swept key: every child's value as a dot, and the
+    mean over the children sharing a value (several seeds) with its 95% t-interval as error
+    bars. `scatter`: one point per child (a
     search, whose children differ in every key). `ranked_by` (a metric among `metrics`) gets
     its own panel with its best value starred; the others share one, their legend beside it."""
     plt = _pyplot()
@@ -278,10 +280,17 @@ def metrics_against(rows: list[dict], *, key: str, metrics: list[str],
             if not all(groups):
                 continue
             means = [float(np.mean(g)) for g in groups]
-            axis.plot(positions, means, marker="o", label=metric)
-            if any(len(g) > 1 for g in groups):
-                axis.fill_between(positions, [min(g) for g in groups],
-                                  [max(g) for g in groups], alpha=0.2)
+            line, = axis.plot(positions, means, marker="o", label=metric)
+            if any(len(g) > 1 for g in groups):  # seeds: each one, and the mean's interval
+                for position, group in zip(positions, groups, strict=True):
+                    axis.scatter([position] * len(group), group, s=12, alpha=0.5,
+                                 color=line.get_color())
+                spans = [t_interval(g) for g in groups]
+                axis.errorbar(positions, means, fmt="none", capsize=4, color=line.get_color(),
+                              yerr=[[m - lo if lo == lo else 0 for m, (lo, _) in
+                                     zip(means, spans, strict=True)],
+                                    [hi - m if hi == hi else 0 for m, (_, hi) in
+                                     zip(means, spans, strict=True)]])
             if metric == ranked_by:
                 best = int(np.argmin(means) if lower_better else np.argmax(means))
                 axis.scatter([positions[best]], [means[best]], marker="*", s=260, zorder=5,

@@ -45,7 +45,7 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     binary = len(a.classes) == 2
     found = pair(a, b, metric=args.metric or ("val/dice" if binary else "val/miou"))
     if args.json:
-        print(json.dumps(_as_json(found, config), indent=2))
+        print(json.dumps(found.as_dict(config), indent=2))
         return 0
     out.print(f"A: {a.name} ({a.run_id[:8]}, epoch {a.epoch})   B: {b.name} ({b.run_id[:8]}, "
               f"epoch {b.epoch})   on the {found.frames} validation frames both were scored on",
@@ -65,24 +65,6 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
         out.print(f"config {key}: A {value_a}, B {value_b}", markup=False)
     out.print(found.verdict(), markup=False)
     return 0
-
-
-def _as_json(found, config: dict[str, list[str]]) -> dict:
-    d = found.headline
-    return {"metric": found.metric, "a": {"run_id": found.a.run_id, "name": found.a.name,
-                                          "value": d.a, "epoch": found.a.epoch},
-            "b": {"run_id": found.b.run_id, "name": found.b.name, "value": d.b,
-                  "epoch": found.b.epoch},
-            "difference": d.difference, "ci": list(d.ci), "confidence": 0.95,
-            "frames": found.frames, "separable": d.separable, "verdict": found.verdict(),
-            "scores": {s.name: {"a": s.a, "b": s.b, "difference": s.difference,
-                                "ci": list(s.ci)} for s in found.scores},
-            "per_class": {s.name.removeprefix("val/iou/"): {
-                "a": s.a, "b": s.b, "difference": s.difference, "ci": list(s.ci)}
-                for s in found.classes},
-            "losses": [{"frame": f, "difference": v} for f, v in found.losses],
-            "wins": [{"frame": f, "difference": v} for f, v in found.wins],
-            "config": {k: {"a": v[0], "b": v[1]} for k, v in config.items()}}
 
 
 def _unpaired(args: argparse.Namespace, out: Console, runs: list, missing: list,

@@ -115,6 +115,18 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
                       *(f"{row[m]:.4f}" if isinstance(row.get(m), float) else "-" for m in shown),
                       row["run_id"][:8])
     out.print(table)
+    if result.pooled:  # a grid over seeds: a row per point, its seeds pooled
+        pooled = Table("rank", "point", "n", f"{sweep.metric} mean", "95% interval", "std",
+                       "min", "max", box=None, title="seeds pooled (ranked by mean)")
+        for rank, e in enumerate(result.pooled, start=1):
+            pooled.add_row(str(rank), e["point"], str(e["n"]), f"{e['mean']:.4f}",
+                           "-" if e["ci_low"] != e["ci_low"] else
+                           f"{e['ci_low']:.4f}..{e['ci_high']:.4f}",
+                           "-" if e["std"] != e["std"] else f"{e['std']:.4f}",
+                           f"{e['min']:.4f}", f"{e['max']:.4f}")
+        out.print(pooled)
+        if result.separation:
+            out.print(result.separation, markup=False)
     if result.best is not None:
         out.print(f"best: {result.best['child']} ({sweep.metric} {result.best[sweep.metric]:.4f}); "
                   f"parent run {result.parent_id}, sweep id {result.sweep_id}")

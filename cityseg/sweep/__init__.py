@@ -8,6 +8,7 @@ One question per module; a newcomer reads run.py first:
 - worker.py: a worker claims a trial, finds earlier runs of its point, trains or resumes, reports
 - summary.py: rows, ranking, and what goes to the parent run
 - paired.py: is B really better than A? two runs paired frame by frame, with intervals
+- seeds.py: a grid's `seed` key pooled: a row per point with n, mean and its interval
 """
 
 from cityseg.sweep.run import SweepResult, open_tracker, parent_run, run_sweep, sweep_yaml

@@ -20,9 +20,8 @@ from scipy import stats
 
 from cityseg import tracking
 from cityseg.errors import CitysegError
-from cityseg.metrics import PER_FRAME, read_frame_counts, region_scores
+from cityseg.metrics import CONFIDENCE, PER_FRAME, read_frame_counts, region_scores
 
-CONFIDENCE = 0.95
 RESAMPLES = 9999
 SEED = 0  # the bootstrap's generator: the same runs give the same report
 BATCH_CELLS = 20_000_000  # frames x resamples x cells summed at once (memory, ~160 MB)
@@ -51,6 +50,20 @@ def scored(root: Path, run, *, uri: str | None = None) -> Scored | None:
         return None
     return Scored(run.info.run_id, run.info.run_name or run.info.run_id[:8], frames, counts,
                   classes, epoch)
+
+
+def pooled_record(records: list[Scored | None], name: str) -> Scored | None:
+    """Several runs of one point (its seeds) as one record: each frame's counts summed over
+    them, on the frames they all were scored on; None if any lacks a record."""
+    if not records or any(r is None for r in records):
+        return None
+    shared = set.intersection(*(set(r.frames) for r in records))
+    frames = [f for f in records[0].frames if f in shared]
+    positions = [{f: i for i, f in enumerate(r.frames)} for r in records]
+    counts = sum(r.counts[[at[f] for f in frames]] for r, at in zip(records, positions,
+                                                                     strict=True))
+    return Scored(records[0].run_id, name, frames, counts, records[0].classes,
+                  records[0].epoch)
 
 
 @dataclass
@@ -85,6 +98,26 @@ class Pairing:
     @property
     def headline(self) -> Delta:
         return self.scores[0]
+
+    def as_dict(self, config: dict[str, list[str]] | None = None) -> dict:
+        """The comparison as one JSON-able object (`cityseg compare A B --json`)."""
+        d = self.headline
+
+        def delta(s: Delta) -> dict:
+            return {"a": s.a, "b": s.b, "difference": s.difference, "ci": list(s.ci)}
+
+        return {"metric": self.metric,
+                "a": {"run_id": self.a.run_id, "name": self.a.name, "value": d.a,
+                      "epoch": self.a.epoch},
+                "b": {"run_id": self.b.run_id, "name": self.b.name, "value": d.b,
+                      "epoch": self.b.epoch},
+                "difference": d.difference, "ci": list(d.ci), "confidence": CONFIDENCE,
+                "frames": self.frames, "separable": d.separable, "verdict": self.verdict(),
+                "scores": {s.name: delta(s) for s in self.scores},
+                "per_class": {s.name.removeprefix("val/iou/"): delta(s) for s in self.classes},
+                "losses": [{"frame": f, "difference": v} for f, v in self.losses],
+                "wins": [{"frame": f, "difference": v} for f, v in self.wins],
+                "config": {k: {"a": v[0], "b": v[1]} for k, v in (config or {}).items()}}
 
     def verdict(self) -> str:
         d, name = self.headline, self.metric.removeprefix("val/")

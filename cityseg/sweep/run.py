@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from cityseg.config import to_yaml
 from cityseg.data.loader import SWEEP_JOBS_ENV, available_cpus
 from cityseg.sweep.spec import Plan, load_sweep
 from cityseg.sweep.study import default_storage, open_study, pending
-from cityseg.sweep.summary import best_of, log_summary, summary_rows
+from cityseg.sweep.summary import best_of, log_summary, pool, summary_rows
 from cityseg.sweep.worker import Worker
 
 
@@ -43,6 +43,8 @@ class SweepResult:
     best: dict[str, Any] | None
     failed: list[tuple[str, str]]  # (child, error) of the children that failed here
     url: str  # the parent run's page in the MLflow UI
+    pooled: list[dict[str, Any]] = field(default_factory=list)  # a grid over seeds: per point
+    separation: str = ""  # how sure the first place is (seeds pooled)
 
 
 def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
@@ -71,15 +73,18 @@ def run_sweep(path: str | Path, *, jobs: int = 1, storage: str | None = None,
         else:
             failed = _run_workers(plan, storage, parent_id, jobs, list(overrides))
         rows = summary_rows(plan, tracker)
-        best = best_of(rows, plan.config.metric)
+        pooled, separated = pool(plan, rows)
+        best = best_of(rows, plan.config.metric, pooled)
         left = pending(study)
         if left:  # the last worker to finish summarises everything
             report(f"{left} trial(s) still training in other workers: the last of them writes "
                    f"the summary and ends the parent run")
         else:
-            log_summary(tracker, plan, study, rows, best, report=report)
+            log_summary(tracker, plan, study, rows, best, report=report, pooled=pooled,
+                        separated=separated)
     return SweepResult(plan.sweep_id, parent_id, rows, best, failed,
-                       tracking.run_url(tracker.experiment_id, parent_id, uri=tracker.uri))
+                       tracking.run_url(tracker.experiment_id, parent_id, uri=tracker.uri),
+                       pooled, separated)
 
 
 def open_tracker(plan: Plan) -> tracking.Tracker:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,9 @@ from cityseg.data.datasets import split_dataset
 from cityseg.data.tasks import LOGGED_METRICS
 from cityseg.errors import CitysegError
 from cityseg.infer.loading import load_trained
-from cityseg.metrics import best_name, lower_is_better
+from cityseg.metrics import best_name, lower_is_better, region_scores
+from cityseg.sweep.paired import pair, pooled_record, scored
+from cityseg.sweep.seeds import pooled_rows, pools_seeds, separation
 from cityseg.sweep.spec import Plan, yaml_value
 from cityseg.sweep.study import Study, plots
 
@@ -56,9 +59,23 @@ def summary_rows(plan: Plan, tracker: tracking.Tracker) -> list[dict[str, Any]]:
     return sorted(rows, key=order)
 
 
-def best_of(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """The best complete child of ranked rows (None until one has the metric)."""
-    return next((r for r in rows if r["complete"] and isinstance(r.get(metric), float)), None)
+def best_of(rows: list[dict[str, Any]], metric: str,
+            pooled: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The best complete child of ranked rows (None until one has the metric); with seeds
+    pooled, the best seed of the best point (by mean)."""
+    chosen = set(pooled[0]["run_ids"]) if pooled else None
+    return next((r for r in rows if r["complete"] and isinstance(r.get(metric), float)
+                 and (chosen is None or r["run_id"] in chosen)), None)
+
+
+def pool(plan: Plan, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """A grid over seeds: one row per point, ranked by mean, and how sure its first place
+    is; ([], "") for any other sweep."""
+    if not pools_seeds(plan):
+        return [], ""
+    pooled = pooled_rows(plan, rows, _metrics(plan, rows))
+    found = separation(plan, rows, pooled)
+    return pooled, found.sentence(plan.config.metric, plan.config.mode) if found else ""
 
 
 def _metrics(plan: Plan, rows: list[dict[str, Any]]) -> list[str]:
@@ -71,11 +88,15 @@ def _metrics(plan: Plan, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def log_summary(tracker: tracking.Tracker, plan: Plan, study: Study, rows: list[dict[str, Any]],
-                best: dict[str, Any] | None, *, report: Callable[[str], None]) -> None:
+                best: dict[str, Any] | None, *, report: Callable[[str], None],
+                pooled: list[dict[str, Any]] | None = None, separated: str = "") -> None:
     """Everything the parent run shows of its children, once all of them are done."""
     sweep = plan.config
     metrics = _metrics(plan, rows)
-    _log_table(tracker, plan, rows, metrics)
+    _log_table(tracker, plan, rows, metrics, pooled=pooled)
+    if separated:
+        tracker.set_tags({"best_point": pooled[0]["point"], "best_vs_runner_up": separated})
+    _log_pairing(tracker, plan, rows, pooled)
     complete = [r for r in rows if r["complete"]]
     # a loss has its own scale: plotted with the scores it would flatten them
     scores = [m for m in metrics if not lower_is_better(m)]
@@ -100,9 +121,40 @@ def log_summary(tracker: tracking.Tracker, plan: Plan, study: Study, rows: list[
                       "failed_children": str(sum(r["status"] != "FINISHED" for r in rows))})
 
 
+def _log_pairing(tracker: tracking.Tracker, plan: Plan, rows: list[dict[str, Any]],
+                 pooled: list[dict[str, Any]] | None) -> None:
+    """The best point against the runner-up, paired frame by frame (`cityseg compare A B`, their
+    seeds' counts summed): comparison.json and the verdict as a tag; nothing when either
+    kept no per-frame counts."""
+    metric = plan.config.metric
+    if pooled:
+        points = [(p["point"], p["run_ids"]) for p in pooled[:2]]
+    else:
+        points = [(r["child"], [r["run_id"]]) for r in rows
+                  if r["complete"] and isinstance(r.get(metric), float)][:2]
+    if len(points) < 2:
+        return
+    where = plan.base.tracking
+    best, runner_up = (pooled_record([scored(where.dir, tracker.get_run(i), uri=where.uri)
+                                      for i in ids], name) for name, ids in points)
+    if best is None or runner_up is None:
+        return
+    region = metric if metric.removeprefix("val/") in region_scores(
+        best.counts[:1].sum(0), best.classes) else ("val/dice" if len(best.classes) == 2
+                                                    else "val/miou")
+    try:
+        found = pair(runner_up, best, metric=region)  # B, the best: "B is better by"
+    except CitysegError:  # e.g. no frame in common
+        return
+    tracker.log_text(json.dumps(found.as_dict(), indent=2), "comparison.json")
+    tracker.set_tags({"best_vs_runner_up_frames": f"A = {runner_up.name}, B = {best.name}: "
+                                                  f"{found.verdict()}"})
+
+
 def _log_table(tracker: tracking.Tracker, plan: Plan, rows: list[dict[str, Any]],
-               metrics: list[str]) -> None:
-    """summary.csv, and summary.json for the UI's artifact view (a table)."""
+               metrics: list[str], *, pooled: list[dict[str, Any]] | None = None) -> None:
+    """summary.csv (a row per child), and summary.json for the UI's artifact view (a table:
+    a row per point with its seeds pooled, else per child)."""
     columns = ["rank", "child", "trial", *plan.keys, "status", "pruned", "epochs", *metrics,
                "run_id"]
     table = [{"rank": rank, **{c: row.get(c, "") for c in columns[1:]}}
@@ -112,6 +164,13 @@ def _log_table(tracker: tracking.Tracker, plan: Plan, rows: list[dict[str, Any]]
     writer.writeheader()
     writer.writerows(table)
     tracker.log_text(buffer.getvalue(), "summary.csv")
+    if pooled:  # one row per point: numbers as numbers, the rest (seeds, run ids) as text
+        ranked = [{"rank": rank, **entry} for rank, entry in enumerate(pooled, start=1)]
+        columns = list(dict.fromkeys(k for entry in ranked for k in entry))
+        tracker.log_table({ui_column(c): [e.get(c) if isinstance(e.get(c), (int, float))
+                                          else str(e.get(c, "")) for e in ranked]
+                           for c in columns}, "summary.json")
+        return
     # values as text where a column's types mix
     tracker.log_table({ui_column(c): [r[c] if isinstance(r[c], (int, float, bool))
                                       and c in metrics or c in ("rank", "epochs") else str(r[c])
