@@ -76,8 +76,10 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     run_id = _source_run(args)
     _check_write_threshold(args, run_id)
     trained = _load(args, run_id, device=args.device, overrides=overrides)
+    per_frame: dict = {}  # each frame's counts: `cityseg compare` pairs two evaluations
     found, confusion = evaluation.evaluate(trained, split=args.split,
-                                           full_resolution=args.full_resolution)
+                                           full_resolution=args.full_resolution,
+                                           per_frame=per_frame)
     resolution = ("full-resolution labels" if args.full_resolution
                   else f"{list(trained.exp.data.image_size)}")
     # the title on its own line: a table two columns wide would wrap it into ragged lines
@@ -102,7 +104,8 @@ def cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     if not args.no_log:
         run_id = evaluation.log_evaluation(trained, runs=args.runs, split=args.split,
                                            full_resolution=args.full_resolution, found=found,
-                                           confusion=confusion, calibration=calibration)
+                                           confusion=confusion, calibration=calibration,
+                                           per_frame=per_frame)
         out.print(f"evaluation logged as MLflow run {run_id} (source run {trained.run_id})")
     return 0
 

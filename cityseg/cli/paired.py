@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import PurePosixPath
+import sys
+import tempfile
+from pathlib import Path, PurePosixPath
 
 import yaml
 from rich.console import Console
@@ -45,6 +47,8 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     binary = len(a.classes) == 2
     found = pair(a, b, metric=args.metric or ("val/dice" if binary else "val/miou"))
     if args.json:
+        if args.out is not None or args.log:
+            _write_panels(args, out, found, runs, config)
         print(json.dumps(found.as_dict(config), indent=2))
         return 0
     out.print(f"A: {a.name} ({a.run_id[:8]}, epoch {a.epoch})   B: {b.name} ({b.run_id[:8]}, "
@@ -64,7 +68,45 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     for key, (value_a, value_b) in config.items():
         out.print(f"config {key}: A {value_a}, B {value_b}", markup=False)
     out.print(found.verdict(), markup=False)
+    if args.out is not None or args.log:
+        _write_panels(args, out, found, runs, config)
     return 0
+
+
+def _write_panels(args: argparse.Namespace, out: Console, found, runs: list,
+                  config: dict[str, list[str]]) -> None:
+    """The frames B loses and wins most as a picture, with the comparison's JSON: into --out,
+    and with --log into run B's artifacts."""
+    from cityseg.infer.files import check_out, make_out, save_png
+    from cityseg.runtime.files import written_whole
+    from cityseg.sweep.paired import frames_panel
+    from cityseg.tracking.queries import add_artifact
+
+    # an evaluation run's model is its source run's
+    source = {r.info.run_id: r.data.tags["source_run"] for r in runs
+              if "source_run" in r.data.tags}
+    panel = frames_panel(found, args.runs, source=source)
+    with tempfile.TemporaryDirectory(prefix="cityseg-compare-") as folder:
+        stem = f"compare_{found.a.run_id[:8]}_{found.b.run_id[:8]}"
+        target = args.out if args.out is not None else Path(folder)
+        check_out(target)
+        make_out(target)
+        written = [target / f"{stem}.json"]
+        with written_whole(written[0]) as partial:
+            partial.write_text(json.dumps(found.as_dict(config), indent=2))
+        if panel is not None:
+            save_png(panel, target / f"{stem}.png", written=1)
+            written.append(target / f"{stem}.png")
+        elif found.losses or found.wins:
+            print("note: the frames' picture was left out: a model or the data is not on this "
+                  "machine", file=sys.stderr)
+        if args.log:
+            for path in written:
+                add_artifact(args.runs, found.b.run_id, path,
+                                      f"compare/{found.a.run_id[:8]}")
+    if not args.json:
+        shown = args.out if args.out is not None else f"run {found.b.run_id[:8]}'s artifacts"
+        out.print(f"the frames and the comparison: {shown}", markup=False)
 
 
 def _unpaired(args: argparse.Namespace, out: Console, runs: list, missing: list,

@@ -127,6 +127,11 @@ def _add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=30, help="rows shown")
     p.add_argument("--json", action="store_true",
                    help="with two runs: the comparison as one JSON object, for scripts")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="with two runs: write the frames B loses and wins most (input, ground "
+                        "truth, A, B) and the comparison there")
+    p.add_argument("--log", action="store_true",
+                   help="with two runs: log the same to run B, under compare/<A's id start>/")
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:

@@ -4,21 +4,23 @@ binary threshold calibrated, and the evaluation logged as an MLflow run of its o
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from cityseg import checkpoints, tracking, viz
-from cityseg.data.datasets import data_index, split_dataset, task_lut
+from cityseg.data.datasets import data_index, frame_names, split_dataset, task_lut
 from cityseg.data.layouts import read_sample
 from cityseg.data.tasks import Task
 from cityseg.errors import CitysegError
 from cityseg.infer.loading import Trained
-from cityseg.metrics import confusion_record
+from cityseg.metrics import PER_FRAME, confusion_record, write_frame_counts
 
 HISTOGRAM_BINS = 1000  # threshold resolution of the calibration
 
@@ -39,20 +41,25 @@ def split_loader(trained: Trained, split: str) -> DataLoader:
     return DataLoader(dataset, batch_size=p.batch_size, num_workers=p.workers)
 
 
-def evaluate(trained: Trained, *, split: str, full_resolution: bool
-             ) -> tuple[dict[str, float], torch.Tensor]:
-    """The training metrics of the model on a split; (scores, confusion counts).
+def evaluate(trained: Trained, *, split: str, full_resolution: bool,
+             per_frame: dict[str, Any] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """The training metrics of the model on a split; (scores, confusion counts); each frame's
+    own counts into `per_frame` ("frames": names, "counts": array) if given.
 
     At the training size, the split is scored as validation scores it; at full resolution,
     every label of the files is scored against exactly what `predict` writes for the photo.
     """
     tolerance = trained.exp.trainer.boundary_tolerance_diagonal
+    counted: list[np.ndarray] | None = [] if per_frame is not None else None
     if full_resolution:
         found, counts = trained.predictor.evaluate_photos(_full_resolution(trained, split),
-                                                          tolerance=tolerance)
+                                                          tolerance=tolerance, frames=counted)
     else:
         found, counts = trained.predictor.evaluate(split_loader(trained, split),
-                                                   tolerance=tolerance)
+                                                   tolerance=tolerance, frames=counted)
+    if per_frame is not None and counted:
+        index = data_index(trained.exp.data, (split,))
+        per_frame.update(frames=frame_names(index, split), counts=np.stack(counted))
     if counts.sum() == 0:
         raise CitysegError(f"split {split!r} has no labelled pixels (Cityscapes' test labels are "
                            f"not public); evaluate on val or train")
@@ -115,8 +122,10 @@ def write_threshold(trained: Trained, threshold: float) -> None:
 
 def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution: bool,
                    found: dict[str, float], confusion: torch.Tensor,
-                   calibration: Calibration | None) -> str:
-    """A new MLflow run holding the evaluation, linked to the run that trained the model."""
+                   calibration: Calibration | None,
+                   per_frame: dict[str, Any] | None = None) -> str:
+    """A new MLflow run holding the evaluation, linked to the run that trained the model (with
+    each frame's counts, eval/per_frame.npz, when given: `cityseg compare` pairs two of them)."""
     tracker = tracking.open(runs, experiment=trained.exp.tracking.experiment,
                             uri=trained.exp.tracking.uri)
     task = trained.task
@@ -124,9 +133,17 @@ def log_evaluation(trained: Trained, *, runs: Path, split: str, full_resolution:
             "eval_resolution": "full" if full_resolution else "training",
             "checkpoint": str(trained.path), "threshold": str(trained.threshold),
             "inference": trained.exp.trainer.inference.describe()}
-    with tracker.session(run_name=f"eval-{trained.exp.name}-{split}", tags=tags) as run_id:
+    folder = tempfile.TemporaryDirectory(prefix="cityseg-eval-")  # outlives the run's writes
+    with folder, tracker.session(run_name=f"eval-{trained.exp.name}-{split}",
+                                 tags=tags) as run_id:
         tracker.log_metrics({f"{split}/{k}": v for k, v in found.items()}, step=0)
         log_confusion(tracker, task, confusion)
+        if per_frame:
+            path = Path(folder.name) / Path(PER_FRAME).name
+            write_frame_counts(path, frames=per_frame["frames"], counts=per_frame["counts"],
+                               class_names=task.class_names,
+                               epoch=int(trained.checkpoint.get("epoch", 0)))
+            tracker.log_file(path, str(Path(PER_FRAME).parent))
         samples = _sample_arrays(trained, split)
         if samples is not None:
             tracker.log_image(viz.sample_panel(*samples, task=task), f"samples/{split}.png")

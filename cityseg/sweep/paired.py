@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import stats
 
 from cityseg import tracking
@@ -184,3 +185,37 @@ def _interval(ca: np.ndarray, cb: np.ndarray, classes: list[str], keys: list[str
                              batch=max(1, BATCH_CELLS // (frames * cells)))
     low, high = result.confidence_interval
     return np.asarray(low), np.asarray(high)
+
+
+def frames_panel(found: Pairing, root: Path, *, uri: str | None = None,
+                 source: dict[str, str] | None = None) -> np.ndarray | None:
+    """The frames B loses and wins most (input, ground truth, A's and B's prediction), as one
+    picture; None when a model or the data is not on this machine. `source` maps a run id to
+    the run whose checkpoint scored it (an evaluation's source run)."""
+    from cityseg import viz
+    from cityseg.data.datasets import data_index, frame_names, split_dataset
+    from cityseg.infer.loading import load_trained
+
+    names = [name for name, _ in (*found.losses, *found.wins)]
+    if not names:
+        return None
+    source = source or {}
+    try:
+        models = [load_trained(run_id=source.get(s.run_id, s.run_id), checkpoint=None,
+                               runs=root, uri=uri) for s in (found.a, found.b)]
+        p = models[0].exp.data
+        split = p.validation_split
+        position = {n: i for i, n in enumerate(frame_names(data_index(p, (split,)), split))}
+        dataset, _ = split_dataset(p, split)
+    except CitysegError:
+        return None
+    chosen = [position[n] for n in names if n in position]
+    if not chosen:
+        return None
+    images = torch.stack([dataset[i][0] for i in chosen])
+    masks = torch.stack([dataset[i][1] for i in chosen])
+    columns = {f"A {found.a.name} ({found.a.run_id[:8]})": models[0].predictor.predict(images),
+               f"B {found.b.name} ({found.b.run_id[:8]})": models[1].predictor.predict(images)}
+    return viz.comparison_panel(images.numpy(), masks.numpy(),
+                                {k: v.cpu().numpy() for k, v in columns.items()},
+                                task=models[0].task)

@@ -2,11 +2,13 @@
 batched region scores against the scalar ones validation logs."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from cityseg.cli import main
 from cityseg.config import load_experiment
@@ -152,6 +154,27 @@ def test_compare_a_b_pairs_two_runs_frame_by_frame(tmp_path, capsys):
     assert main(["compare", ids[0], ids[1], "--runs", runs]) == 0
     out = capsys.readouterr().out
     assert "val/dice" in out and found["verdict"] in out.replace("\n", " ")
+    # the frames B loses and wins most, as a picture (a row each), into --out and run B
+    listed = len(found["losses"]) + len(found["wins"])
+    assert main(["compare", ids[0], ids[1], "--runs", runs, "--out", str(tmp_path / "c"),
+                 "--log"]) == 0
+    stem = f"compare_{ids[0][:8]}_{ids[1][:8]}"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [f"{stem}.json", f"{stem}.png"]
+    with Image.open(tmp_path / "c" / f"{stem}.png") as picture:
+        assert picture.height > listed * 32  # a row per frame, each at least the frame's size
+    logged_files = {a.path for a in client.list_artifacts(ids[1], f"compare/{ids[0][:8]}")}
+    assert logged_files == {f"compare/{ids[0][:8]}/{stem}.json",
+                            f"compare/{ids[0][:8]}/{stem}.png"}
+    capsys.readouterr()
+    # `evaluate` keeps each frame's counts too: two evaluations pair as their runs did
+    evaluations = []
+    for run_id in ids:
+        assert main(["evaluate", "--run", run_id, "--runs", runs]) == 0
+        evaluations.append(re.search(r"logged as MLflow run (\w+)", capsys.readouterr().out)[1])
+    assert main(["compare", *evaluations, "--runs", runs, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["a"]["value"], again["b"]["value"]) == pytest.approx(logged, abs=1e-12)
+    assert again["ci"] == pytest.approx(found["ci"]) and again["frames"] == found["frames"]
 
 
 def test_compare_a_b_of_runs_without_per_frame_counts_says_so(tmp_path, capsys):
