@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 CITYSCAPES_MINI = REPO.parent / "shared" / "data" / "cityscapes-mini"
+AACHEN = REPO.parent / "shared" / "data" / "aachen-sequences"
+MOBILENET_V2_WEIGHTS = (REPO.parent / "shared" / "data" / "weights"
+                        / "mobilenet_v2-imagenet-features.pth")
 NO_MODEL = "tracking.log_model=false"
 
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cityseg.errors import CitysegError
-from cityseg.metrics import best_name
+from cityseg.metrics import best_name, lower_is_better
 
 
 def settings_of(root, run) -> dict[str, str]:
@@ -32,7 +32,7 @@ def settings_of(root, run) -> dict[str, str]:
 
 def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     from cityseg import tracking
-    from cityseg.sweep.paired import pair, scored
+    from cityseg.sweep.paired import scored
 
     store = tracking.open_store(args.runs)
     runs = [store.client.get_run(tracking.full_run_id(store, given)) for given in args.pair]
@@ -43,6 +43,49 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     missing = [run for run, record in zip(runs, records, strict=True) if record is None]
     if missing:  # older runs: the dataset-level numbers MLflow has, no pairing
         return _unpaired(args, out, runs, missing, config)
+    return _report(args, out, records, runs, config)
+
+
+def cmd_compare_best_two(args: argparse.Namespace, out: Console) -> int:
+    """A sweep's two best points, each one's seeds pooled (their counts summed frame by
+    frame): A the runner-up, B the best."""
+    from cityseg import tracking
+    from cityseg.sweep.paired import pooled_record, scored
+
+    metric = args.metric or "val/dice"
+    children = [r for r in tracking.search_runs(args.runs, experiment=args.experiment,
+                                                sweep_id=args.sweep)
+                if r.data.tags.get("sweep_role") == "child" and r.info.status == "FINISHED"
+                and metric in r.data.metrics]
+    points: dict[str, list] = {}
+    for run in children:  # a point: its swept values but the seed
+        label = ",".join(f"{k.removeprefix('sweep.')}={v}" for k, v in sorted(
+            run.data.tags.items()) if k.startswith("sweep.") and k != "sweep.seed")
+        points.setdefault(label or "all", []).append(run)
+    if len(points) < 2:
+        raise CitysegError(f"sweep {args.sweep}: {len(points)} point(s) with {metric} in "
+                           f"{args.runs}: --best-two needs two")
+    sign = 1 if lower_is_better(metric) else -1
+    ranked = sorted(points.items(), key=lambda kv: sign * sum(
+        r.data.metrics[metric] for r in kv[1]) / len(kv[1]))
+    (best, best_runs), (second, second_runs) = ranked[:2]
+    records = [pooled_record([scored(args.runs, r) for r in group], f"{label} (n={len(group)})")
+               for label, group in ((second, second_runs), (best, best_runs))]
+    if None in records:
+        raise CitysegError(f"sweep {args.sweep}: a child of {best} or {second} kept no "
+                           f"per-frame counts (trained before cityseg kept them)")
+    runs = [second_runs[0], best_runs[0]]
+    settings = [settings_of(args.runs, run) for run in runs]
+    config = {k: [s.get(k, "-") for s in settings] for k in sorted(settings[0].keys()
+              | settings[1].keys()) if settings[0].get(k) != settings[1].get(k) and k != "seed"}
+    return _report(args, out, records, runs, config)
+
+
+def _report(args: argparse.Namespace, out: Console, records: list, runs: list,
+            config: dict[str, list[str]]) -> int:
+    """The paired comparison of A and B, printed (or as JSON), with the frames' picture."""
+    from cityseg.sweep.paired import pair
+
     a, b = records
     binary = len(a.classes) == 2
     found = pair(a, b, metric=args.metric or ("val/dice" if binary else "val/miou"))

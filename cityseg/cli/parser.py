@@ -130,6 +130,9 @@ def _add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="with two runs: write the frames B loses and wins most (input, ground "
                         "truth, A, B) and the comparison there")
+    p.add_argument("--best-two", action="store_true",
+                   help="with --sweep: pair its two best points, each one's seeds pooled (A "
+                        "the runner-up, B the best)")
     p.add_argument("--log", action="store_true",
                    help="with two runs: log the same to run B, under compare/<A's id start>/")
 

@@ -138,8 +138,13 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_compare(args: argparse.Namespace, out: Console) -> int:
     from cityseg import tracking
-    from cityseg.cli.paired import cmd_compare_pair, settings_of
+    from cityseg.cli.paired import cmd_compare_best_two, cmd_compare_pair, settings_of
 
+    if args.best_two:
+        if args.sweep is None or args.pair:
+            raise CitysegError("--best-two pairs the two best points of a sweep: give --sweep "
+                               "SWEEP_ID (and no run ids)")
+        return cmd_compare_best_two(args, out)
     if args.pair:
         if len(args.pair) != 2:
             raise CitysegError(f"compare takes two runs to pair (A and B), got {len(args.pair)}: "

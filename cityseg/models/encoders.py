@@ -56,6 +56,10 @@ ENCODERS: dict[str, EncoderSpec] = {
         "MobileNetV3-Large (3.0M): fast, for mobile and CPU",
         _features(range(0, 2), range(2, 4), range(4, 7), range(7, 13), range(13, 17)),
         (16, 24, 40, 112, 960), 2, ("classifier",)),
+    "mobilenet_v2": EncoderSpec(
+        "MobileNetV2 (2.2M): small and fast on a CPU; real ImageNet features can be had offline",
+        _features(range(0, 2), range(2, 4), range(4, 7), range(7, 14), range(14, 19)),
+        (16, 24, 32, 96, 1280), 2, ("classifier",)),
     "efficientnet_b0": EncoderSpec(
         "EfficientNet-B0 (4.0M)",
         _features(range(0, 2), range(2, 3), range(3, 4), range(4, 6), range(6, 9)),

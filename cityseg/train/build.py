@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import signal
 from dataclasses import dataclass
 
@@ -131,10 +132,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a ru
 
 def _leave_stops_to_the_main_process(worker_id: int) -> None:
     """Ctrl-C, `timeout`, Slurm's scancel and a closing terminal signal the whole process
-    group: workers leave the stop to the main process, which checkpoints and stops, instead
-    of dying under it (PyTorch ends them when it goes)."""
+    group: a worker leaves it for a group of its own, so the stop is the main process's, which
+    checkpoints and stops, instead of the worker dying under it. SIGTERM keeps its default: the
+    main process (PyTorch, or Python at exit) ends its workers with it, and a worker ignoring
+    it would hang that exit."""
+    os.setpgrp()
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:  # sent to the worker alone: still the main process's to act
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def loaders(splits: DataSplits, exp: Experiment, world: distributed.World, *,

@@ -17,6 +17,7 @@ from cityseg.optim import param_groups
 from cityseg.registry import MODELS
 from cityseg.tracking import tracking_uri
 from cityseg.train.runner import run
+from tests.conftest import MOBILENET_V2_WEIGHTS as WEIGHTS
 from tests.conftest import QUICKSTART, tiny_overrides
 
 
@@ -129,3 +130,39 @@ def test_frozen_encoder_keeps_its_weights_and_batchnorm_statistics(tmp_path):
     trained = encoder_bns(0)
     assert not torch.equal(trained["encoder.net.bn1.weight"], torch.ones(64))
     assert trained["encoder.net.bn1.num_batches_tracked"] > 0
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_every_encoder_at_every_depth_it_allows_gives_the_stated_channels_and_widths(name):
+    """Each stage's channels and stride as ENCODERS states them, and the decoder's width at
+    stride s base_channels * s / 2 (docs/experiments.md), at every depth the encoder allows."""
+    spec = ENCODERS[name]
+    first = spec.first_stride.bit_length() - 1
+    for depth in range(first, first + len(spec.stages)):
+        _, model = build(f"model.encoder={name}", f"model.depth={depth}",
+                         "model.base_channels=8")
+        model.eval()
+        with torch.no_grad():
+            features = model.encoder(torch.zeros(1, 3, 64, 64))
+        used = depth - first + 1
+        assert [f.shape[1] for f in features] == list(spec.channels[:used]), depth
+        assert [64 // f.shape[-1] for f in features] == [spec.first_stride * 2**i
+                                                         for i in range(used)], depth
+        # the decoder, deepest first: each Up's output at its stride, down to full resolution
+        strides = [spec.first_stride * 2**i for i in range(used - 1)][::-1]
+        strides += [spec.first_stride // 2**i for i in range(1, first + 1)]
+        assert [up.conv.block[0].out_channels for up in model.ups] == [
+            max(1, 8 * s // 2) for s in strides], depth
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"{WEIGHTS} is not here (../shared/data)")
+def test_the_shared_imagenet_mobilenet_v2_features_load_with_every_tensor_matched():
+    _, model = build("model.encoder=mobilenet_v2", "model.depth=5", f"model.weights={WEIGHTS}")
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    own = model.encoder.net.state_dict()
+    assert own.keys() <= state.keys()
+    for key, tensor in own.items():
+        assert torch.equal(tensor, state[key]), key
+    # trained batch norm: its statistics are not the initial ones
+    assert not torch.equal(own["features.0.1.running_var"], torch.ones_like(
+        own["features.0.1.running_var"]))

@@ -70,5 +70,14 @@ def test_a_sweep_over_seeds_summarises_one_row_per_point(tmp_path, capsys):
         assert column in table, summary["columns"]
     assert sorted(table["loss/pos_weight"]) == [1, 8]
     assert "best_vs_runner_up" in parent.data.tags
+    # its two best points paired frame by frame, seeds pooled: on the parent, and on demand
+    (tmp_path / "c").mkdir()
+    stated = json.loads(Path(client.download_artifacts(parent.info.run_id, "comparison.json",
+                                                       str(tmp_path / "c"))).read_text())
+    assert main(["compare", "--sweep", parent.data.tags["sweep_id"], "--best-two", "--json",
+                 "--runs", str(tmp_path / "runs")]) == 0
+    asked = json.loads(capsys.readouterr().out)
+    assert asked["difference"] == pytest.approx(stated["difference"])
+    assert asked["ci"] == pytest.approx(stated["ci"]) and asked["frames"] == stated["frames"]
     assert {"plots/loss_pos_weight.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
