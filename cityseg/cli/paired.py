@@ -30,6 +30,13 @@ def settings_of(root, run) -> dict[str, str]:
     return {**flatten(tree), **run.data.params}
 
 
+def differences(root, runs: list) -> dict[str, list[str]]:
+    """The settings two runs differ in: key -> [A's, B's] ("-" where one lacks it)."""
+    a, b = (settings_of(root, run) for run in runs)
+    return {k: [a.get(k, "-"), b.get(k, "-")] for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)}
+
+
 def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     from cityseg import tracking
     from cityseg.sweep.paired import scored
@@ -37,9 +44,7 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     store = tracking.open_store(args.runs)
     runs = [store.client.get_run(tracking.full_run_id(store, given)) for given in args.pair]
     records = [scored(args.runs, run) for run in runs]
-    settings = [settings_of(args.runs, run) for run in runs]
-    config = {k: [s.get(k, "-") for s in settings] for k in sorted(settings[0].keys()
-              | settings[1].keys()) if settings[0].get(k) != settings[1].get(k)}
+    config = differences(args.runs, runs)
     missing = [run for run, record in zip(runs, records, strict=True) if record is None]
     if missing:  # older runs: the dataset-level numbers MLflow has, no pairing
         return _unpaired(args, out, runs, missing, config)
@@ -75,9 +80,7 @@ def cmd_compare_best_two(args: argparse.Namespace, out: Console) -> int:
         raise CitysegError(f"sweep {args.sweep}: a child of {best} or {second} kept no "
                            f"per-frame counts (trained before cityseg kept them)")
     runs = [second_runs[0], best_runs[0]]
-    settings = [settings_of(args.runs, run) for run in runs]
-    config = {k: [s.get(k, "-") for s in settings] for k in sorted(settings[0].keys()
-              | settings[1].keys()) if settings[0].get(k) != settings[1].get(k) and k != "seed"}
+    config = {k: v for k, v in differences(args.runs, runs).items() if k != "seed"}
     return _report(args, out, records, runs, config)
 
 
