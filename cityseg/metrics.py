@@ -119,77 +119,66 @@ def binary_predictions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return (torch.sigmoid(logits[:, 0].float()) > threshold).long()
 
 
-def _ratio(num: int, den: int, *, empty: float) -> float:
-    return num / den if den else empty
+def _ratio(num, den, empty):
+    """num / den, and `empty` where the denominator is zero (elementwise)."""
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), empty)
 
 
-def binary_scores(counts: torch.Tensor) -> dict[str, float]:
-    """Foreground dice, iou, precision, recall and pixel accuracy from a 2x2 confusion matrix.
+def binary_region_scores(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Foreground dice, iou, precision, recall and pixel accuracy of 2x2 confusion matrices
+    (..., 2, 2), as float64 arrays of the batch's shape.
 
     A ratio whose denominator is zero means that class was absent where it is counted: with
     no foreground in ground truth or prediction, dice/iou/precision/recall are 1.0 (nothing
     to find, nothing wrongly found); otherwise a zero denominator gives 0.0.
     """
-    (tn, fp), (fn, tp) = counts.tolist()  # one device->host copy
-    no_foreground = tp + fp + fn == 0
-    empty = 1.0 if no_foreground else 0.0
-    return {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, empty=empty),
-        "iou": _ratio(tp, tp + fp + fn, empty=empty),
-        "precision": _ratio(tp, tp + fp, empty=empty),
-        "recall": _ratio(tp, tp + fn, empty=empty),
-        "accuracy": _ratio(tp + tn, tp + tn + fp + fn, empty=1.0),
-    }
+    m = np.asarray(counts, dtype=np.float64)
+    tn, fp, fn, tp = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
+    empty = np.where(tp + fp + fn == 0, 1.0, 0.0)
+    return {"dice": _ratio(2 * tp, 2 * tp + fp + fn, empty),
+            "iou": _ratio(tp, tp + fp + fn, empty),
+            "precision": _ratio(tp, tp + fp, empty), "recall": _ratio(tp, tp + fn, empty),
+            "accuracy": _ratio(tp + tn, tp + tn + fp + fn, 1.0)}
 
 
-def multiclass_scores(counts: torch.Tensor, class_names: tuple[str, ...]) -> dict[str, float]:
-    """mIoU, pixel accuracy and per-class IoU from a C x C confusion matrix (Cityscapes definition).
+def multiclass_region_scores(counts: np.ndarray, class_names: tuple[str, ...] | list[str]
+                             ) -> dict[str, np.ndarray]:
+    """mIoU, pixel accuracy and per-class IoU of C x C confusion matrices (..., C, C), as float64
+    arrays of the batch's shape (Cityscapes definition).
 
     IoU_c = tp_c / (tp_c + fp_c + fn_c) over the whole dataset. A class absent from both ground
-    truth and prediction has no IoU: it is left out of the mean and not reported.
+    truth and prediction has no IoU (NaN here): it is left out of the mean.
     """
-    m = counts.double().cpu()  # one device->host copy
-    tp = m.diag()
-    union = m.sum(0) + m.sum(1) - tp  # tp + fp + fn
-    present = union > 0
-    iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
-    total = m.sum().item()
-    scores = {"miou": iou[present].mean().item() if present.any() else 1.0,
-              "pixel_accuracy": tp.sum().item() / total if total else 1.0}
-    for name, value, here in zip(class_names, iou.tolist(), present.tolist(), strict=True):
-        if here:
-            scores[f"iou/{name.replace(' ', '_')}"] = value
+    m = np.asarray(counts, dtype=np.float64)
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-2) + m.sum(-1) - tp  # tp + fp + fn
+    iou = _ratio(tp, union, np.nan)
+    scores = {"miou": _ratio(np.nansum(iou, -1), (union > 0).sum(-1), 1.0),
+              "pixel_accuracy": _ratio(tp.sum(-1), m.sum((-2, -1)), 1.0)}
+    for i, name in enumerate(class_names):
+        scores[f"iou/{name.replace(' ', '_')}"] = iou[..., i]
     return scores
 
 
 def region_scores(counts: np.ndarray, class_names: tuple[str, ...] | list[str]
                   ) -> dict[str, np.ndarray]:
-    """The region scores of `binary_scores` (two classes) or `multiclass_scores` for a batch of
-    confusion matrices (..., C, C) at once (what a bootstrap recomputes from each resample's
-    summed counts), as float64 arrays of the batch's shape; a class's IoU is NaN where it is
-    absent (the scalar functions leave it out)."""
-    m = np.asarray(counts, dtype=np.float64)
-
-    def ratio(num, den, empty):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), empty)
-
+    """The region scores of a batch of confusion matrices (..., C, C) at once (what a bootstrap
+    recomputes from each resample's summed counts): binary for two classes, else multiclass."""
     if len(class_names) == 2:
-        tn, fp, fn, tp = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
-        empty = np.where(tp + fp + fn == 0, 1.0, 0.0)
-        return {"dice": ratio(2 * tp, 2 * tp + fp + fn, empty),
-                "iou": ratio(tp, tp + fp + fn, empty),
-                "precision": ratio(tp, tp + fp, empty), "recall": ratio(tp, tp + fn, empty),
-                "accuracy": ratio(tp + tn, tp + tn + fp + fn, 1.0)}
-    tp = np.diagonal(m, axis1=-2, axis2=-1)
-    union = m.sum(-2) + m.sum(-1) - tp
-    iou = ratio(tp, union, np.nan)
-    present = (union > 0).sum(-1)
-    total = m.sum((-2, -1))
-    scores = {"miou": ratio(np.nansum(iou, -1), present, 1.0),
-              "pixel_accuracy": ratio(tp.sum(-1), total, 1.0)}
-    for i, name in enumerate(class_names):
-        scores[f"iou/{name.replace(' ', '_')}"] = iou[..., i]
-    return scores
+        return binary_region_scores(counts)
+    return multiclass_region_scores(counts, class_names)
+
+
+def binary_scores(counts: torch.Tensor) -> dict[str, float]:
+    """`binary_region_scores` of one 2x2 confusion matrix (one device->host copy)."""
+    return {k: float(v) for k, v in binary_region_scores(counts.cpu().numpy()).items()}
+
+
+def multiclass_scores(counts: torch.Tensor, class_names: tuple[str, ...]) -> dict[str, float]:
+    """`multiclass_region_scores` of one C x C confusion matrix (one device->host copy); a
+    class absent from ground truth and prediction is not reported."""
+    found = multiclass_region_scores(counts.cpu().numpy(), class_names)
+    return {k: float(v) for k, v in found.items() if not np.isnan(v)}
 
 
 # the band width of Cheng et al. 2021 ("Boundary IoU: Improving Object-Centric Image

@@ -90,8 +90,7 @@ def _report(args: argparse.Namespace, out: Console, records: list, runs: list,
     from cityseg.sweep.paired import pair
 
     a, b = records
-    binary = len(a.classes) == 2
-    found = pair(a, b, metric=args.metric or ("val/dice" if binary else "val/miou"))
+    found = pair(a, b, metric=args.metric)
     if args.json:
         if args.out is not None or args.log:
             _write_panels(args, out, found, runs, config)

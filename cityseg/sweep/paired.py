@@ -129,8 +129,20 @@ class Pairing:
         return f"{better} is better by {by:.4f} {name} ({where})"
 
 
-def pair(a: Scored, b: Scored, *, metric: str, resamples: int = RESAMPLES) -> Pairing:
-    """The paired comparison of two runs on the frames both were scored on."""
+def region_metric(metric: str | None, classes: list[str]) -> str:
+    """`metric` where it is a region score of these classes (what per-frame counts can
+    recompute), else the task's headline one: val/dice, or val/miou for multiclass."""
+    if metric is not None and metric.removeprefix("val/") in region_scores(
+            np.zeros((len(classes), len(classes))), classes):
+        return metric
+    return "val/dice" if len(classes) == 2 else "val/miou"
+
+
+def pair(a: Scored, b: Scored, *, metric: str | None = None,
+         resamples: int = RESAMPLES) -> Pairing:
+    """The paired comparison of two runs on the frames both were scored on, by `metric` (a
+    region score; None: the task's headline one)."""
+    metric = metric or region_metric(None, a.classes)
     if a.classes != b.classes:
         raise CitysegError(f"runs {a.run_id[:8]} and {b.run_id[:8]} score different classes "
                            f"({len(a.classes)} and {len(b.classes)}): nothing to pair")

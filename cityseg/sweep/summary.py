@@ -20,8 +20,8 @@ from cityseg.data.datasets import split_dataset
 from cityseg.data.tasks import LOGGED_METRICS
 from cityseg.errors import CitysegError
 from cityseg.infer.loading import load_trained
-from cityseg.metrics import best_name, lower_is_better, region_scores
-from cityseg.sweep.paired import pair, pooled_record, scored
+from cityseg.metrics import best_name, lower_is_better
+from cityseg.sweep.paired import pair, pooled_record, region_metric, scored
 from cityseg.sweep.seeds import pooled_rows, pools_seeds, separation
 from cityseg.sweep.spec import Plan, yaml_value
 from cityseg.sweep.study import Study, plots
@@ -139,11 +139,8 @@ def _log_pairing(tracker: tracking.Tracker, plan: Plan, rows: list[dict[str, Any
                                       for i in ids], name) for name, ids in points)
     if best is None or runner_up is None:
         return
-    region = metric if metric.removeprefix("val/") in region_scores(
-        best.counts[:1].sum(0), best.classes) else ("val/dice" if len(best.classes) == 2
-                                                    else "val/miou")
-    try:
-        found = pair(runner_up, best, metric=region)  # B, the best: "B is better by"
+    try:  # B, the best: "B is better by"
+        found = pair(runner_up, best, metric=region_metric(metric, best.classes))
     except CitysegError:  # e.g. no frame in common
         return
     tracker.log_text(json.dumps(found.as_dict(), indent=2), "comparison.json")
