@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -38,17 +39,35 @@ def differences(root, runs: list) -> dict[str, list[str]]:
 
 
 def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
+    """A against B, each one run or several (A1,A2,A3: the seeds of one setting, their counts
+    summed frame by frame)."""
     from cityseg import tracking
-    from cityseg.sweep.paired import scored
+    from cityseg.sweep.paired import pooled_record, scored
 
     store = tracking.open_store(args.runs)
-    runs = [store.client.get_run(tracking.full_run_id(store, given)) for given in args.pair]
-    records = [scored(args.runs, run) for run in runs]
-    config = differences(args.runs, runs)
-    missing = [run for run, record in zip(runs, records, strict=True) if record is None]
-    if missing:  # older runs: the dataset-level numbers MLflow has, no pairing
-        return _unpaired(args, out, runs, missing, config)
-    return _report(args, out, records, runs, config)
+    groups = [[store.client.get_run(tracking.full_run_id(store, given))
+               for given in side.split(",") if given] for side in args.pair]
+    if not all(groups):
+        raise CitysegError(f"compare: a side names no run ({' '.join(args.pair)})")
+    runs = [group[0] for group in groups]
+    if all(len(group) == 1 for group in groups):
+        records = [scored(args.runs, run) for run in runs]
+        config = differences(args.runs, runs)
+        missing = [run for run, record in zip(runs, records, strict=True) if record is None]
+        if missing:  # older runs: the dataset-level numbers MLflow has, no pairing
+            return _unpaired(args, out, runs, missing, config)
+        return _report(args, out, records, runs, config)
+    each = [[scored(args.runs, run) for run in group] for group in groups]
+    for group, found in zip(groups, each, strict=True):
+        if None in found:
+            raise CitysegError(f"run {group[found.index(None)].info.run_id[:8]} kept no "
+                               f"per-frame counts (trained before cityseg kept them): runs "
+                               f"are pooled by their frames' counts")
+    records = [pooled_record(found, f"{group[0].info.run_name or group[0].info.run_id[:8]} "
+                                    f"(n={len(group)})")
+               for group, found in zip(groups, each, strict=True)]
+    config = {k: v for k, v in differences(args.runs, runs).items() if k != "seed"}
+    return _report(args, out, records, runs, config, groups=each)
 
 
 def cmd_compare_best_two(args: argparse.Namespace, out: Console) -> int:
@@ -74,27 +93,41 @@ def cmd_compare_best_two(args: argparse.Namespace, out: Console) -> int:
     ranked = sorted(points.items(), key=lambda kv: sign * sum(
         r.data.metrics[metric] for r in kv[1]) / len(kv[1]))
     (best, best_runs), (second, second_runs) = ranked[:2]
-    records = [pooled_record([scored(args.runs, r) for r in group], f"{label} (n={len(group)})")
-               for label, group in ((second, second_runs), (best, best_runs))]
+    each = [[scored(args.runs, r) for r in group] for group in (second_runs, best_runs)]
+    records = [pooled_record(found, f"{label} (n={len(found)})")
+               for label, found in zip((second, best), each, strict=True)]
     if None in records:
         raise CitysegError(f"sweep {args.sweep}: a child of {best} or {second} kept no "
                            f"per-frame counts (trained before cityseg kept them)")
     runs = [second_runs[0], best_runs[0]]
     config = {k: v for k, v in differences(args.runs, runs).items() if k != "seed"}
-    return _report(args, out, records, runs, config)
+    return _report(args, out, records, runs, config, groups=each)
+
+
+def seed_spread(groups: list[list], metric: str) -> dict[str, list[float]]:
+    """Each side's runs' own values of the metric (their best epochs' per-frame counts summed),
+    where a side pooled several runs: {"A": [...], "B": [...]}; the spread the seeds give,
+    beside the pooled comparison."""
+    from cityseg.metrics import region_scores
+
+    key = metric.removeprefix("val/")
+    return {side: [float(region_scores(r.counts.sum(0), r.classes)[key]) for r in records]
+            for side, records in zip("AB", groups, strict=False) if len(records) > 1}
 
 
 def _report(args: argparse.Namespace, out: Console, records: list, runs: list,
-            config: dict[str, list[str]]) -> int:
+            config: dict[str, list[str]], groups: list[list] | None = None) -> int:
     """The paired comparison of A and B, printed (or as JSON), with the frames' picture."""
     from cityseg.sweep.paired import pair
 
     a, b = records
     found = pair(a, b, metric=args.metric)
+    spread = seed_spread(groups or [], found.metric)
     if args.json:
         if args.out is not None or args.log:
             _write_panels(args, out, found, runs, config)
-        print(json.dumps(found.as_dict(config), indent=2))
+        print(json.dumps({**found.as_dict(config), **({"per_run": spread} if spread else {})},
+                         indent=2))
         return 0
     out.print(f"A: {a.name} ({a.run_id[:8]}, epoch {a.epoch})   B: {b.name} ({b.run_id[:8]}, "
               f"epoch {b.epoch})   on the {found.frames} validation frames both were scored on",
@@ -105,6 +138,11 @@ def _report(args: argparse.Namespace, out: Console, records: list, runs: list,
                       f"{d.ci[0]:+.4f}..{d.ci[1]:+.4f}" + (" *" if d.separable else ""))
     out.print(table)
     out.print("* the interval leaves out 0: more than the frames' noise", markup=False)
+    for side, values in spread.items():
+        out.print(f"{side}'s runs, {found.metric} each (best epoch): "
+                  + ", ".join(f"{v:.4f}" for v in values)
+                  + f"; mean {np.mean(values):.4f} +- {np.std(values, ddof=1):.4f} (std)",
+                  markup=False)
     for title, listed in (("B loses most", found.losses), ("B wins most", found.wins)):
         if listed:
             out.print(f"{title} ({found.metric} per frame, B - A): " + ", ".join(

@@ -118,7 +118,8 @@ def _add_sweep_commands(sub: argparse._SubParsersAction) -> None:
                                        "with two run ids, is B really better than A?")
     p.add_argument("pair", nargs="*", metavar="RUN",
                    help="two run ids (or their starts): A and B, paired frame by frame on their "
-                        "validation frames, with 95%% intervals")
+                        "validation frames, with 95%% intervals; a side may be several runs "
+                        "joined by commas (A1,A2,A3: one setting's seeds, pooled)")
     p.add_argument("--experiment", help="MLflow experiment name (default: all)")
     p.add_argument("--sweep", help="only the children of this sweep id")
     p.add_argument("--metric", help="sort key, or the score two runs are compared by (default "

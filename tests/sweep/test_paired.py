@@ -166,6 +166,19 @@ def test_compare_a_b_pairs_two_runs_frame_by_frame(tmp_path, capsys):
     assert logged_files == {f"compare/{ids[0][:8]}/{stem}.json",
                             f"compare/{ids[0][:8]}/{stem}.png"}
     capsys.readouterr()
+    # a side may pool several runs (one setting's seeds): a run pooled with itself counts each
+    # frame twice, which leaves every ratio, and so the comparison, as it was
+    assert main(["compare", f"{ids[0]},{ids[0][:8]}", f"{ids[1]},{ids[1]}", "--runs", runs,
+                 "--json"]) == 0
+    doubled = json.loads(capsys.readouterr().out)
+    assert doubled["a"]["name"].endswith("(n=2)") and doubled["frames"] == found["frames"]
+    assert doubled["difference"] == pytest.approx(found["difference"], abs=1e-12)
+    assert doubled["ci"] == pytest.approx(found["ci"])
+    assert doubled["per_run"]["A"] == pytest.approx([logged[0]] * 2, abs=1e-12)
+    assert doubled["per_run"]["B"] == pytest.approx([logged[1]] * 2, abs=1e-12)
+    assert main(["compare", f"{ids[0]},{ids[0]}", ids[1], "--runs", runs]) == 0
+    assert re.search(r"A's runs, val/dice each \(best epoch\): [\d.]+, [\d.]+; mean",
+                     capsys.readouterr().out.replace("\n", " "))
     # `evaluate` keeps each frame's counts too: two evaluations pair as their runs did
     evaluations = []
     for run_id in ids:
