@@ -97,10 +97,12 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def first(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The first `count` samples (fewer if the split is smaller) as (images, masks)
-        batches, unaugmented: the fixed images of sample panels. None for count 0."""
-        pairs = [self[i] for i in range(min(count, len(self)))]
+    def spread(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`count` samples spaced evenly over the split (all of it if smaller) as (images,
+        masks) batches, unaugmented: the fixed images of sample panels. Evenly, not the first:
+        frames sorted by name are one city's, or one video's nearly identical, in a row. None
+        for count 0."""
+        pairs = [self[i] for i in spaced(len(self), count)]
         if not pairs:
             return None
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -117,6 +119,14 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             img, mask = augment_sample(self.transform, img, mask, seed)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def spaced(length: int, count: int) -> list[int]:
+    """`count` indices spaced evenly over range(length), the first at 0 (all of them when count
+    is at least length): 10, 4 -> [0, 2, 5, 7]."""
+    if count >= length:
+        return list(range(length))
+    return [i * length // count for i in range(count)]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -175,7 +175,7 @@ def log_confusion(tracker: tracking.Tracker, task: Task, counts: torch.Tensor) -
 
 
 def _sample_arrays(trained: Trained, split: str):
-    found = split_loader(trained, split).dataset.first(trained.exp.tracking.num_samples)
+    found = split_loader(trained, split).dataset.spread(trained.exp.tracking.num_samples)
     if found is None:
         return None
     images, masks = found

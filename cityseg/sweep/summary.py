@@ -200,7 +200,7 @@ def comparison_panel(plan: Plan, rows: list[dict[str, Any]], *,
     except CitysegError as err:  # e.g. the data is not on this machine: no panel, and said so
         report(f"comparison panel: left out: {err}")
         return None
-    found = val.first(base.tracking.num_samples)
+    found = val.spread(base.tracking.num_samples)
     if found is None:  # an empty validation split
         return None
     images, masks = found

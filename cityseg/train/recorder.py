@@ -105,7 +105,7 @@ class Recorder(NullRecorder):
         self.run_id = self._session.enter_context(self.tracker.session(
             run_name=self.run_name, tags=tags, reattach=point.run_id if point else None,
             system_metrics=t.system_metrics))
-        self.samples = parts.splits.val.first(self.exp.tracking.num_samples)
+        self.samples = parts.splits.val.spread(self.exp.tracking.num_samples)
         # what the model's metrics are scored on: the validation dataset input
         self.scored_on = (_dataset_name(self.exp, parts, "val"), parts.splits.fingerprints["val"])
         return self.run_id

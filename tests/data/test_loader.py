@@ -1,5 +1,6 @@
-"""What DataLoaders are made of: the share of the CPUs `data.num_workers: auto` takes, and the
-epoch sampler that gives each process its share of the same global batches."""
+"""What DataLoaders are made of: the share of the CPUs `data.num_workers: auto` takes, the
+epoch sampler that gives each process its share of the same global batches, and the frames of
+sample panels."""
 
 import pytest
 
@@ -44,3 +45,16 @@ def test_each_rank_takes_its_share_of_the_same_global_batches():
     resumed = EpochSampler(10, seed=3, shuffle=True, batch_size=4, rank=1, world=2)
     resumed.set_epoch(1, start_batch=1)
     assert list(resumed) == ranks[1][2:] and len(resumed) == 3
+
+
+def test_sample_panels_take_frames_spread_over_the_split_not_its_first():
+    # validation frames sorted by name are one video's (or one city's) in a row
+    assert loader.spaced(30, 4) == [0, 7, 15, 22]
+    assert loader.spaced(10, 4) == [0, 2, 5, 7]
+    assert loader.spaced(3, 4) == [0, 1, 2] and loader.spaced(5, 0) == []
+    for length in range(1, 40):
+        for count in range(1, length + 1):
+            found = loader.spaced(length, count)
+            gaps = {b - a for a, b in zip(found, found[1:], strict=False)}
+            assert len(set(found)) == count and max(found) < length
+            assert not gaps or max(gaps) - min(gaps) <= 1  # as even as whole steps allow
