@@ -42,7 +42,7 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
     """A against B, each one run or several (A1,A2,A3: the seeds of one setting, their counts
     summed frame by frame)."""
     from cityseg import tracking
-    from cityseg.sweep.paired import pooled_record, scored
+    from cityseg.sweep.paired import scored
 
     store = tracking.open_store(args.runs)
     groups = [[store.client.get_run(tracking.full_run_id(store, given))
@@ -57,15 +57,8 @@ def cmd_compare_pair(args: argparse.Namespace, out: Console) -> int:
         if missing:  # older runs: the dataset-level numbers MLflow has, no pairing
             return _unpaired(args, out, runs, missing, config)
         return _report(args, out, records, runs, config)
-    each = [[scored(args.runs, run) for run in group] for group in groups]
-    for group, found in zip(groups, each, strict=True):
-        if None in found:
-            raise CitysegError(f"run {group[found.index(None)].info.run_id[:8]} kept no "
-                               f"per-frame counts (trained before cityseg kept them): runs "
-                               f"are pooled by their frames' counts")
-    records = [pooled_record(found, f"{group[0].info.run_name or group[0].info.run_id[:8]} "
-                                    f"(n={len(group)})")
-               for group, found in zip(groups, each, strict=True)]
+    records, each = pooled_sides(args.runs, groups, [
+        group[0].info.run_name or group[0].info.run_id[:8] for group in groups])
     config = {k: v for k, v in differences(args.runs, runs).items() if k != "seed"}
     return _report(args, out, records, runs, config, groups=each)
 
@@ -74,7 +67,6 @@ def cmd_compare_best_two(args: argparse.Namespace, out: Console) -> int:
     """A sweep's two best points, each one's seeds pooled (their counts summed frame by
     frame): A the runner-up, B the best."""
     from cityseg import tracking
-    from cityseg.sweep.paired import pooled_record, scored
 
     metric = args.metric or "val/dice"
     children = [r for r in tracking.search_runs(args.runs, experiment=args.experiment,
@@ -93,15 +85,26 @@ def cmd_compare_best_two(args: argparse.Namespace, out: Console) -> int:
     ranked = sorted(points.items(), key=lambda kv: sign * sum(
         r.data.metrics[metric] for r in kv[1]) / len(kv[1]))
     (best, best_runs), (second, second_runs) = ranked[:2]
-    each = [[scored(args.runs, r) for r in group] for group in (second_runs, best_runs)]
-    records = [pooled_record(found, f"{label} (n={len(found)})")
-               for label, found in zip((second, best), each, strict=True)]
-    if None in records:
-        raise CitysegError(f"sweep {args.sweep}: a child of {best} or {second} kept no "
-                           f"per-frame counts (trained before cityseg kept them)")
+    records, each = pooled_sides(args.runs, [second_runs, best_runs], [second, best])
     runs = [second_runs[0], best_runs[0]]
     config = {k: v for k, v in differences(args.runs, runs).items() if k != "seed"}
     return _report(args, out, records, runs, config, groups=each)
+
+
+def pooled_sides(root, groups: list[list], labels: list[str]) -> tuple[list, list[list]]:
+    """Each side's runs scored, and their counts summed frame by frame into one record named
+    '<label> (n=<runs>)': (the sides' records, each side's runs' records). CitysegError naming
+    a run that kept no per-frame counts."""
+    from cityseg.sweep.paired import pooled_record, scored
+
+    each = [[scored(root, run) for run in group] for group in groups]
+    for group, found in zip(groups, each, strict=True):
+        if None in found:
+            raise CitysegError(f"run {group[found.index(None)].info.run_id[:8]} kept no "
+                               f"per-frame counts (trained before cityseg kept them): runs "
+                               f"are pooled by their frames' counts")
+    return ([pooled_record(found, f"{label} (n={len(found)})")
+             for label, found in zip(labels, each, strict=True)], each)
 
 
 def seed_spread(groups: list[list], metric: str) -> dict[str, list[float]]:

@@ -102,7 +102,11 @@ class SegmentationDataset(Dataset):
         masks) batches, unaugmented: the fixed images of sample panels. Evenly, not the first:
         frames sorted by name are one city's, or one video's nearly identical, in a row. None
         for count 0."""
-        pairs = [self[i] for i in spaced(len(self), count)]
+        return self.take(spaced(len(self), count))
+
+    def take(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The samples at `indices` as (images, masks) batches, unaugmented; None for none."""
+        pairs = [self[i] for i in indices]
         if not pairs:
             return None
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import stats
 
 from cityseg import tracking
@@ -221,11 +220,10 @@ def frames_panel(found: Pairing, root: Path, *, uri: str | None = None,
         dataset, _ = split_dataset(p, split)
     except CitysegError:
         return None
-    chosen = [position[n] for n in names if n in position]
-    if not chosen:
+    found_frames = dataset.take([position[n] for n in names if n in position])
+    if found_frames is None:
         return None
-    images = torch.stack([dataset[i][0] for i in chosen])
-    masks = torch.stack([dataset[i][1] for i in chosen])
+    images, masks = found_frames
     columns = {f"A {found.a.name} ({found.a.run_id[:8]})": models[0].predictor.predict(images),
                f"B {found.b.name} ({found.b.run_id[:8]})": models[1].predictor.predict(images)}
     return viz.comparison_panel(images.numpy(), masks.numpy(),
